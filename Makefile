@@ -1,0 +1,53 @@
+# SALT pipeline. Every target installs what it needs first (make setup).
+PY      := .venv/bin/python
+DATA    ?= data/moving-digits
+CONFIG  ?= jobs/configs/tiny.yaml
+RUN     ?= runs/demo
+ARGS    ?=
+STORE   ?= $(RUN)/targets
+# CPU build by default (it lies on the CI machine's disk); GPU users: see README.
+TORCH   ?= torch==2.13.0
+DEFAULT_DATA := data/moving-digits
+COMMON   = --config $(CONFIG) --data $(DATA) --run $(RUN)
+
+.PHONY: setup data teacher extract-targets student inspect demo test clean
+.DEFAULT_GOAL := demo
+
+setup: .venv/.installed
+
+.venv/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+# The embedded dataset is built on first use when DATA is the default.
+$(DEFAULT_DATA)/labels.json: | setup
+	$(PY) -m jobs.data --out $(DEFAULT_DATA)
+
+DATA_DEP := $(if $(filter $(DEFAULT_DATA),$(DATA)),$(DEFAULT_DATA)/labels.json)
+
+data: setup
+	$(PY) -m jobs.data --out $(DATA) $(if $(SRC),--src $(SRC))
+
+teacher: setup $(DATA_DEP)
+	$(PY) -m jobs.teacher $(COMMON) $(ARGS)
+
+extract-targets: setup $(DATA_DEP)
+	$(PY) -m jobs.extract_targets $(COMMON) $(ARGS)
+
+student: setup $(DATA_DEP)
+	$(PY) -m jobs.student $(COMMON) $(ARGS)
+
+inspect: setup
+	$(PY) -m jobs.inspect_store $(STORE) $(if $(JSON),--json)
+
+demo: setup
+	$(PY) -m jobs.demo --config $(CONFIG) --data $(DATA) --run $(RUN) $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs

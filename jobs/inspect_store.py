@@ -1,0 +1,34 @@
+"""make inspect STORE=<dir> [JSON=1]: what a target store holds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline.targets import summarize
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    s = summarize(args.store)
+    if args.json:
+        print(json.dumps(s, indent=1))
+        return s
+    t = s["teacher"]
+    print(f"store       {s['store']}")
+    print(f"samples     {s['samples']} ({s['clips']} clips x {s['views_per_clip']} views), {s['tokens_per_sample']} tokens each")
+    print(f"bytes       {s['bytes']:,} ({s['bytes'] / max(s['samples'], 1) / 1e6:.3f} MB per sample), dtype {s['dtype']}")
+    print(f"teacher     {t['size']} width {t['width']} step {t['step']} sha256 {t['sha256'][:16]}...")
+    print(f"shards      {s['shards_committed']}/{s['shards_expected']} committed" + (f", missing {s['missing_shards']}" if s["missing_shards"] else ""))
+    print(f"decoder     {s['decoder']}")
+    print(f"errors      {s['errors']}")
+    for e in s["error_reasons"]:
+        print(f"  {e['key']}: {e['reason']}")
+    return s
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Bytes <-> tensors: shards, video decoding, the target store, the extraction job, loaders."""

@@ -1,0 +1,264 @@
+"""The extraction job: frozen teacher over WebDataset shards -> target store, with Ray Data.
+
+Graph: one row per source shard -> decode (CPU tasks, `flat_map`: one row per
+(key, view)) -> teacher forward (actor pool, `map_batches` with `ActorPoolStrategy`)
+-> the driver, which gathers each shard's rows and commits the shard whole.
+
+Ray Data neither keeps one output per input file nor promises a task runs once, so
+every row carries its shard, its position in the shard and the shard's row count:
+the driver de-duplicates by (key, view), orders rows by position, and commits a shard
+as soon as all of its rows (extracted or failed) are in. Committed shards are skipped
+on a rerun, so a killed job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.shards import file_sha256, iter_shard, list_shards, shard_name
+from pipeline.targets import (
+    ExtractedRow,
+    StoreMismatchError,
+    commit_shard,
+    committed_shards,
+    compatibility,
+    rebuild_tables,
+    remove_partial_shards,
+    store_bytes,
+)
+from pipeline.video import VideoDecodeError, decode, augment, clip_hash, decoder_version
+from salt.config import Config, DataConfig, to_dict, from_dict
+from salt.runinfo import git_commit, package_versions, write_run_info
+from salt.train.checkpoint import WEIGHTS, read_meta
+from salt.train.loop import autocast
+from salt.train.teacher import load_frozen_teacher
+
+
+def decode_shard(row: dict, *, data_cfg: dict, views: int) -> Iterator[dict]:
+    """One source shard -> one row per (key, view): the clip, or the reason it has none."""
+    cfg = from_dict(DataConfig, data_cfg)
+    samples = list(iter_shard(row["path"]))
+    total = len(samples) * views
+    empty = np.zeros((3, cfg.frames, cfg.crop_size, cfg.crop_size), np.float32)
+    for position, sample in enumerate(samples):
+        for view in range(views):
+            out = {
+                "shard": row["shard"],
+                "shard_total": total,
+                "order": position * views + view,
+                "key": sample.key,
+                "view": view,
+                "error": "",
+                "clip_hash": "",
+                "frame_indices": np.zeros(cfg.frames, np.int32),
+                "crop": np.zeros(4, np.int32),
+                "flip": False,
+            }
+            try:
+                if not sample.video:
+                    raise VideoDecodeError("sample has no video member")
+                frames, spec = decode(sample.video, cfg, key=sample.key, view=view)
+                out |= {
+                    "clip": augment(frames, spec, cfg).numpy(),
+                    "clip_hash": clip_hash(frames),
+                    "frame_indices": np.asarray(spec.frame_indices, np.int32),
+                    "crop": np.asarray(spec.crop, np.int32),
+                    "flip": spec.flip,
+                }
+            except VideoDecodeError as e:
+                out |= {"clip": empty, "error": str(e)}
+            yield out
+
+
+class TeacherForward:
+    """Actor: holds the frozen teacher; clips in, latents (in the storage dtype) out."""
+
+    def __init__(self, teacher_dir: str, cfg: dict, torch_threads: int):
+        torch.set_num_threads(torch_threads)
+        self.cfg = from_dict(Config, cfg)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.teacher = load_frozen_teacher(teacher_dir, self.cfg, self.device)
+
+    def __call__(self, batch: dict) -> dict:
+        ok = batch["error"] == ""
+        clips = torch.from_numpy(np.ascontiguousarray(batch["clip"][ok])).to(self.device)
+        width, tokens = self.teacher.width, self.teacher.num_tokens
+        latents = np.zeros((len(ok), tokens, width), self.cfg.extract.dtype)
+        if ok.any():
+            with torch.no_grad(), autocast(self.device, self.cfg.teacher.bf16):
+                latents[ok] = self.teacher(clips).float().cpu().numpy().astype(self.cfg.extract.dtype)
+        out = {k: v for k, v in batch.items() if k != "clip"}
+        out["latents"] = latents
+        return out
+
+
+def provenance(cfg: Config, *, data: str, split: str, teacher_dir: str, shards: list[str]) -> dict:
+    meta = read_meta(teacher_dir)
+    from pipeline.stream import grid_of
+
+    grid = grid_of(cfg)
+    compat = compatibility(cfg)
+    compat["geometry"] |= {"grid": list(grid), "num_tokens": int(np.prod(grid))}
+    return {
+        "format": "salt-target-store/1",
+        "teacher": {
+            "checkpoint": str(Path(teacher_dir).resolve() / WEIGHTS),
+            "sha256": file_sha256(str(Path(teacher_dir) / WEIGHTS)),
+            "size": meta["encoder"]["size"],
+            "width": meta["encoder"]["width"],
+            "step": meta["step"],
+            "model": meta["config"]["model"],
+        },
+        **compat,
+        "storage": {"dtype": cfg.extract.dtype, "codec": "none", "chunk": "one sample per chunk, one zarr shard per source shard"},
+        "views_per_clip": cfg.extract.views_per_clip,
+        "decoder": decoder_version(),
+        "packages": package_versions(),
+        "source": {
+            "data": str(data),
+            "split": split,
+            "shards": [{"name": shard_name(s), "path": s, "bytes": os.path.getsize(s), "sha256": file_sha256(s)} for s in shards],
+        },
+    }
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: store has {a!r}, this job has {b!r}")
+    return diffs
+
+
+def open_store(store: Path, meta: dict) -> None:
+    """Create store.json, or check that an existing store was made by an identical job."""
+    path = store / "store.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        ignore = ("created", "git_commit", "packages")
+        diffs = _differences({k: v for k, v in old.items() if k not in ignore}, {k: v for k, v in meta.items() if k not in ignore})
+        if diffs:
+            raise StoreMismatchError(f"{store} holds targets of another job; refusing to mix:\n  " + "\n  ".join(diffs[:10]))
+        return
+    store.mkdir(parents=True, exist_ok=True)
+    meta = meta | {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit()}
+    tmp = path.with_name("store.json.tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, path)
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+
+
+def extract_targets(
+    cfg: Config, *, data: str, teacher_dir: str, store: str, split: str = "train", progress: bool = True
+) -> dict:
+    """Run (or resume) extraction; returns a summary of what this call did."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    t0 = time.perf_counter()
+    store_path = Path(store)
+    shards = list_shards(data, split)
+    open_store(store_path, provenance(cfg, data=data, split=split, teacher_dir=teacher_dir, shards=shards))
+    write_run_info(store_path, cfg, teacher=str(teacher_dir), data=str(data))
+    remove_partial_shards(store_path)
+    done = set(committed_shards(store_path))
+    todo = [s for s in shards if shard_name(s) not in done]
+    forwarded = 0
+    if todo:
+        init_ray()
+        DataContext.get_current().enable_progress_bars = progress
+        cuda = torch.cuda.is_available()
+        ds = ray.data.from_items([{"path": s, "shard": shard_name(s)} for s in todo], override_num_blocks=len(todo))
+        ds = ds.flat_map(
+            decode_shard,
+            fn_kwargs={"data_cfg": to_dict(cfg.data), "views": cfg.extract.views_per_clip},
+            num_cpus=cfg.extract.decode_num_cpus,
+        )
+        ds = ds.map_batches(
+            TeacherForward,
+            fn_constructor_kwargs={"teacher_dir": str(teacher_dir), "cfg": to_dict(cfg), "torch_threads": cfg.extract.actor_torch_threads},
+            compute=ActorPoolStrategy(size=cfg.extract.num_actors),
+            batch_size=cfg.extract.batch_size,
+            batch_format="numpy",
+            num_cpus=cfg.extract.actor_num_cpus,
+            num_gpus=1 if cuda else 0,
+        )
+        forwarded = _commit_as_complete(ds, store_path, cfg.extract.dtype)
+    manifest, errors = rebuild_tables(store_path)
+    missing = sorted({shard_name(s) for s in shards} - set(committed_shards(store_path)))
+    if missing:
+        raise RuntimeError(f"extraction ended with uncommitted shards {missing}; rerun to resume")
+    summary = {
+        "samples": manifest.num_rows,
+        "errors": errors.num_rows,
+        "shards": len(shards),
+        "shards_extracted_now": len(todo),
+        "teacher_forward_samples": forwarded,
+        "bytes": store_bytes(store_path),
+        "wall_s": time.perf_counter() - t0,
+    }
+    with (store_path / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(summary) + "\n")
+    return summary
+
+
+def _commit_as_complete(ds, store: Path, dtype: str) -> int:
+    """Gather rows per shard (exactly once per (key, view)) and commit each shard when whole."""
+    pending: dict[str, dict[tuple[str, int], dict]] = {}
+    forwarded = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for i in range(len(batch["key"])):
+            shard = str(batch["shard"][i])
+            rows = pending.setdefault(shard, {})
+            rows[(str(batch["key"][i]), int(batch["view"][i]))] = {k: batch[k][i] for k in batch}
+            if len(rows) == int(batch["shard_total"][i]):
+                forwarded += _commit(store, shard, pending.pop(shard), dtype)
+    if pending:
+        raise RuntimeError(f"Ray Data finished with incomplete shards {sorted(pending)}: rows were lost")
+    return forwarded
+
+
+def _commit(store: Path, shard: str, rows: dict[tuple[str, int], dict], dtype: str) -> int:
+    ordered = sorted(rows.values(), key=lambda r: int(r["order"]))
+    good = [r for r in ordered if r["error"] == ""]
+    commit_shard(
+        store,
+        shard,
+        [
+            ExtractedRow(
+                key=str(r["key"]),
+                view=int(r["view"]),
+                clip_hash=str(r["clip_hash"]),
+                frame_indices=tuple(int(x) for x in r["frame_indices"]),
+                crop=tuple(int(x) for x in r["crop"]),
+                flip=bool(r["flip"]),
+                latents=r["latents"],
+            )
+            for r in good
+        ],
+        [(str(r["key"]), int(r["view"]), str(r["error"])) for r in ordered if r["error"] != ""],
+        dtype=dtype,
+    )
+    return len(good)

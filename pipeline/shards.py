@@ -1,0 +1,91 @@
+"""Reading WebDataset video shards: `KEY.mp4` + `KEY.json` members per sample."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import tarfile
+
+
+@dataclass(frozen=True)
+class ShardSample:
+    key: str
+    video: bytes
+    meta: dict
+
+
+def list_shards(data: str, split: str = "train") -> list[str]:
+    """Sorted `*.tar` shards of `data`, or of `data/<split>` where the dataset has splits."""
+    root = Path(data)
+    if (root / split).is_dir():
+        root = root / split
+    if not root.is_dir():
+        raise FileNotFoundError(f"DATA={data!r}: no such folder of shards (run `make data` first?)")
+    shards = sorted(str(p) for p in root.glob("*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"DATA={data!r}: no *.tar shards in {root}")
+    return shards
+
+
+def shard_name(path: str) -> str:
+    return os.path.basename(path).removesuffix(".tar")
+
+
+VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
+
+
+@dataclass(frozen=True)
+class Member:
+    offset: int
+    size: int
+
+
+def index_shard(path: str) -> dict[str, dict[str, Member]]:
+    """key -> extension -> byte range, in tar order, from the tar headers alone.
+
+    As in WebDataset, a member `dir/key.ext.more` belongs to key `dir/key`. Only regular
+    files count: links and devices in a tar are never followed.
+    """
+    index: dict[str, dict[str, Member]] = {}
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            if not info.isreg():
+                continue
+            folder, _, base = info.name.rpartition("/")
+            stem, dot, ext = base.partition(".")
+            if not dot:
+                continue
+            key = f"{folder}/{stem}" if folder else stem
+            index.setdefault(key, {})[ext] = Member(info.offset_data, info.size)
+    return index
+
+
+def read_member(path: str, member: Member) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(member.offset)
+        return f.read(member.size)
+
+
+def video_member(members: dict[str, Member]) -> Member | None:
+    return next((members[e] for e in VIDEO_EXTS if e in members), None)
+
+
+def iter_shard(path: str) -> Iterator[ShardSample]:
+    """Samples in tar order; a sample without a video member is yielded with empty bytes."""
+    for key, members in index_shard(path).items():
+        video = video_member(members)
+        meta = json.loads(read_member(path, members["json"])) if "json" in members else {}
+        yield ShardSample(key=key, video=read_member(path, video) if video else b"", meta=meta)
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

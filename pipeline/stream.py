@@ -1,0 +1,163 @@
+"""Training loaders for both stages: shards -> batches of clips, masks (and cached targets).
+
+Order. Each epoch visits the shards in a seeded order and each shard's samples in a
+seeded order; rank r takes every world-th sample of that list, and batches are cut
+from what it took. Batch g goes to loader worker g % num_workers, which is the order in
+which torch's DataLoader collects them, so the batch sequence is the same for any
+number of workers, and resuming at batch g (the checkpointed position) replays
+exactly the batches an uninterrupted run would have produced.
+
+Views. Stage 1 uses view = epoch, a fresh crop per pass. Stage 2 cycles through the
+views the store holds, view = epoch % views_per_clip, and reads the matching row.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.shards import index_shard, read_member, shard_name, video_member
+from pipeline.targets import TargetStore
+from pipeline.video import VideoDecodeError, load_clip
+from salt.config import Config
+from salt.masking import collate_masks, sample_masks, sample_rng
+from salt.models.vit import token_grid
+
+
+class ClipHashMismatch(RuntimeError):
+    pass
+
+
+def grid_of(cfg: Config) -> tuple[int, int, int]:
+    return token_grid(cfg.data.frames, cfg.data.crop_size, cfg.model.tubelet, cfg.model.patch_size)
+
+
+class ShardedClips(IterableDataset):
+    """Endless stream of batches for one rank; `store` set means stage 2 (cached targets)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        shards: list[str],
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_batch: int = 0,
+        store: str | None = None,
+    ):
+        self.cfg = cfg
+        self.shards = shards
+        self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
+        self.start_batch = start_batch
+        self.store_path = store
+        self.grid = grid_of(cfg)
+        self.indexes = [index_shard(s) for s in shards]
+        if store is None:
+            self.views_per_clip = 0
+            self.keys = [sorted(k for k, m in idx.items() if video_member(m)) for idx in self.indexes]
+        else:
+            target_store = TargetStore(store)
+            self.views_per_clip = int(target_store.meta["views_per_clip"])
+            self.manifests = [target_store.manifest(shard_name(s)) if shard_name(s) in target_store.shards else {} for s in shards]
+            missing = [shard_name(s) for s in shards if shard_name(s) not in target_store.shards]
+            if missing:
+                raise FileNotFoundError(f"target store {store} has no committed shard for source shard(s) {missing}")
+            # only samples the teacher saw: the store's errors table holds the rest
+            self.keys = [sorted({k for k, v in m}) for m in self.manifests]
+        self.samples_per_epoch = sum(len(k) for k in self.keys) // world_size
+        self.batches_per_epoch = self.samples_per_epoch // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{self.samples_per_epoch} samples per rank cannot fill one batch of {batch_size}: lower the batch size"
+            )
+        self._store: TargetStore | None = None
+
+    def epoch_samples(self, epoch: int) -> list[tuple[int, str]]:
+        rng = sample_rng(self.cfg.data.seed, "", epoch, "epoch-order")
+        order: list[tuple[int, str]] = []
+        for s in rng.permutation(len(self.shards)):
+            keys = self.keys[s]
+            order.extend((int(s), keys[i]) for i in rng.permutation(len(keys)))
+        return order[self.rank :: self.world_size][: self.samples_per_epoch]
+
+    def view_for(self, epoch: int) -> int:
+        return epoch if self.store_path is None else epoch % self.views_per_clip
+
+    def load_sample(self, shard: int, key: str, epoch: int) -> dict:
+        view = self.view_for(epoch)
+        path = self.shards[shard]
+        member = video_member(self.indexes[shard].get(key, {}))
+        video = read_member(path, member) if member else b""
+        clip, digest = load_clip(video, self.cfg.data, key=key, view=view)
+        mask_epoch = epoch if (self.store_path is not None and self.cfg.masking.fresh_per_epoch) else 0
+        sample = {
+            "key": key,
+            "view": view,
+            "clip": clip,
+            "masks": sample_masks(self.cfg.masking.generators, self.grid, seed=self.cfg.data.seed, key=key, view=view, epoch=mask_epoch),
+        }
+        if self.store_path is not None:
+            row = self.manifests[shard][(key, view)]
+            if row["clip_hash"] != digest:
+                raise ClipHashMismatch(
+                    f"clip hash mismatch for key {key!r} view {view} of shard {shard_name(path)}: the store's "
+                    f"teacher saw {row['clip_hash'][:16]}..., this decode gives {digest[:16]}... "
+                    f"(different decoder build, edited video, or the wrong shard)"
+                )
+            if self._store is None:
+                self._store = TargetStore(self.store_path)
+            sample["targets"] = torch.from_numpy(np.asarray(self._store.latents(row["shard"], row["row"]), dtype=np.float32))
+        return sample
+
+    def batch(self, g: int) -> dict:
+        epoch, offset = divmod(g, self.batches_per_epoch)
+        picks = self.epoch_samples(epoch)[offset * self.batch_size : (offset + 1) * self.batch_size]
+        samples, skipped = [], []
+        for s, k in picks:
+            try:
+                samples.append(self.load_sample(s, k, epoch))
+            except VideoDecodeError as e:
+                if self.store_path is not None:  # the teacher decoded it: failing now means the bytes changed
+                    raise
+                skipped.append(f"{k}: {e}")  # stage 1 trains on what decodes; extraction records the rest
+        if not samples:
+            raise VideoDecodeError(f"every sample of batch {g} failed to decode: {skipped}")
+        return collate(samples, epoch=epoch, index=g) | {"skipped": skipped}
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        g = self.start_batch
+        while True:
+            if g % workers == worker:
+                yield self.batch(g)
+            g += 1
+
+
+def collate(samples: list[dict], *, epoch: int, index: int) -> dict:
+    out = {
+        "keys": [s["key"] for s in samples],
+        "views": [s["view"] for s in samples],
+        "clips": torch.stack([s["clip"] for s in samples]),  # [B, 3, T, H, W]
+        "masks": collate_masks([s["masks"] for s in samples]),
+        "epoch": epoch,
+        "index": index,
+    }
+    if "targets" in samples[0]:
+        out["targets"] = torch.stack([s["targets"] for s in samples])  # [B, N, D]
+    return out
+
+
+def make_loader(dataset: ShardedClips, num_workers: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )

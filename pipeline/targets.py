@@ -1,0 +1,232 @@
+"""The target store: one Zarr array per source shard, Arrow manifests, provenance.
+
+Layout of a store folder:
+
+    store.json                      provenance (teacher, geometry, preprocessing, dtype, sources)
+    targets/shard-000000.zarr/      committed shard: Zarr array [rows, tokens, width] plus
+        manifest.parquet            key, view, row, clip hash, sample spec of each row
+        errors.parquet              key, view, reason of each sample that could not be extracted
+        shard.json                  counts; its presence marks the shard complete
+    manifest.parquet, errors.parquet  all shards' tables, rebuilt when a job finishes
+
+A shard is written under a temporary name and renamed into place once whole, so a
+reader (or a resumed job) sees either all of a shard or nothing of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from salt.config import Config, to_dict
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("view", pa.int32()),
+        ("shard", pa.string()),
+        ("row", pa.int64()),
+        ("clip_hash", pa.string()),
+        ("frame_indices", pa.list_(pa.int32())),
+        ("crop", pa.list_(pa.int32())),
+        ("flip", pa.bool_()),
+    ]
+)
+ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("view", pa.int32()), ("shard", pa.string()), ("reason", pa.string())])
+DTYPES = ("float32", "float16")
+
+
+class StoreMismatchError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ExtractedRow:
+    key: str
+    view: int
+    clip_hash: str
+    frame_indices: tuple[int, ...]
+    crop: tuple[int, int, int, int]
+    flip: bool
+    latents: np.ndarray  # [tokens, width]
+
+
+def shard_dir(store: str | Path, shard: str) -> Path:
+    return Path(store) / "targets" / f"{shard}.zarr"
+
+
+def committed_shards(store: str | Path) -> list[str]:
+    root = Path(store) / "targets"
+    if not root.is_dir():
+        return []
+    return sorted(p.name.removesuffix(".zarr") for p in root.glob("*.zarr") if (p / "shard.json").is_file())
+
+
+def remove_partial_shards(store: str | Path) -> int:
+    """Temporary shard folders left by a killed job; nothing refers to them."""
+    root = Path(store) / "targets"
+    stale = list(root.glob(".*.tmp-*")) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(stale)
+
+
+def commit_shard(
+    store: str | Path, shard: str, rows: list[ExtractedRow], errors: list[tuple[str, int, str]], *, dtype: str
+) -> Path:
+    """Write one shard whole under a temporary name, then rename it into place."""
+    if dtype not in DTYPES:
+        raise ValueError(f"extract.dtype={dtype!r}: expected one of {DTYPES}")
+    final = shard_dir(store, shard)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    if rows:
+        tokens, width = rows[0].latents.shape
+        array = zarr.create_array(
+            store=str(tmp),
+            shape=(len(rows), tokens, width),
+            chunks=(1, tokens, width),  # one sample per read, the student's access pattern
+            shards=(len(rows), tokens, width),  # one file per source shard
+            dtype=dtype,
+            compressors=None,
+        )
+        array[:] = np.stack([r.latents for r in rows]).astype(dtype)
+    manifest = pa.table(
+        {
+            "key": [r.key for r in rows],
+            "view": [r.view for r in rows],
+            "shard": [shard] * len(rows),
+            "row": list(range(len(rows))),
+            "clip_hash": [r.clip_hash for r in rows],
+            "frame_indices": [list(r.frame_indices) for r in rows],
+            "crop": [list(r.crop) for r in rows],
+            "flip": [r.flip for r in rows],
+        },
+        schema=MANIFEST_SCHEMA,
+    )
+    pq.write_table(manifest, tmp / "manifest.parquet")
+    error_table = pa.table(
+        {
+            "key": [e[0] for e in errors],
+            "view": [e[1] for e in errors],
+            "shard": [shard] * len(errors),
+            "reason": [e[2] for e in errors],
+        },
+        schema=ERRORS_SCHEMA,
+    )
+    pq.write_table(error_table, tmp / "errors.parquet")
+    (tmp / "shard.json").write_text(json.dumps({"shard": shard, "rows": len(rows), "errors": len(errors), "dtype": dtype}))
+    os.rename(tmp, final)
+    return final
+
+
+def read_tables(store: str | Path) -> tuple[pa.Table, pa.Table]:
+    """The committed shards' manifests and errors, concatenated in shard order."""
+    shards = committed_shards(store)
+    manifest = pa.concat_tables(
+        [pq.read_table(shard_dir(store, s) / "manifest.parquet") for s in shards] or [MANIFEST_SCHEMA.empty_table()]
+    )
+    errors = pa.concat_tables(
+        [pq.read_table(shard_dir(store, s) / "errors.parquet") for s in shards] or [ERRORS_SCHEMA.empty_table()]
+    )
+    return manifest, errors
+
+
+def rebuild_tables(store: str | Path) -> tuple[pa.Table, pa.Table]:
+    """Write the store-level manifest and errors tables (derived from the shards, so safe to redo)."""
+    manifest, errors = read_tables(store)
+    pq.write_table(manifest, Path(store) / "manifest.parquet")
+    pq.write_table(errors, Path(store) / "errors.parquet")
+    return manifest, errors
+
+
+def compatibility(cfg: Config) -> dict:
+    """What a store and the run reading it must agree on, as recorded in store.json."""
+    d = to_dict(cfg)
+    data = d["data"]
+    return {
+        "geometry": {
+            "frames": data["frames"],
+            "frame_step": data["frame_step"],
+            "crop_size": data["crop_size"],
+            "patch_size": d["model"]["patch_size"],
+            "tubelet": d["model"]["tubelet"],
+        },
+        "preprocessing": {k: data[k] for k in ("seed", "crop_area", "crop_aspect", "hflip_prob", "mean", "std")},
+        "masking": {"generators": d["masking"]["generators"]},
+    }
+
+
+def check_compatible(store_meta: dict, cfg: Config, store: str) -> None:
+    """Refuse to train on a store made for other clips, naming both values."""
+    wanted = compatibility(cfg)
+    for section, values in wanted.items():
+        for key, value in values.items():
+            stored = store_meta.get(section, {}).get(key)
+            if stored != value:
+                raise StoreMismatchError(
+                    f"target store {store} was extracted with {section}.{key}={stored!r} "
+                    f"but this run has {section}.{key}={value!r}"
+                )
+
+
+class TargetStore:
+    """Read side of a store. Zarr arrays are opened lazily, once per process."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_file = self.path / "store.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{self.path} is not a target store: no store.json (run `make extract-targets`)")
+        self.meta = json.loads(meta_file.read_text())
+        self.shards = committed_shards(self.path)
+        self._arrays: dict[str, zarr.Array] = {}
+
+    @property
+    def teacher_width(self) -> int:
+        return int(self.meta["teacher"]["width"])
+
+    def manifest(self, shard: str) -> dict[tuple[str, int], dict]:
+        table = pq.read_table(shard_dir(self.path, shard) / "manifest.parquet")
+        return {(r["key"], r["view"]): r for r in table.to_pylist()}
+
+    def latents(self, shard: str, row: int) -> np.ndarray:
+        if shard not in self._arrays:
+            self._arrays[shard] = zarr.open_array(str(shard_dir(self.path, shard)), mode="r")
+        return self._arrays[shard][row]
+
+
+def store_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def summarize(path: str | Path) -> dict:
+    """What `make inspect` prints."""
+    store = TargetStore(path)
+    manifest, errors = read_tables(path)
+    expected = [s["name"] for s in store.meta["source"]["shards"]]
+    return {
+        "store": str(path),
+        "samples": manifest.num_rows,
+        "clips": len(set(manifest.column("key").to_pylist())),
+        "views_per_clip": store.meta["views_per_clip"],
+        "errors": errors.num_rows,
+        "error_reasons": errors.select(["key", "reason"]).to_pylist()[:20],
+        "shards_committed": len(store.shards),
+        "shards_expected": len(expected),
+        "missing_shards": sorted(set(expected) - set(store.shards)),
+        "bytes": store_bytes(path),
+        "dtype": store.meta["storage"]["dtype"],
+        "tokens_per_sample": store.meta["geometry"]["num_tokens"],
+        "teacher": store.meta["teacher"],
+        "decoder": store.meta["decoder"],
+    }

@@ -1,0 +1,115 @@
+"""Video bytes -> the clip a model sees, through one sample spec per (seed, key, view).
+
+Every stage (teacher training, extraction, student, probe) goes through `load_clip`,
+so they all pick the same frames, crop and flip for a sample. The clip hash is taken
+over the decoded uint8 frames before any augmentation: it changes when the decoder or
+the video changes, which is exactly when stored targets stop matching the pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from salt.config import DataConfig
+from salt.masking import sample_rng
+
+DECODER = "decord"
+
+
+def decoder_version() -> str:
+    import decord
+
+    return f"{DECODER} {decord.__version__}"
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    frame_indices: tuple[int, ...]
+    crop: tuple[int, int, int, int]  # top, left, height, width in source pixels
+    flip: bool
+
+
+def frame_indices(num_frames: int, cfg: DataConfig, rng: np.random.Generator) -> tuple[int, ...]:
+    """`cfg.frames` frames `cfg.frame_step` apart; a short video repeats its last frame."""
+    span = (cfg.frames - 1) * cfg.frame_step + 1
+    start = int(rng.integers(0, num_frames - span + 1)) if num_frames >= span else 0
+    return tuple(min(start + i * cfg.frame_step, num_frames - 1) for i in range(cfg.frames))
+
+
+def crop_box(height: int, width: int, cfg: DataConfig, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """Random resized crop box (area fraction and aspect ranges of the config), one per clip."""
+    area = height * width
+    log_lo, log_hi = math.log(cfg.crop_aspect[0]), math.log(cfg.crop_aspect[1])
+    for _ in range(10):
+        target = area * rng.uniform(*cfg.crop_area)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    side = min(height, width)  # fallback: the largest centred square
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def sample_spec(cfg: DataConfig, *, key: str, view: int, num_frames: int, height: int, width: int) -> SampleSpec:
+    rng = sample_rng(cfg.seed, key, view, "clip")
+    indices = frame_indices(num_frames, cfg, rng)
+    crop = crop_box(height, width, cfg, rng)
+    return SampleSpec(frame_indices=indices, crop=crop, flip=bool(rng.random() < cfg.hflip_prob))
+
+
+def clip_hash(frames: np.ndarray) -> str:
+    h = hashlib.sha256(repr((frames.shape, str(frames.dtype))).encode())
+    h.update(np.ascontiguousarray(frames).data)
+    return h.hexdigest()
+
+
+class VideoDecodeError(RuntimeError):
+    pass
+
+
+def decode(video: bytes, cfg: DataConfig, *, key: str, view: int) -> tuple[np.ndarray, SampleSpec]:
+    """Decode the spec's frames -> (uint8 [T, H, W, 3], spec)."""
+    import decord
+
+    try:
+        reader = decord.VideoReader(io.BytesIO(video), ctx=decord.cpu(0), num_threads=cfg.decode_threads)
+        num_frames = len(reader)
+        if num_frames == 0:
+            raise VideoDecodeError("video has no frames")
+        height, width = reader[0].shape[:2]
+        # the spec needs the frame size, and decord reports it only through a frame
+        spec = sample_spec(cfg, key=key, view=view, num_frames=num_frames, height=height, width=width)
+        unique = sorted(set(spec.frame_indices))
+        decoded = reader.get_batch(unique).asnumpy()
+    except VideoDecodeError:
+        raise
+    except Exception as e:  # decord raises bare DECORDError/RuntimeError for every kind of bad file
+        raise VideoDecodeError(f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}") from None
+    frames = decoded[[unique.index(i) for i in spec.frame_indices]]
+    return frames, spec
+
+
+def augment(frames: np.ndarray, spec: SampleSpec, cfg: DataConfig) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> normalised float32 [3, T, S, S]: crop, resize, flip."""
+    top, left, h, w = spec.crop
+    x = torch.from_numpy(frames[:, top : top + h, left : left + w]).permute(0, 3, 1, 2).float()  # [T, 3, h, w]
+    x = F.interpolate(x, size=(cfg.crop_size, cfg.crop_size), mode="bilinear", align_corners=False, antialias=True)
+    if spec.flip:
+        x = x.flip(-1)
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1) * 255
+    return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()  # [3, T, S, S]
+
+
+def load_clip(video: bytes, cfg: DataConfig, *, key: str, view: int) -> tuple[torch.Tensor, str]:
+    """The one path from bytes to model input: (clip [3, T, S, S], clip hash)."""
+    frames, spec = decode(video, cfg, key=key, view=view)
+    return augment(frames, spec, cfg), clip_hash(frames)

@@ -1,0 +1,1 @@
+"""SALT: frozen-teacher video self-supervised learning (models, masking, losses, training)."""

@@ -1,0 +1,215 @@
+"""Typed configs: keyword-only dataclasses, YAML files and dotted `key=value` overrides.
+
+An unknown key anywhere (file or override) is an error naming the key, never a silent
+default: a typo in a sweep must not quietly train the default model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    seed: int = 0  # dataset seed: every random choice of a sample derives from (seed, key, view)
+    frames: int = 16
+    frame_step: int = 4
+    crop_size: int = 224
+    crop_area: tuple[float, float] = (0.3, 1.0)
+    crop_aspect: tuple[float, float] = (0.75, 1.35)
+    hflip_prob: float = 0.5
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    num_workers: int = 1
+    decode_threads: int = 1
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    patch_size: int = 16
+    tubelet: int = 2
+    teacher: str = "vit_l"
+    student: str = "vit_l"
+    predictor_width: int = 384
+    predictor_depth: int = 12
+    predictor_heads: int = 12
+    attention: str = "auto"  # auto | sdpa | xformers
+
+
+@dataclass(kw_only=True)
+class BlockMaskConfig:
+    num_blocks: int
+    spatial_scale: float
+    temporal_scale: float = 1.0
+    aspect_ratio: tuple[float, float] = (0.75, 1.5)
+
+
+def _default_generators() -> list[BlockMaskConfig]:
+    return [
+        BlockMaskConfig(num_blocks=8, spatial_scale=0.15),  # short-range
+        BlockMaskConfig(num_blocks=2, spatial_scale=0.7),  # long-range
+    ]
+
+
+@dataclass(kw_only=True)
+class MaskConfig:
+    generators: list[BlockMaskConfig] = field(default_factory=_default_generators)
+    fresh_per_epoch: bool = False  # stage 2 only: draw new masks each pass over a stored view
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    steps: int = 40_000
+    batch_size: int = 3072
+    warmup_steps: int = 10_000
+    start_lr: float = 2e-4
+    lr: float = 6.25e-4
+    final_lr: float = 1e-6
+    weight_decay: tuple[float, float] = (0.04, 0.4)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 0.02
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0  # model initialisation
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    bf16: bool = True  # autocast on CUDA only; CPU runs in fp32
+    torch_threads: int = 0  # 0: the cores left after the loader workers (oversubscribed OpenMP crawls)
+
+
+@dataclass(kw_only=True)
+class ExtractConfig:
+    views_per_clip: int = 1
+    dtype: str = "float16"  # float32 | float16
+    batch_size: int = 8
+    num_actors: int = 1
+    actor_num_cpus: float = 1.0
+    actor_torch_threads: int = 1
+    decode_num_cpus: float = 1.0
+
+
+@dataclass(kw_only=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskConfig = field(default_factory=MaskConfig)
+    teacher: TrainConfig = field(default_factory=TrainConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    student: TrainConfig = field(default_factory=lambda: TrainConfig(optim=OptimConfig(steps=200_000)))
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported config type {tp!r}")
+
+
+def from_dict(cls: type, data: dict, where: str = "config") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {where}.{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field left out
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[int(part)]
+        elif part not in node:
+            raise ConfigError(f"unknown key config.{'.'.join(parts[: i + 1])} in override {dotted}=...")
+        else:
+            node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    elif last not in node:
+        raise ConfigError(f"unknown key config.{dotted} in override {dotted}=...")
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- `a.b=value` overrides (values parsed as YAML scalars/lists)."""
+    tree = to_dict(Config())
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        _merge(tree, loaded, "config")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return from_dict(Config, tree)
+
+
+def _merge(base: dict, update: dict, where: str) -> None:
+    for k, v in update.items():
+        if k not in base:
+            raise ConfigError(f"unknown key {where}.{k} (known: {', '.join(sorted(base))})")
+        if isinstance(base[k], dict) and isinstance(v, dict):
+            _merge(base[k], v, f"{where}.{k}")
+        else:
+            base[k] = v

@@ -1,0 +1,72 @@
+"""Checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+`checkpoint.safetensors` holds `encoder.*`, `predictor.*` and `optim.<param>.<state>`
+tensors; `checkpoint.json` the step, loader position, optimizer hyper-parameters and
+model description. Both are written to temporary names and renamed, the JSON last, so
+a crash mid-save leaves the previous checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS = "checkpoint.safetensors"
+META = "checkpoint.json"
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    run_dir: str | Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, meta: dict
+) -> None:
+    run_dir = Path(run_dir)
+    tensors = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in modules.items() for k, v in m.state_dict().items()}
+    optim_state = optimizer.state_dict()
+    for pid, state in optim_state["state"].items():
+        for k, v in state.items():
+            tensors[f"optim.{pid}.{k}"] = torch.as_tensor(v).contiguous().cpu()
+    groups = [{k: v for k, v in g.items()} for g in optim_state["param_groups"]]
+    _atomic_write(run_dir / WEIGHTS, lambda p: save_file(tensors, str(p)))
+    _atomic_write(run_dir / META, lambda p: p.write_text(json.dumps(meta | {"optimizer_groups": groups}, indent=1)))
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / META).is_file() and (Path(run_dir) / WEIGHTS).is_file()
+
+
+def read_meta(run_dir: str | Path) -> dict:
+    return json.loads((Path(run_dir) / META).read_text())
+
+
+def load_module_weights(run_dir: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix.` (e.g. the encoder), for building a model from a checkpoint."""
+    tensors = load_file(str(Path(run_dir) / WEIGHTS))
+    cut = len(prefix) + 1
+    return {k[cut:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def load_checkpoint(
+    run_dir: str | Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer
+) -> dict:
+    meta = read_meta(run_dir)
+    tensors = load_file(str(Path(run_dir) / WEIGHTS))
+    for name, module in modules.items():
+        cut = len(name) + 1
+        module.load_state_dict({k[cut:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, pid, field = k.split(".", 2)
+            state.setdefault(int(pid), {})[field] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_groups"]})
+    return meta

@@ -1,0 +1,68 @@
+"""Stage 2: the student predicts a frozen teacher's normalised latents at masked tokens.
+
+Targets come from the batch (`batch["targets"]`, the stored teacher tokens of every
+grid position); this module never builds a teacher. `online_targets` exists for the
+cached-equals-online test and the benchmark, which bring their own teacher.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from salt.config import Config, to_dict
+from salt.losses import latent_targets
+from salt.optim import make_optimizer
+from salt.train.loop import TrainState, fit
+from salt.train.teacher import build_encoder, build_predictor
+
+
+def build_student_state(cfg: Config, teacher_width: int) -> TrainState:
+    torch.manual_seed(cfg.student.seed)
+    encoder = build_encoder(cfg, cfg.model.student)
+    predictor = build_predictor(cfg, encoder, teacher_width)  # latent head of the teacher's width
+    return TrainState(encoder, predictor, make_optimizer([encoder, predictor], cfg.student.optim))
+
+
+def cached_targets(batch: dict) -> torch.Tensor:
+    return latent_targets(batch["targets"])
+
+
+def online_targets(teacher: nn.Module) -> Callable[[dict], torch.Tensor]:
+    def make(batch: dict) -> torch.Tensor:
+        with torch.no_grad():
+            return latent_targets(teacher(batch["clips"]))
+
+    return make
+
+
+def train_student(
+    cfg: Config,
+    run_dir: str | Path,
+    make_batches: Callable[[int], Iterable[dict]],
+    *,
+    teacher_width: int,
+    store_meta: dict,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> dict:
+    state = build_student_state(cfg, teacher_width)
+    meta = {
+        "role": "student",
+        "encoder": {"size": cfg.model.student, "width": state.encoder.width},
+        "teacher": store_meta["teacher"],
+        "config": to_dict(cfg),
+    }
+    return fit(
+        state,
+        run_dir,
+        make_batches,
+        cached_targets,
+        cfg.student,
+        checkpoint_meta=meta,
+        stop_after=stop_after,
+        progress=progress,
+    )

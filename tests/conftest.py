@@ -1,0 +1,79 @@
+"""Shared fixtures: one tiny dataset, one briefly trained teacher, one local Ray, per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from salt.config import load_config
+
+TINY = "jobs/configs/tiny.yaml"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Small batches and few steps: the tests check behaviour, not learning.
+FAST = [
+    "data.num_workers=0",
+    "teacher.optim.batch_size=4",
+    "teacher.optim.steps=3",
+    "teacher.optim.warmup_steps=1",
+    "teacher.log_every=1",
+    "student.optim.batch_size=4",
+    "student.optim.steps=4",
+    "student.optim.warmup_steps=1",
+    "student.log_every=1",
+    "extract.batch_size=4",
+]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _repo_root():
+    os.chdir(ROOT)
+    torch.set_num_threads(1)  # Ray workers and the test process share two cores
+
+
+def tiny_config(*overrides: str):
+    return load_config(os.path.join(ROOT, TINY), [*FAST, *overrides])
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> str:
+    from pipeline.digits import write_moving_digits
+
+    out = tmp_path_factory.mktemp("digits")
+    write_moving_digits(str(out), seed=1, num_train=16, num_val=8, samples_per_shard=8, progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    from pipeline.extract import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(digits, tmp_path_factory) -> str:
+    from pipeline.shards import list_shards
+    from pipeline.stream import ShardedClips
+    from salt.train.teacher import train_teacher
+
+    cfg = tiny_config()
+    out = tmp_path_factory.mktemp("run") / "teacher"
+    shards = list_shards(digits)
+    train_teacher(cfg, out, lambda start: ShardedClips(cfg, shards, batch_size=4, start_batch=start), progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def store_fp32(digits, teacher_dir, ray_local, tmp_path_factory) -> str:
+    from pipeline.extract import extract_targets
+
+    store = str(tmp_path_factory.mktemp("stores") / "fp32")
+    extract_targets(tiny_config("extract.dtype=float32"), data=digits, teacher_dir=teacher_dir, store=store, progress=False)
+    return store

@@ -1,0 +1,192 @@
+"""The whole path on real components: decord, Ray Data, Zarr, Arrow, torch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import zarr
+
+from pipeline.extract import extract_targets
+from pipeline.shards import list_shards
+from pipeline.stream import ClipHashMismatch, ShardedClips, make_loader
+from pipeline.targets import StoreMismatchError, TargetStore, check_compatible, committed_shards, shard_dir
+from salt.train.loop import masked_prediction_loss
+from salt.train.student import build_student_state, cached_targets, online_targets, train_student
+from salt.train.teacher import load_frozen_teacher
+from tests.conftest import tiny_config
+
+
+def store_contents(store: str) -> dict:
+    out = {}
+    for shard in committed_shards(store):
+        manifest = pq.read_table(shard_dir(store, shard) / "manifest.parquet").to_pylist()
+        array = zarr.open_array(str(shard_dir(store, shard)), mode="r")[:]
+        out[shard] = (manifest, array)
+    return out
+
+
+def assert_same_store(a: str, b: str) -> None:
+    ca, cb = store_contents(a), store_contents(b)
+    assert ca.keys() == cb.keys() and ca
+    for shard in ca:
+        assert ca[shard][0] == cb[shard][0], f"manifests of {shard} differ"
+        assert np.array_equal(ca[shard][1], cb[shard][1]), f"arrays of {shard} differ"
+
+
+def test_store_describes_itself(store_fp32, digits):
+    store = TargetStore(store_fp32)
+    meta = store.meta
+    assert meta["teacher"]["width"] == 96 and len(meta["teacher"]["sha256"]) == 64
+    assert meta["geometry"]["num_tokens"] == 512 and meta["geometry"]["grid"] == [8, 8, 8]
+    assert meta["storage"]["dtype"] == "float32" and meta["decoder"].startswith("decord ")
+    assert [s["name"] for s in meta["source"]["shards"]] == ["shard-000000", "shard-000001"]
+    assert all(len(s["sha256"]) == 64 and s["bytes"] > 0 for s in meta["source"]["shards"])
+    manifest = pq.read_table(Path(store_fp32) / "manifest.parquet")
+    assert manifest.num_rows == 16 and len(set(manifest.column("key").to_pylist())) == 16
+    assert pq.read_table(Path(store_fp32) / "errors.parquet").num_rows == 0
+    assert (Path(store_fp32) / "config.yaml").is_file()
+    row = store.latents("shard-000000", 0)
+    assert row.shape == (512, 96) and row.dtype == np.float32 and np.isfinite(row).all()
+
+
+def test_extraction_twice_gives_identical_stores(store_fp32, digits, teacher_dir, tmp_path):
+    again = str(tmp_path / "again")
+    extract_targets(tiny_config("extract.dtype=float32"), data=digits, teacher_dir=teacher_dir, store=again, progress=False)
+    assert_same_store(store_fp32, again)
+
+
+def test_rerun_skips_committed_shards_and_resumes_missing_ones(store_fp32, digits, teacher_dir, tmp_path):
+    cfg = tiny_config("extract.dtype=float32")
+    summary = extract_targets(cfg, data=digits, teacher_dir=teacher_dir, store=store_fp32, progress=False)
+    assert summary["teacher_forward_samples"] == 0 and summary["shards_extracted_now"] == 0
+    # a job killed after one shard: one committed shard plus a half-written temporary folder
+    partial = tmp_path / "partial"
+    shutil.copytree(store_fp32, partial)
+    shutil.rmtree(shard_dir(partial, "shard-000001"))
+    (partial / "targets" / ".shard-000001.zarr.tmp-deadbeef").mkdir()
+    summary = extract_targets(cfg, data=digits, teacher_dir=teacher_dir, store=str(partial), progress=False)
+    assert summary["shards_extracted_now"] == 1 and summary["teacher_forward_samples"] == 8
+    assert not list((partial / "targets").glob(".*tmp-*"))
+    assert_same_store(store_fp32, str(partial))
+
+
+def test_store_of_another_job_is_refused(store_fp32, digits, teacher_dir):
+    with pytest.raises(StoreMismatchError, match=r"storage\.dtype: store has 'float32', this job has 'float16'"):
+        extract_targets(tiny_config("extract.dtype=float16"), data=digits, teacher_dir=teacher_dir, store=store_fp32, progress=False)
+
+
+def test_cached_targets_equal_online_teacher(store_fp32, digits, teacher_dir):
+    cfg = tiny_config()
+    batch = ShardedClips(cfg, list_shards(digits), batch_size=4, store=store_fp32).batch(0)
+    state = build_student_state(cfg, teacher_width=96)
+    teacher = load_frozen_teacher(teacher_dir, cfg)
+    with torch.no_grad():
+        cached = masked_prediction_loss(state.encoder, state.predictor, batch["clips"], batch["masks"], cached_targets(batch))
+        online = masked_prediction_loss(state.encoder, state.predictor, batch["clips"], batch["masks"], online_targets(teacher)(batch))
+    assert cached.item() > 0
+    assert abs(cached.item() - online.item()) / abs(online.item()) <= 1e-5
+
+
+def test_student_trains_with_the_teacher_checkpoint_deleted(digits, teacher_dir, ray_local, tmp_path, store_fp32):
+    from jobs import student
+
+    teacher_copy = tmp_path / "run" / "teacher"
+    shutil.copytree(teacher_dir, teacher_copy)
+    store = tmp_path / "run" / "targets"
+    extract_targets(tiny_config(), data=digits, teacher_dir=str(teacher_copy), store=str(store), progress=False)
+    shutil.rmtree(teacher_copy)  # stage 2 must not need it
+    summary = student.main(["--data", digits, "--run", str(tmp_path / "run"), "--no-progress", *tiny_config_args()])
+    assert summary["step"] == 4 and np.isfinite(summary["final_loss"])
+    lines = [json.loads(l) for l in (tmp_path / "run" / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4]
+    # the default fp16 store holds half the bytes of fp32 for the same latents, within fp16 rounding
+    f16 = zarr.open_array(str(shard_dir(store, "shard-000000")), mode="r")[:]
+    f32 = zarr.open_array(str(shard_dir(store_fp32, "shard-000000")), mode="r")[:]
+    assert f16.dtype == np.float16 and np.allclose(f16.astype(np.float32), f32, rtol=1e-3, atol=1e-3)
+
+
+def tiny_config_args() -> list[str]:
+    from tests.conftest import FAST
+
+    return FAST
+
+
+def test_student_refuses_a_store_for_other_clips(store_fp32):
+    store = TargetStore(store_fp32)
+    check_compatible(store.meta, tiny_config(), store_fp32)
+    with pytest.raises(StoreMismatchError, match=r"preprocessing\.seed=0 but this run has preprocessing\.seed=5"):
+        check_compatible(store.meta, tiny_config("data.seed=5"), store_fp32)
+    with pytest.raises(StoreMismatchError, match=r"geometry\.crop_size=64 but this run has geometry\.crop_size=32"):
+        check_compatible(store.meta, tiny_config("data.crop_size=32"), store_fp32)
+
+
+def test_clip_hash_mismatch_stops_stage_2(store_fp32, digits, tmp_path):
+    tampered = tmp_path / "tampered"
+    shutil.copytree(store_fp32, tampered)
+    path = shard_dir(tampered, "shard-000000") / "manifest.parquet"
+    table = pq.read_table(path).to_pylist()
+    for row in table:
+        row["clip_hash"] = "0" * 64
+    pq.write_table(pq.read_table(path).from_pylist(table, schema=pq.read_table(path).schema), path)
+    dataset = ShardedClips(tiny_config(), list_shards(digits), batch_size=4, store=str(tampered))
+    with pytest.raises(ClipHashMismatch, match=r"clip hash mismatch for key 'train-0000\d\d' view 0 of shard shard-000000"):
+        for g in range(4):
+            dataset.batch(g)
+
+
+def test_batches_do_not_depend_on_loader_workers(store_fp32, digits):
+    cfg = tiny_config()
+
+    def first_batches(workers: int, n: int = 3) -> list[dict]:
+        loader = make_loader(ShardedClips(cfg, list_shards(digits), batch_size=4, store=store_fp32), workers)
+        it = iter(loader)
+        return [next(it) for _ in range(n)]
+
+    for a, b in zip(first_batches(0), first_batches(2)):
+        assert a["keys"] == b["keys"] and a["index"] == b["index"]
+        assert torch.equal(a["clips"], b["clips"]) and torch.equal(a["targets"], b["targets"])
+
+
+def test_ranks_split_an_epoch_without_overlap(digits):
+    cfg = tiny_config()
+    shards = list_shards(digits)
+    ranks = [ShardedClips(cfg, shards, batch_size=2, rank=r, world_size=2) for r in range(2)]
+    seen = [{k for _, k in ds.epoch_samples(0)} for ds in ranks]
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == {f"train-{i:06d}" for i in range(16)}
+    assert ranks[0].epoch_samples(1) != ranks[0].epoch_samples(0)  # reshuffled each epoch
+
+
+def test_student_resume_equals_uninterrupted_run(store_fp32, digits, tmp_path):
+    cfg = tiny_config()
+    shards = list_shards(digits)
+    meta = TargetStore(store_fp32).meta
+
+    def batches(start: int):
+        return ShardedClips(cfg, shards, batch_size=4, start_batch=start, store=store_fp32)
+
+    def losses(run: Path) -> list[float]:
+        return [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train_student(cfg, whole, batches, teacher_width=96, store_meta=meta, progress=False)
+    train_student(cfg, split, batches, teacher_width=96, store_meta=meta, progress=False, stop_after=2)
+    assert len(losses(split)) == 2
+    train_student(cfg, split, batches, teacher_width=96, store_meta=meta, progress=False)
+    assert losses(split) == losses(whole) and len(losses(whole)) == 4
+
+
+def test_inspect_reports_the_store(store_fp32, capsys):
+    from jobs import inspect_store
+
+    summary = inspect_store.main([store_fp32, "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["samples"] == summary["samples"] == 16 and printed["errors"] == 0
+    assert printed["dtype"] == "float32" and printed["bytes"] > 16 * 512 * 96 * 4
+    assert printed["teacher"]["size"] == "vit_cpu_s" and printed["missing_shards"] == []
