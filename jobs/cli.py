@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
@@ -29,12 +28,9 @@ def config_from(args: argparse.Namespace) -> Config:
         sys.exit(f"config error: {e}")
 
 
-def set_torch_threads(train: TrainConfig, num_workers: int) -> int:
-    """Leave the loader workers their cores: OpenMP threads that share a core with a
-    decoding worker stall at every barrier (steps several times slower on 2 cores)."""
-    threads = train.torch_threads or max(1, (os.cpu_count() or 1) - num_workers)
-    torch.set_num_threads(threads)
-    return threads
+def set_torch_threads(train: TrainConfig) -> None:
+    if train.torch_threads:
+        torch.set_num_threads(train.torch_threads)
 
 
 def print_summary(name: str, summary: dict) -> None:

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--store", default=None, help="target store (default: $(RUN)/targets)")
     args = p.parse_args(argv)
     cfg = config_from(args)
-    set_torch_threads(cfg.student, cfg.data.num_workers)
+    set_torch_threads(cfg.student)
     store_path = args.store or str(Path(args.run) / "targets")
     store = TargetStore(store_path)
     check_compatible(store.meta, cfg, store_path)

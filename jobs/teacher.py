@@ -14,7 +14,7 @@ from salt.train.teacher import train_teacher
 def main(argv: list[str] | None = None) -> dict:
     args = parser(__doc__).parse_args(argv)
     cfg = config_from(args)
-    set_torch_threads(cfg.teacher, cfg.data.num_workers)
+    set_torch_threads(cfg.teacher)
     out = Path(args.run) / "teacher"
     shards = list_shards(args.data, "train")
     write_run_info(out, cfg, data=args.data)
