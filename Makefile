@@ -10,7 +10,7 @@ TORCH   ?= torch==2.13.0
 DEFAULT_DATA := data/moving-digits
 COMMON   = --config $(CONFIG) --data $(DATA) --run $(RUN)
 
-.PHONY: setup data teacher extract-targets student inspect demo test clean
+.PHONY: setup data teacher extract-targets student inspect plan demo test clean
 .DEFAULT_GOAL := demo
 
 setup: .venv/.installed
@@ -42,6 +42,9 @@ student: setup $(DATA_DEP)
 
 inspect: setup
 	$(PY) -m jobs.inspect_store $(STORE) $(if $(JSON),--json)
+
+plan: setup
+	$(PY) -m jobs.plan $(if $(PRESET),--preset $(PRESET)) $(if $(JSON),--json) $(ARGS)
 
 demo: setup
 	$(PY) -m jobs.demo --config $(CONFIG) --data $(DATA) --run $(RUN) $(ARGS)

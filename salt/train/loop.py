@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,7 +122,14 @@ def run_training(
     run_dir = Path(run_dir)
     last = cfg.optim.steps if stop_after is None else min(cfg.optim.steps, state.step + stop_after)
     metrics_file = (run_dir / "metrics.jsonl").open("a")
-    bar = tqdm(total=last, initial=state.step, desc=run_dir.name, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=last,
+        initial=state.step,
+        desc=run_dir.name,
+        disable=not progress,
+        dynamic_ncols=True,
+        mininterval=0.1 if sys.stderr.isatty() else 30,  # logs get a line every 30 s, not every step
+    )
     history: list[float] = []
     wait_total = compute_total = 0.0
     iterator = iter(batches)

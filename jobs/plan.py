@@ -1,0 +1,86 @@
+"""make plan [ARGS="key=value ..."] [PRESET=table10] [JSON=1]: FLOPs, store size, GPU-hours of a SALT pipeline.
+
+Keys are the fields of salt.flops.PlanInputs (defaults: the paper's setting), e.g.
+`student=vit_h views_per_clip=4 storage_dtype=bitround7 gpu_flops_per_s=250e12`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from salt.config import ConfigError
+from salt.flops import Plan, inputs_from_overrides, plan, table10
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["table10"], help="the paper's table 10 SALT rows instead of one plan")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*", help="PlanInputs fields as key=value")
+    args = p.parse_args(argv)
+    if args.preset and args.overrides:
+        p.error("--preset fixes its inputs; it takes no key=value overrides")
+    try:
+        if args.preset:
+            rows = table10()
+            text = json.dumps(rows, indent=1) if args.json else format_table10(rows)
+        else:
+            result = plan(inputs_from_overrides(args.overrides))
+            text = json.dumps(dataclasses.asdict(result), indent=1) if args.json else format_plan(result)
+    except ConfigError as e:
+        sys.exit(f"plan error: {e}")
+    print(text)
+    return text
+
+
+def format_plan(pl: Plan) -> str:
+    i, n = pl.inputs, pl.params
+    runs, views = _count(i.student_runs, "student run"), _count(i.views_per_clip, "view")
+    extract_rate = i.extract_flops_per_s or i.gpu_flops_per_s
+    rows = [
+        ("stage 1: teacher (V-Pixel)", i.teacher_steps, pl.stage1),
+        (f"extraction: {views}/clip, once", None, pl.extraction),
+        ("stage 2: student, cached targets", i.student_steps, pl.student_run_cached),
+        ("stage 2: student, online teacher", i.student_steps, pl.student_run_online),
+        (f"total, {runs}, cached", None, pl.total_cached),
+        (f"total, {runs}, online", None, pl.total_online),
+    ]
+    lines = [
+        f"teacher {i.teacher} {n.teacher / 1e6:.1f}M, student {i.student} {n.student / 1e6:.1f}M, "
+        f"predictor {n.predictor_stage1 / 1e6:.1f}M (stage 1) / {n.predictor_stage2 / 1e6:.1f}M (stage 2)",
+        f"{i.num_clips:,} clips x {views} x {pl.tokens_per_view} tokens, batch {i.batch_size}, "
+        f"context {i.context_fraction:g} x {i.masks_per_sample} masks",
+        f"throughput {i.gpu_flops_per_s / 1e12:g} TFLOP/s per GPU training, {extract_rate / 1e12:g} extracting",
+        "",
+        f"{'':40} {'steps':>8} {'FLOPs':>9} {'GPU-hours':>10}",
+        *(f"{name:40} {'' if steps is None else f'{steps:,}':>8} {c.flops:9.2e} {c.gpu_hours:10,.0f}" for name, steps, c in rows),
+        "",
+        f"target store  {pl.store_bytes / 1e12:.2f} TB ({pl.bytes_per_view / 1e6:.2f} MB per view, {i.storage_dtype})",
+        f"break-even    caching costs fewer FLOPs from student run {pl.break_even_runs} "
+        f"(GPU-hours: from run {pl.break_even_runs_gpu_hours})",
+    ]
+    return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("s" if n != 1 else "")
+
+
+def format_table10(rows: list[dict]) -> str:
+    head = f"{'student':8} {'params':>7} {'stage 1':>9} {'stage 2':>9} {'total':>9} {'paper':>7} {'diff':>6} {'cached':>9}"
+    lines = ["Table 10, SALT with a ViT-L teacher: 80k teacher + 160k student steps, batch 3072 (FLOPs)", head]
+    for r in rows:
+        diff = r["total_flops"] / r["paper_total_flops"] - 1
+        lines.append(
+            f"{r['student']:8} {r['student_params'] / 1e9:6.2f}B {r['stage1_flops']:9.2e} {r['stage2_flops']:9.2e} "
+            f"{r['total_flops']:9.2e} {r['paper_total_flops']:7.1e} {diff:+6.1%} {r['total_flops_cached']:9.2e}"
+        )
+    lines.append("stage 2 and total count the teacher forward online, as the paper does; cached: with a target store")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

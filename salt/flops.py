@@ -1,0 +1,350 @@
+"""Cost planner for SALT: training FLOPs per stage, target-store bytes, GPU-hours, break-even.
+
+The accounting is the paper's (Appendix F, METHOD.md "Compute accounting"): training a
+model of N parameters on D tokens costs 6*N*D FLOPs, a frozen forward 2*N*D, with N
+counted exactly (embeddings included) from the project's own models on the meta device.
+Per sample (T tokens per clip, c = context fraction per mask, m masks per sample):
+
+- stage 1, teacher (V-Pixel):  6*Ne*(c*m*T) + 6*Np1*(m*T)
+- extraction, once per view:   2*Nt*T
+- stage 2, cached targets:     6*Ns*(c*m*T) + 6*Np2*(m*T)
+- stage 2, online teacher:     the same + 2*Nt*T
+
+The predictor sees m*T tokens because, per mask, context + mask tokens cover the grid.
+Np1 has a pixel head (3*tubelet*patch^2 outputs), Np2 a head of the teacher's width
+fed from the student's width, so the two predictors differ by a few hundred thousand
+parameters.
+
+Break-even: caching replaces the online teacher forward of every step of every run by
+one forward per stored view. So (extraction + k cached runs) < (k online runs) exactly
+when k * teacher_forward_per_run > extraction; in FLOPs that is
+k > stored views / samples per run, whatever the model sizes.
+
+Where this accounting differs
+-----------------------------
+- 6ND counts parameter matmuls only. Attention scores and values (4*n*d per token per
+  layer, forward) are ignored; they grow with the sequence length n, so they matter for
+  the teacher's full 1568-token forward (about +25% for ViT-L), even more for the narrow
+  predictor over 1568 tokens per mask (about +65%), and little for the student's ~160
+  context tokens. Caching therefore saves somewhat more than shown here.
+- Norms, biases' adds, GELU, RoPE, the losses and the optimizer update are ignored.
+- Token counts are nominal: the real multi-block masks leave a variable context (about
+  10% per mask) and the reference loader truncates each batch to its smallest mask.
+- The paper counts the teacher's forward inside stage 2 because its teacher runs
+  online (table 10). With a target store that cost is paid once per stored view
+  (extraction) and a student run is "cached"; both variants are reported.
+- Table 10 uses rounded parameter counts (Ne = 0.3B, Ns = 0.6B for ViT-H, 1.8B for
+  ViT-G, one 0.022B predictor) and prints totals to two digits; exact counts land within
+  3% of them (ViT-g: 1.85e21 against table 10's 1.8, tables 1 and 11 print 1.9).
+- GPU-hours are FLOPs divided by an effective throughput: no data loading, decoding,
+  target reads, communication, checkpointing or evaluation.
+- Store bytes are the raw array bytes (TB = 1e12 B); Zarr metadata and Arrow manifests
+  are ignored. For bit-rounded stores the compression ratio is an estimate.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import typing
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+
+import torch
+
+from salt.config import ConfigError
+from salt.models.predictor import Predictor
+from salt.models.vit import VIT_SIZES, VideoViT, token_grid, vit_size
+
+# Effective training throughput per GPU when none is measured: a round dense-bf16 peak
+# of 400 TFLOP/s (between A100's 312 and H100 SXM's 989) at 40% model-FLOPs
+# utilisation. Replace it with a measured value: the paper's own A100 timings
+# (table 11) imply only ~40-55 TFLOP/s under this same 6ND count.
+DEFAULT_PEAK_FLOPS_PER_S = 400e12
+DEFAULT_MFU = 0.4
+DEFAULT_GPU_FLOPS_PER_S = DEFAULT_PEAK_FLOPS_PER_S * DEFAULT_MFU
+
+_BITROUND = re.compile(r"bitround(\d+)")
+_POSITIVE_INTS = (
+    "num_clips",
+    "views_per_clip",
+    "frames",
+    "crop_size",
+    "patch_size",
+    "tubelet",
+    "masks_per_sample",
+    "student_steps",
+    "batch_size",
+    "predictor_width",
+    "predictor_depth",
+    "predictor_heads",
+    "student_runs",
+)
+_FLOAT32_MANTISSA_BITS = 23
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanInputs:
+    """One planned SALT pipeline. Defaults are the paper's setting (METHOD.md)."""
+
+    num_clips: int = 3_600_000  # V-3.6M
+    views_per_clip: int = 1  # stored augmented views per clip: multiplies extraction and store
+    teacher: str = "vit_l"
+    student: str = "vit_l"
+    frames: int = 16
+    crop_size: int = 224
+    patch_size: int = 16
+    tubelet: int = 2
+    context_fraction: float = 0.1  # of the grid, per mask (masking ratio ~0.9)
+    masks_per_sample: int = 2
+    teacher_steps: int = 40_000  # 0: plan students of an existing teacher
+    student_steps: int = 200_000
+    batch_size: int = 3072
+    storage_dtype: str = "float16"  # float32 | float16 | bitround<k> (float32 keeping k mantissa bits)
+    compression_ratio: float | None = None  # None: 1 for float32/16 (stored uncompressed), 32/(9+k) for bitround<k>
+    predictor_width: int = 384
+    predictor_depth: int = 12
+    predictor_heads: int = 12
+    gpu_flops_per_s: float = DEFAULT_GPU_FLOPS_PER_S  # effective training FLOP/s per GPU
+    extract_flops_per_s: float | None = None  # effective extraction FLOP/s per GPU; None: gpu_flops_per_s
+    student_runs: int = 1  # student runs served by one teacher (and one store)
+
+    def __post_init__(self) -> None:
+        # Checked here so that a bad plan fails the same way from Python and from the CLI.
+        for name in _POSITIVE_INTS:
+            _require(getattr(self, name) >= 1, name, "must be >= 1")
+        _require(self.teacher_steps >= 0, "teacher_steps", "must be >= 0")
+        _require(0 < self.context_fraction <= 1, "context_fraction", "must be in (0, 1]")
+        for name in ("gpu_flops_per_s", "extract_flops_per_s", "compression_ratio"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, name, "must be > 0")
+        for name in ("teacher", "student"):
+            _require(getattr(self, name) in VIT_SIZES, name, f"unknown size; known: {', '.join(VIT_SIZES)}")
+        try:
+            token_grid(self.frames, self.crop_size, self.tubelet, self.patch_size)
+        except ValueError as e:
+            raise ConfigError(f"plan: {e}") from None
+        stored_value_bytes(self.storage_dtype, self.compression_ratio)
+
+
+def _require(ok: bool, name: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"plan.{name}: {why}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Params:
+    teacher: int
+    student: int
+    predictor_stage1: int  # pixel head
+    predictor_stage2: int  # student width in, teacher width out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cost:
+    flops: float
+    gpu_hours: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    inputs: PlanInputs
+    tokens_per_view: int
+    params: Params
+    stage1: Cost
+    extraction: Cost
+    student_run_cached: Cost
+    student_run_online: Cost
+    total_cached: Cost  # stage 1 + extraction + student_runs cached runs
+    total_online: Cost  # stage 1 + student_runs online runs
+    bytes_per_view: float
+    store_bytes: float
+    break_even_runs: int  # fewest student runs for which caching costs fewer FLOPs
+    break_even_runs_gpu_hours: int  # the same in GPU-hours (differs if extraction runs at another rate)
+
+
+def stored_value_bytes(dtype: str, compression_ratio: float | None = None) -> float:
+    """Bytes one stored latent value takes on disk."""
+    if dtype in ("float32", "float16"):
+        raw, estimate = (4 if dtype == "float32" else 2), 1.0  # the store writes without a codec
+    elif (m := _BITROUND.fullmatch(dtype)) and int(m[1]) <= _FLOAT32_MANTISSA_BITS:
+        # Bit-rounding zeroes mantissa bits; a lossless codec can at best drop them, keeping
+        # sign + 8 exponent + k bits. Exponents of LayerNorm'd latents compress further, the
+        # kept mantissa does not: measure a store and pass compression_ratio.
+        raw, estimate = 4, 32 / (9 + int(m[1]))
+    else:
+        raise ConfigError(f"plan.storage_dtype: expected float32, float16 or bitround<0-23>, got {dtype!r}")
+    return raw / (compression_ratio or estimate)
+
+
+def tokens_per_view(inp: PlanInputs) -> int:
+    return math.prod(token_grid(inp.frames, inp.crop_size, inp.tubelet, inp.patch_size))
+
+
+@lru_cache(maxsize=None)
+def encoder_params(size: str, frames: int, crop_size: int, patch_size: int, tubelet: int) -> int:
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = VideoViT(size, frames=frames, crop_size=crop_size, patch_size=patch_size, tubelet=tubelet)
+    return sum(p.numel() for p in model.parameters())
+
+
+@lru_cache(maxsize=None)
+def predictor_params(
+    encoder_width: int, out_dim: int, grid: tuple[int, int, int], width: int, depth: int, heads: int
+) -> int:
+    with torch.device("meta"):
+        model = Predictor(encoder_width=encoder_width, out_dim=out_dim, grid=grid, width=width, depth=depth, heads=heads)
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_params(inp: PlanInputs) -> Params:
+    geometry = (inp.frames, inp.crop_size, inp.patch_size, inp.tubelet)
+    grid = token_grid(inp.frames, inp.crop_size, inp.tubelet, inp.patch_size)
+    head = (inp.predictor_width, inp.predictor_depth, inp.predictor_heads)
+    t_width, s_width = vit_size(inp.teacher).width, vit_size(inp.student).width
+    pixels = 3 * inp.tubelet * inp.patch_size**2
+    return Params(
+        teacher=encoder_params(inp.teacher, *geometry),
+        student=encoder_params(inp.student, *geometry),
+        predictor_stage1=predictor_params(t_width, pixels, grid, *head),
+        predictor_stage2=predictor_params(s_width, t_width, grid, *head),
+    )
+
+
+def train_flops(params: int, tokens: float) -> float:
+    return 6 * params * tokens  # forward 2ND + backward 4ND
+
+
+def forward_flops(params: int, tokens: int) -> int:
+    return 2 * params * tokens  # int: keeps the break-even comparison exact
+
+
+def stage1_flops_per_sample(inp: PlanInputs, p: Params) -> float:
+    t = tokens_per_view(inp)
+    context = inp.context_fraction * inp.masks_per_sample * t
+    return train_flops(p.teacher, context) + train_flops(p.predictor_stage1, inp.masks_per_sample * t)
+
+
+def student_flops_per_sample(inp: PlanInputs, p: Params) -> float:
+    """Stage 2 without the teacher: what a student step costs with cached targets."""
+    t = tokens_per_view(inp)
+    context = inp.context_fraction * inp.masks_per_sample * t
+    return train_flops(p.student, context) + train_flops(p.predictor_stage2, inp.masks_per_sample * t)
+
+
+def gpu_hours(flops: float, flops_per_s: float) -> float:
+    return flops / flops_per_s / 3600
+
+
+def break_even_runs(once: Fraction, saving_per_run: Fraction) -> int:
+    """Fewest runs k >= 1 with once + k*cached < k*(cached + saving), i.e. k*saving > once.
+
+    Fractions, so that an exact tie is not broken by float rounding either way.
+    """
+    return math.floor(once / saving_per_run) + 1
+
+
+def plan(inp: PlanInputs) -> Plan:
+    p = count_params(inp)
+    t = tokens_per_view(inp)
+    train_rate = inp.gpu_flops_per_s
+    extract_rate = inp.extract_flops_per_s or inp.gpu_flops_per_s
+    samples_per_run = inp.student_steps * inp.batch_size
+    teacher_fwd = forward_flops(p.teacher, t)
+    extraction = teacher_fwd * inp.num_clips * inp.views_per_clip
+    teacher_fwd_per_run = teacher_fwd * samples_per_run
+    stage1 = stage1_flops_per_sample(inp, p) * inp.teacher_steps * inp.batch_size
+    cached = student_flops_per_sample(inp, p) * samples_per_run
+    online = cached + teacher_fwd_per_run
+    bytes_per_view = t * vit_size(inp.teacher).width * stored_value_bytes(inp.storage_dtype, inp.compression_ratio)
+
+    def cost(flops: float, rate: float = train_rate) -> Cost:
+        return Cost(flops=float(flops), gpu_hours=gpu_hours(flops, rate))
+
+    runs = inp.student_runs
+    return Plan(
+        inputs=inp,
+        tokens_per_view=t,
+        params=p,
+        stage1=cost(stage1),
+        extraction=cost(extraction, extract_rate),
+        student_run_cached=cost(cached),
+        student_run_online=cost(online),
+        total_cached=Cost(
+            flops=stage1 + extraction + runs * cached,
+            gpu_hours=gpu_hours(stage1 + runs * cached, train_rate) + gpu_hours(extraction, extract_rate),
+        ),
+        total_online=cost(stage1 + runs * online),
+        bytes_per_view=bytes_per_view,
+        store_bytes=bytes_per_view * inp.num_clips * inp.views_per_clip,
+        break_even_runs=break_even_runs(Fraction(extraction), Fraction(teacher_fwd_per_run)),
+        break_even_runs_gpu_hours=break_even_runs(
+            Fraction(extraction) / Fraction(extract_rate), Fraction(teacher_fwd_per_run) / Fraction(train_rate)
+        ),
+    )
+
+
+def inputs_from_overrides(items: list[str] | tuple[str, ...]) -> PlanInputs:
+    """`key=value` strings -> PlanInputs; an unknown key or a value of the wrong type is a ConfigError."""
+    hints = typing.get_type_hints(PlanInputs)
+    changes: dict[str, object] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        if key not in hints:
+            raise ConfigError(f"unknown key plan.{key} (known: {', '.join(sorted(hints))})")
+        changes[key] = _parse(raw.strip(), hints[key], f"plan.{key}")
+    return PlanInputs(**changes)
+
+
+def _parse(raw: str, tp: object, where: str) -> object:
+    # Own parsing rather than YAML: YAML 1.1 reads "3.6e6" and "1e15" as strings.
+    if tp == float | None and raw.lower() in ("none", "null"):
+        return None
+    try:
+        if tp is int:
+            value = float(raw) if any(c in raw for c in ".eE") else int(raw)  # 3.6e6 clips is fine
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if tp in (float, float | None):
+            return float(raw)
+    except ValueError:
+        kind = "an integer" if tp is int else "a number"
+        raise ConfigError(f"{where}: expected {kind}, got {raw!r}") from None
+    return raw  # str fields; their values are checked by PlanInputs
+
+
+# Table 10 of the paper: SALT totals (x1e21 FLOPs) with a ViT-L teacher.
+TABLE10_TOTALS = {"vit_l": 1.2e21, "vit_h": 1.5e21, "vit_g": 1.8e21, "vit_G": 2.6e21}
+
+
+def table10() -> list[dict]:
+    """The paper's table 10 SALT rows: 80k teacher steps + 160k online student steps, batch 3072."""
+    rows = []
+    for student, paper_total in TABLE10_TOTALS.items():
+        inp = PlanInputs(teacher="vit_l", student=student, teacher_steps=80_000, student_steps=160_000)
+        pl = plan(inp)
+        samples = inp.student_steps * inp.batch_size
+        t = pl.tokens_per_view
+        rows.append({
+            "student": student,
+            "teacher": inp.teacher,
+            "student_params": pl.params.student,
+            "teacher_params": pl.params.teacher,
+            "predictor_params": pl.params.predictor_stage2,
+            # the paper's D columns: stage-2 tokens seen by student encoder, predictor, teacher
+            "De": inp.context_fraction * inp.masks_per_sample * t * samples,
+            "Dp": inp.masks_per_sample * t * samples,
+            "Dt": t * samples,
+            "stage1_flops": pl.stage1.flops,
+            "stage2_flops": pl.student_run_online.flops,
+            "total_flops": pl.stage1.flops + pl.student_run_online.flops,
+            "paper_total_flops": paper_total,
+            # what the same schedule costs with a target store instead of an online teacher
+            "total_flops_cached": pl.stage1.flops + pl.extraction.flops + pl.student_run_cached.flops,
+        })
+    return rows

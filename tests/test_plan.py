@@ -1,0 +1,84 @@
+import json
+
+import pytest
+
+from jobs import plan as plan_job
+from salt.config import ConfigError
+from salt.flops import TABLE10_TOTALS, PlanInputs, inputs_from_overrides, plan, stored_value_bytes, table10
+
+
+def test_table10_totals_within_5_percent():
+    rows = table10()
+    assert [r["student"] for r in rows] == list(TABLE10_TOTALS)
+    for r in rows:
+        assert r["total_flops"] == pytest.approx(r["paper_total_flops"], rel=0.05), r["student"]
+    # the paper's D columns (x1e9 tokens) come out exactly
+    assert rows[0]["De"] / 1e9 == pytest.approx(154.1, abs=0.05)
+    assert rows[0]["Dp"] / 1e9 == pytest.approx(1541.4, abs=0.05)
+    assert rows[0]["Dt"] / 1e9 == pytest.approx(770.7, abs=0.05)
+    # stage 1 alone, 80k ViT-L steps: 0.24e21 (table 11 and METHOD.md)
+    assert rows[0]["stage1_flops"] == pytest.approx(0.24e21, rel=0.05)
+
+
+def test_paper_default_split_matches_table16():
+    pl = plan(PlanInputs())  # 40k teacher + 200k student steps: 0.121 + 1.190 = 1.311 x1e21
+    assert pl.stage1.flops == pytest.approx(0.121e21, rel=0.05)
+    assert pl.student_run_online.flops == pytest.approx(1.190e21, rel=0.05)
+    assert pl.total_online.flops == pytest.approx(1.311e21, rel=0.05)
+
+
+def test_storage_arithmetic():
+    assert plan(PlanInputs()).bytes_per_view / 1e6 == pytest.approx(3.2, abs=0.05)  # 1568 x 1024 x 2 B
+    assert plan(PlanInputs(teacher="vit_b")).bytes_per_view / 1e6 == pytest.approx(2.4, abs=0.05)
+    assert plan(PlanInputs()).store_bytes / 1e12 == pytest.approx(11.6, rel=0.03)
+    assert plan(PlanInputs(views_per_clip=3)).store_bytes == pytest.approx(3 * plan(PlanInputs()).store_bytes)
+    assert plan(PlanInputs(storage_dtype="float32")).bytes_per_view == 2 * plan(PlanInputs()).bytes_per_view
+    assert stored_value_bytes("bitround7") == 2.0  # sign + exponent + 7 bits of a float32
+    assert stored_value_bytes("bitround7", compression_ratio=4.0) == 1.0
+    with pytest.raises(ConfigError, match="storage_dtype"):
+        PlanInputs(storage_dtype="bfloat16")
+
+
+def test_break_even():
+    pl = plan(PlanInputs())
+    # ViT-L/ViT-L: the teacher forward is about half of an online step, so one run pays for the store
+    forward = pl.student_run_online.flops - pl.student_run_cached.flops
+    assert forward / pl.student_run_online.flops == pytest.approx(0.5, abs=0.05)
+    assert pl.break_even_runs == pl.break_even_runs_gpu_hours == 1
+    assert pl.total_cached.flops < pl.total_online.flops
+    # a store read ~once per run: 1000 clips, 10 x 100 samples per run
+    small = dict(num_clips=1000, batch_size=10, student_steps=100)
+    runs = [plan(PlanInputs(views_per_clip=v, **small)).break_even_runs for v in range(1, 8)]
+    assert runs == [2, 3, 4, 5, 6, 7, 8]  # an exact tie at 1 view is not yet cheaper
+    assert runs == sorted(runs)
+    # extraction at half the training throughput doubles its cost in GPU-hours only
+    slow = plan(PlanInputs(views_per_clip=3, extract_flops_per_s=80e12, **small))
+    assert (slow.break_even_runs, slow.break_even_runs_gpu_hours) == (4, 7)
+
+
+def test_overrides_parse_and_reject():
+    inp = inputs_from_overrides(["num_clips=3.6e5", "student=vit_h", "gpu_flops_per_s=1e15", "compression_ratio=none"])
+    assert (inp.num_clips, inp.student, inp.gpu_flops_per_s, inp.compression_ratio) == (360_000, "vit_h", 1e15, None)
+    with pytest.raises(ConfigError, match=r"unknown key plan\.num_clip\b"):
+        inputs_from_overrides(["num_clip=5"])
+    with pytest.raises(ConfigError, match=r"plan\.batch_size: expected an integer, got '1.5'"):
+        inputs_from_overrides(["batch_size=1.5"])
+    with pytest.raises(ConfigError, match=r"plan\.student: unknown size"):
+        inputs_from_overrides(["student=vit_xl"])
+    with pytest.raises(SystemExit, match=r"unknown key plan\.stepz"):
+        plan_job.main(["stepz=3"])
+
+
+def test_cli_preset_json(capsys):
+    printed = plan_job.main(["--preset", "table10", "--json"])
+    out = capsys.readouterr().out
+    assert out.strip() == printed
+    rows = json.loads(out)
+    assert isinstance(rows, list) and len(rows) == 4
+    assert all({"student", "teacher", "total_flops"} <= set(r) for r in rows)
+
+
+def test_cli_human_output(capsys):
+    printed = plan_job.main(["views_per_clip=2"])
+    assert "23.12 TB" in printed and "break-even" in printed
+    assert json.loads(plan_job.main(["--json"]))["store_bytes"] == pytest.approx(11.56e12, rel=0.01)
