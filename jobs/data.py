@@ -1,4 +1,4 @@
-"""make data: write the embedded "moving digits" dataset as WebDataset shards."""
+"""make data: WebDataset shards of your videos (SRC=folder or CSV), or of the embedded "moving digits"."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from pipeline.digits import write_moving_digits
+from pipeline.ingest import build_shards
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -16,9 +17,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-train", type=int, default=512)
     p.add_argument("--num-val", type=int, default=256)
     p.add_argument("--samples-per-shard", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2, help="probe processes (SRC only)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per video before it counts as a hang (SRC only)")
     args = p.parse_args(argv)
     if args.src:
-        sys.exit(f"SRC={args.src}: building shards from your own videos is not implemented yet (issue 3)")
+        try:
+            summary = build_shards(
+                args.src, args.out, samples_per_shard=args.samples_per_shard, workers=args.workers, timeout_s=args.timeout
+            )
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"data error: {e}")
+        print(f"data: {summary['inputs']} inputs -> {summary['samples']} samples in {summary['shards']} shards of {args.out}, {summary['errors']} errors")
+        for e in summary["error_reasons"]:
+            print(f"  skipped {e['source']}: {e['reason']}")
+        return summary
     summary = write_moving_digits(
         args.out, seed=args.seed, num_train=args.num_train, num_val=args.num_val, samples_per_shard=args.samples_per_shard
     )

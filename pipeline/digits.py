@@ -11,14 +11,14 @@ from __future__ import annotations
 import colorsys
 import io
 import json
-import os
 from pathlib import Path
 
 import av
 import numpy as np
-import webdataset as wds
 from sklearn.datasets import load_digits
 from tqdm import tqdm
+
+from pipeline.shards import write_shard
 
 MOTIONS = ("right", "left", "down", "up")
 # (row, col) step per frame of each motion class, in MOTIONS order.
@@ -121,16 +121,6 @@ def _clip_spec(i: int, pool: list[np.ndarray]) -> tuple[int, int, int]:
     return digit, motion, int(images[k % len(images)])
 
 
-def _write_shard(path: Path, samples: list[dict]) -> int:
-    """Writes a reproducible tar (fixed mtime/owner) via a temp name, so a killed run leaves no half shard."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f, wds.TarWriter(f, user="", group="", mtime=0, encoder=False) as sink:
-        for sample in samples:
-            sink.write(sample)
-    os.replace(tmp, path)
-    return path.stat().st_size
-
-
 def write_moving_digits(out_dir: str, *, seed: int = 0, num_train: int = 512, num_val: int = 256,
                         samples_per_shard: int = 128, size: int = 64, num_frames: int = 64,
                         fps: int = 30, progress: bool = True) -> dict:
@@ -156,7 +146,7 @@ def write_moving_digits(out_dir: str, *, seed: int = 0, num_train: int = 512, nu
                           "json": json.dumps(meta, sort_keys=True).encode()})
             bar.update()
             if len(shard) == samples_per_shard or i == count - 1:
-                summary["bytes"] += _write_shard(root / split / f"shard-{num_shards:06d}.tar", shard)
+                summary["bytes"] += write_shard(root / split / f"shard-{num_shards:06d}.tar", shard)
                 num_shards, shard = num_shards + 1, []
         summary["clips"][split], summary["shards"][split] = count, num_shards
     bar.close()

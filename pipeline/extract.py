@@ -185,7 +185,7 @@ def extract_targets(
     remove_partial_shards(store_path)
     done = set(committed_shards(store_path))
     todo = [s for s in shards if shard_name(s) not in done]
-    forwarded = 0
+    forwarded, write_s = 0, 0.0
     if todo:
         init_ray()
         DataContext.get_current().enable_progress_bars = progress
@@ -205,7 +205,7 @@ def extract_targets(
             num_cpus=cfg.extract.actor_num_cpus,
             num_gpus=1 if cuda else 0,
         )
-        forwarded = _commit_as_complete(ds, store_path, cfg.extract.dtype)
+        forwarded, write_s = _commit_as_complete(ds, store_path, cfg.extract.dtype)
     manifest, errors = rebuild_tables(store_path)
     missing = sorted({shard_name(s) for s in shards} - set(committed_shards(store_path)))
     if missing:
@@ -218,26 +218,31 @@ def extract_targets(
         "teacher_forward_samples": forwarded,
         "bytes": store_bytes(store_path),
         "wall_s": time.perf_counter() - t0,
+        "write_s": write_s,
     }
     with (store_path / "metrics.jsonl").open("a") as f:
         f.write(json.dumps(summary) + "\n")
     return summary
 
 
-def _commit_as_complete(ds, store: Path, dtype: str) -> int:
-    """Gather rows per shard (exactly once per (key, view)) and commit each shard when whole."""
+def _commit_as_complete(ds, store: Path, dtype: str) -> tuple[int, float]:
+    """Gather rows per shard (exactly once per (key, view)) and commit each shard when whole.
+
+    Returns the rows extracted and the seconds spent writing shards."""
     pending: dict[str, dict[tuple[str, int], dict]] = {}
-    forwarded = 0
+    forwarded, write_s = 0, 0.0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for i in range(len(batch["key"])):
             shard = str(batch["shard"][i])
             rows = pending.setdefault(shard, {})
             rows[(str(batch["key"][i]), int(batch["view"][i]))] = {k: batch[k][i] for k in batch}
             if len(rows) == int(batch["shard_total"][i]):
+                t0 = time.perf_counter()
                 forwarded += _commit(store, shard, pending.pop(shard), dtype)
+                write_s += time.perf_counter() - t0
     if pending:
         raise RuntimeError(f"Ray Data finished with incomplete shards {sorted(pending)}: rows were lost")
-    return forwarded
+    return forwarded, write_s
 
 
 def _commit(store: Path, shard: str, rows: dict[tuple[str, int], dict], dtype: str) -> int:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import tarfile
+import webdataset as wds
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,17 @@ def iter_shard(path: str) -> Iterator[ShardSample]:
         video = video_member(members)
         meta = json.loads(read_member(path, members["json"])) if "json" in members else {}
         yield ShardSample(key=key, video=read_member(path, video) if video else b"", meta=meta)
+
+
+def write_shard(path: Path, samples: list[dict]) -> int:
+    """A reproducible tar (fixed mtime and owner) written under a temporary name, so a
+    killed run never leaves half a shard. Samples are WebDataset dicts of bytes."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f, wds.TarWriter(f, user="", group="", mtime=0, encoder=False) as sink:
+        for sample in samples:
+            sink.write(sample)
+    os.replace(tmp, path)
+    return path.stat().st_size
 
 
 def file_sha256(path: str) -> str:

@@ -157,6 +157,7 @@ def compatibility(cfg: Config) -> dict:
         "geometry": {
             "frames": data["frames"],
             "frame_step": data["frame_step"],
+            "fps": data["fps"],
             "crop_size": data["crop_size"],
             "patch_size": d["model"]["patch_size"],
             "tubelet": d["model"]["tubelet"],

@@ -36,11 +36,18 @@ class SampleSpec:
     flip: bool
 
 
-def frame_indices(num_frames: int, cfg: DataConfig, rng: np.random.Generator) -> tuple[int, ...]:
-    """`cfg.frames` frames `cfg.frame_step` apart; a short video repeats its last frame."""
-    span = (cfg.frames - 1) * cfg.frame_step + 1
+def frame_step(cfg: DataConfig, video_fps: float) -> int:
+    """Source frames between sampled frames: fixed, or from the video's own rate when cfg.fps is set."""
+    if cfg.fps <= 0:
+        return cfg.frame_step
+    return max(1, round(video_fps / cfg.fps))
+
+
+def frame_indices(num_frames: int, step: int, cfg: DataConfig, rng: np.random.Generator) -> tuple[int, ...]:
+    """`cfg.frames` frames `step` apart; a video shorter than that repeats its last frame."""
+    span = (cfg.frames - 1) * step + 1
     start = int(rng.integers(0, num_frames - span + 1)) if num_frames >= span else 0
-    return tuple(min(start + i * cfg.frame_step, num_frames - 1) for i in range(cfg.frames))
+    return tuple(min(start + i * step, num_frames - 1) for i in range(cfg.frames))
 
 
 def crop_box(height: int, width: int, cfg: DataConfig, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -58,9 +65,11 @@ def crop_box(height: int, width: int, cfg: DataConfig, rng: np.random.Generator)
     return (height - side) // 2, (width - side) // 2, side, side
 
 
-def sample_spec(cfg: DataConfig, *, key: str, view: int, num_frames: int, height: int, width: int) -> SampleSpec:
+def sample_spec(
+    cfg: DataConfig, *, key: str, view: int, num_frames: int, height: int, width: int, video_fps: float = 0.0
+) -> SampleSpec:
     rng = sample_rng(cfg.seed, key, view, "clip")
-    indices = frame_indices(num_frames, cfg, rng)
+    indices = frame_indices(num_frames, frame_step(cfg, video_fps), cfg, rng)
     crop = crop_box(height, width, cfg, rng)
     return SampleSpec(frame_indices=indices, crop=crop, flip=bool(rng.random() < cfg.hflip_prob))
 
@@ -86,13 +95,17 @@ def decode(video: bytes, cfg: DataConfig, *, key: str, view: int) -> tuple[np.nd
             raise VideoDecodeError("video has no frames")
         height, width = reader[0].shape[:2]
         # the spec needs the frame size, and decord reports it only through a frame
-        spec = sample_spec(cfg, key=key, view=view, num_frames=num_frames, height=height, width=width)
+        spec = sample_spec(
+            cfg, key=key, view=view, num_frames=num_frames, height=height, width=width, video_fps=reader.get_avg_fps()
+        )
         unique = sorted(set(spec.frame_indices))
         decoded = reader.get_batch(unique).asnumpy()
     except VideoDecodeError:
         raise
     except Exception as e:  # decord raises bare DECORDError/RuntimeError for every kind of bad file
         raise VideoDecodeError(f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}") from None
+    if decoded.shape[1:] != (height, width, 3):  # decord mis-sizes some narrow videos instead of failing
+        raise VideoDecodeError(f"decoder returned frames of shape {decoded.shape[1:]} for a {width}x{height} video")
     frames = decoded[[unique.index(i) for i in spec.frame_indices]]
     return frames, spec
 

@@ -20,6 +20,7 @@ class DataConfig:
     seed: int = 0  # dataset seed: every random choice of a sample derives from (seed, key, view)
     frames: int = 16
     frame_step: int = 4
+    fps: float = 0.0  # > 0: sample at this many frames per second (step from each video's fps) instead of frame_step
     crop_size: int = 224
     crop_area: tuple[float, float] = (0.3, 1.0)
     crop_aspect: tuple[float, float] = (0.75, 1.35)

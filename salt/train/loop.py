@@ -154,7 +154,7 @@ def run_training(
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
         bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
         if state.step % cfg.checkpoint_every == 0 or state.step == last:
             save_checkpoint(run_dir, state.modules(), state.optimizer, checkpoint_meta | {"step": state.step})
     bar.close()
