@@ -61,6 +61,7 @@ BAD = {
     "run/truncated.mp4": "not a decodable video",
     "run/notes.mp4": "not a decodable video",
     "run/audio.mp4": "not a decodable video",
+    "run/narrow.mp4": "decoder returned frames of shape (48, 48, 4)",  # decord mis-sizes narrow videos
 }
 
 
@@ -76,6 +77,7 @@ def video_folder(tmp_path_factory) -> Path:
     (root / "run/truncated.mp4").write_bytes(full[: len(full) // 2])
     (root / "run/notes.mp4").write_text("these are my notes, not a video\n" * 20)
     audio_only(root / "run/audio.mp4")
+    encode(root / "run/narrow.mp4", width=48, height=48, frames=20, fps=30)
     (root / "run/readme.txt").write_text("not picked up: not a video suffix")
     return root
 
@@ -99,10 +101,15 @@ def check_report(summary: dict, out: Path, prefix: str) -> None:
     assert json.loads((out / "labels.json").read_text()) == {"label": ["run", "walk"]}
 
 
-def test_folder_of_videos_to_shards_with_errors(video_folder, tmp_path):
-    summary = build_shards(str(video_folder), str(tmp_path / "shards"), samples_per_shard=2, progress=False)
+def test_folder_of_videos_to_shards_with_errors(video_folder, tmp_path, capsys):
+    from jobs import data
+
+    summary = data.main(["--src", str(video_folder), "--out", str(tmp_path / "shards"), "--samples-per-shard", "2"])
     check_report(summary, tmp_path / "shards", str(video_folder))
     assert summary["shards"] == 2
+    printed = capsys.readouterr().out
+    assert f"{len(GOOD) + len(BAD)} inputs -> {len(GOOD)} samples" in printed
+    assert f"skipped {video_folder / 'run/zero.mp4'}: ValueError: empty file (0 bytes)" in printed
 
 
 def test_csv_of_videos_gives_the_same_shards(video_folder, tmp_path):

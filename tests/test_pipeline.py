@@ -161,6 +161,11 @@ def test_ranks_split_an_epoch_without_overlap(digits):
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == {f"train-{i:06d}" for i in range(16)}
     assert ranks[0].epoch_samples(1) != ranks[0].epoch_samples(0)  # reshuffled each epoch
+    # a sample is the same whichever rank loads it
+    shard, key = ranks[1].epoch_samples(0)[0]
+    a, b = ranks[0].load_sample(shard, key, epoch=0), ranks[1].load_sample(shard, key, epoch=0)
+    assert torch.equal(a["clip"], b["clip"])
+    assert all(np.array_equal(x.target, y.target) for x, y in zip(a["masks"], b["masks"]))
 
 
 def test_student_resume_equals_uninterrupted_run(store_fp32, digits, tmp_path):
@@ -190,3 +195,24 @@ def test_inspect_reports_the_store(store_fp32, capsys):
     assert printed["samples"] == summary["samples"] == 16 and printed["errors"] == 0
     assert printed["dtype"] == "float32" and printed["bytes"] > 16 * 512 * 96 * 4
     assert printed["teacher"]["size"] == "vit_cpu_s" and printed["missing_shards"] == []
+
+
+def test_two_views_per_clip_are_stored_and_both_used(digits, teacher_dir, ray_local, tmp_path):
+    store = str(tmp_path / "views")
+    cfg = tiny_config("extract.views_per_clip=2")
+    summary = extract_targets(cfg, data=digits, teacher_dir=teacher_dir, store=store, progress=False)
+    assert summary["samples"] == 32
+    rows = pq.read_table(Path(store) / "manifest.parquet").to_pylist()
+    by_key: dict[str, list[dict]] = {}
+    for r in rows:
+        by_key.setdefault(r["key"], []).append(r)
+    assert len(by_key) == 16 and all(sorted(r["view"] for r in v) == [0, 1] for v in by_key.values())
+    assert all((v[0]["crop"], v[0]["frame_indices"], v[0]["flip"]) != (v[1]["crop"], v[1]["frame_indices"], v[1]["flip"]) for v in by_key.values())
+    target_store = TargetStore(store)
+    first = by_key["train-000000"]
+    a, b = (target_store.latents(r["shard"], r["row"]) for r in first)
+    assert not np.array_equal(a, b)
+    # the student reads view 0 in its first pass over the data and view 1 in its second
+    dataset = ShardedClips(cfg, list_shards(digits), batch_size=4, store=store)
+    assert dataset.batches_per_epoch == 4
+    assert set(dataset.batch(0)["views"]) == {0} and set(dataset.batch(4)["views"]) == {1}
