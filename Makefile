@@ -44,7 +44,7 @@ student: setup $(DATA_DEP)
 	$(PY) -m jobs.student $(COMMON) $(ARGS)
 
 inspect: setup
-	$(PY) -m jobs.inspect_store $(STORE) $(if $(JSON),--json)
+	$(PY) -m jobs.inspect_store $(STORE) $(if $(JSON),--json) $(if $(VERIFY),--verify)
 
 plan: setup
 	$(PY) -m jobs.plan $(if $(PRESET),--preset $(PRESET)) $(if $(JSON),--json) $(ARGS)

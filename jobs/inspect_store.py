@@ -1,18 +1,27 @@
-"""make inspect STORE=<dir> [JSON=1]: what a target store holds."""
+"""make inspect STORE=<dir> [JSON=1] [VERIFY=1]: what a target store holds, and whether it is intact."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from pipeline.targets import summarize
+from pipeline.targets import summarize, verify_store
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("store")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--verify", action="store_true", help="re-read every file and row; exit 1 on any problem")
     args = p.parse_args(argv)
+    if args.verify:
+        problems = verify_store(args.store)
+        for line in problems:
+            print(f"CORRUPT {line}")
+        print(f"verify: {len(problems)} problem(s) in {args.store}")
+        if problems:
+            sys.exit(1)
     s = summarize(args.store)
     if args.json:
         print(json.dumps(s, indent=1))
@@ -20,7 +29,9 @@ def main(argv: list[str] | None = None) -> dict:
     t = s["teacher"]
     print(f"store       {s['store']}")
     print(f"samples     {s['samples']} ({s['clips']} clips x {s['views_per_clip']} views), {s['tokens_per_sample']} tokens each")
-    print(f"bytes       {s['bytes']:,} ({s['bytes'] / max(s['samples'], 1) / 1e6:.3f} MB per sample), dtype {s['dtype']}")
+    fmt = s["storage"]
+    print(f"bytes       {s['bytes']:,} ({s['bytes'] / max(s['samples'], 1) / 1e6:.3f} MB per sample)")
+    print(f"storage     {fmt['dtype']}, keepbits {fmt['keepbits'] or 'off'}, codec {fmt['codec']}")
     print(f"teacher     {t['size']} width {t['width']} step {t['step']} sha256 {t['sha256'][:16]}...")
     print(f"shards      {s['shards_committed']}/{s['shards_expected']} committed" + (f", missing {s['missing_shards']}" if s["missing_shards"] else ""))
     print(f"decoder     {s['decoder']}")

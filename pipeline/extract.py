@@ -26,6 +26,7 @@ import torch
 from pipeline.shards import file_sha256, iter_shard, list_shards, shard_name
 from pipeline.targets import (
     ExtractedRow,
+    StorageFormat,
     StoreMismatchError,
     commit_shard,
     committed_shards,
@@ -118,7 +119,7 @@ def provenance(cfg: Config, *, data: str, split: str, teacher_dir: str, shards: 
             "model": meta["config"]["model"],
         },
         **compat,
-        "storage": {"dtype": cfg.extract.dtype, "codec": "none", "chunk": "one sample per chunk, one zarr shard per source shard"},
+        "storage": StorageFormat.of(cfg.extract).describe(),
         "views_per_clip": cfg.extract.views_per_clip,
         "decoder": decoder_version(),
         "packages": package_versions(),
@@ -185,9 +186,10 @@ def extract_targets(
     remove_partial_shards(store_path)
     done = set(committed_shards(store_path))
     todo = [s for s in shards if shard_name(s) not in done]
-    forwarded, write_s = 0, 0.0
+    forwarded, write_s, ray_address = 0, 0.0, None
     if todo:
         init_ray()
+        ray_address = ray.get_runtime_context().gcs_address
         DataContext.get_current().enable_progress_bars = progress
         cuda = torch.cuda.is_available()
         ds = ray.data.from_items([{"path": s, "shard": shard_name(s)} for s in todo], override_num_blocks=len(todo))
@@ -205,7 +207,7 @@ def extract_targets(
             num_cpus=cfg.extract.actor_num_cpus,
             num_gpus=1 if cuda else 0,
         )
-        forwarded, write_s = _commit_as_complete(ds, store_path, cfg.extract.dtype)
+        forwarded, write_s = _commit_as_complete(ds, store_path, StorageFormat.of(cfg.extract))
     manifest, errors = rebuild_tables(store_path)
     missing = sorted({shard_name(s) for s in shards} - set(committed_shards(store_path)))
     if missing:
@@ -219,33 +221,38 @@ def extract_targets(
         "bytes": store_bytes(store_path),
         "wall_s": time.perf_counter() - t0,
         "write_s": write_s,
+        "ray_address": ray_address,
     }
     with (store_path / "metrics.jsonl").open("a") as f:
         f.write(json.dumps(summary) + "\n")
     return summary
 
 
-def _commit_as_complete(ds, store: Path, dtype: str) -> tuple[int, float]:
+def _commit_as_complete(ds, store: Path, fmt: StorageFormat) -> tuple[int, float]:
     """Gather rows per shard (exactly once per (key, view)) and commit each shard when whole.
 
     Returns the rows extracted and the seconds spent writing shards."""
     pending: dict[str, dict[tuple[str, int], dict]] = {}
     forwarded, write_s = 0, 0.0
+    done: set[str] = set()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for i in range(len(batch["key"])):
             shard = str(batch["shard"][i])
+            if shard in done:  # a re-run task's copy of a row already committed
+                continue
             rows = pending.setdefault(shard, {})
             rows[(str(batch["key"][i]), int(batch["view"][i]))] = {k: batch[k][i] for k in batch}
             if len(rows) == int(batch["shard_total"][i]):
                 t0 = time.perf_counter()
-                forwarded += _commit(store, shard, pending.pop(shard), dtype)
+                forwarded += _commit(store, shard, pending.pop(shard), fmt)
+                done.add(shard)
                 write_s += time.perf_counter() - t0
     if pending:
         raise RuntimeError(f"Ray Data finished with incomplete shards {sorted(pending)}: rows were lost")
     return forwarded, write_s
 
 
-def _commit(store: Path, shard: str, rows: dict[tuple[str, int], dict], dtype: str) -> int:
+def _commit(store: Path, shard: str, rows: dict[tuple[str, int], dict], fmt: StorageFormat) -> int:
     ordered = sorted(rows.values(), key=lambda r: int(r["order"]))
     good = [r for r in ordered if r["error"] == ""]
     commit_shard(
@@ -264,6 +271,6 @@ def _commit(store: Path, shard: str, rows: dict[tuple[str, int], dict], dtype: s
             for r in good
         ],
         [(str(r["key"]), int(r["view"]), str(r["error"])) for r in ordered if r["error"] != ""],
-        dtype=dtype,
+        fmt=fmt,
     )
     return len(good)

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.shards import index_shard, read_member, shard_name, video_member
-from pipeline.targets import TargetStore
+from pipeline.targets import TargetStore, check_row
 from pipeline.video import VideoDecodeError, load_clip
 from salt.config import Config
 from salt.masking import collate_masks, sample_masks, sample_rng
@@ -111,7 +111,9 @@ class ShardedClips(IterableDataset):
                 )
             if self._store is None:
                 self._store = TargetStore(self.store_path)
-            sample["targets"] = torch.from_numpy(np.asarray(self._store.latents(row["shard"], row["row"]), dtype=np.float32))
+            stored = self._store.latents(row["shard"], row["row"])
+            check_row(stored, row, self.store_path)
+            sample["targets"] = torch.from_numpy(stored.astype(np.float32))
         return sample
 
     def batch(self, g: int) -> dict:

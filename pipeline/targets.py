@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from pipeline.shards import file_sha256
 from salt.config import Config, to_dict
 
 MANIFEST_SCHEMA = pa.schema(
@@ -39,10 +41,51 @@ MANIFEST_SCHEMA = pa.schema(
         ("frame_indices", pa.list_(pa.int32())),
         ("crop", pa.list_(pa.int32())),
         ("flip", pa.bool_()),
+        ("crc32", pa.int64()),  # of the row as stored: reading it back must give the same bytes
     ]
 )
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("view", pa.int32()), ("shard", pa.string()), ("reason", pa.string())])
 DTYPES = ("float32", "float16")
+CODECS = ("none", "zstd", "blosc")
+MANTISSA_BITS = {"float32": 23, "float16": 10}
+
+
+@dataclass(frozen=True)
+class StorageFormat:
+    """How latents are stored: dtype, optional bit-rounding (lossy), optional lossless codec."""
+
+    dtype: str = "float16"
+    keepbits: int = 0
+    codec: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"extract.dtype={self.dtype!r}: expected one of {DTYPES}")
+        if self.codec not in CODECS:
+            raise ValueError(f"extract.codec={self.codec!r}: expected one of {CODECS}")
+        if not 0 <= self.keepbits < MANTISSA_BITS[self.dtype]:
+            raise ValueError(
+                f"extract.keepbits={self.keepbits}: expected 0 (off) to {MANTISSA_BITS[self.dtype] - 1} for {self.dtype}"
+            )
+
+    @classmethod
+    def of(cls, extract_cfg) -> "StorageFormat":
+        return cls(dtype=extract_cfg.dtype, keepbits=extract_cfg.keepbits, codec=extract_cfg.codec)
+
+    def zarr_codecs(self) -> dict:
+        from zarr.codecs import BloscCodec, ZstdCodec
+        from zarr.codecs.numcodecs import BitRound
+
+        filters = [BitRound(keepbits=self.keepbits)] if self.keepbits else None
+        compressors = {
+            "none": None,
+            "zstd": [ZstdCodec(level=3)],
+            "blosc": [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")],
+        }[self.codec]
+        return {"filters": filters, "compressors": compressors}
+
+    def describe(self) -> dict:
+        return {"dtype": self.dtype, "keepbits": self.keepbits, "codec": self.codec, "chunk": "one sample", "zarr_shard": "one source shard"}
 
 
 class StoreMismatchError(ValueError):
@@ -80,15 +123,23 @@ def remove_partial_shards(store: str | Path) -> int:
     return len(stale)
 
 
+def row_crc32(row: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(row).data)
+
+
 def commit_shard(
-    store: str | Path, shard: str, rows: list[ExtractedRow], errors: list[tuple[str, int, str]], *, dtype: str
+    store: str | Path, shard: str, rows: list[ExtractedRow], errors: list[tuple[str, int, str]], *, fmt: StorageFormat
 ) -> Path:
-    """Write one shard whole under a temporary name, then rename it into place."""
-    if dtype not in DTYPES:
-        raise ValueError(f"extract.dtype={dtype!r}: expected one of {DTYPES}")
+    """Write one shard whole under a temporary name, then rename it into place.
+
+    The array is read back once before the rename: the manifest's per-row checksums are
+    of what a reader will get (after lossy bit-rounding), and a write that did not land
+    fails here rather than in a student run.
+    """
     final = shard_dir(store, shard)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
+    checksums: list[int] = []
     if rows:
         tokens, width = rows[0].latents.shape
         array = zarr.create_array(
@@ -96,10 +147,11 @@ def commit_shard(
             shape=(len(rows), tokens, width),
             chunks=(1, tokens, width),  # one sample per read, the student's access pattern
             shards=(len(rows), tokens, width),  # one file per source shard
-            dtype=dtype,
-            compressors=None,
+            dtype=fmt.dtype,
+            **fmt.zarr_codecs(),
         )
-        array[:] = np.stack([r.latents for r in rows]).astype(dtype)
+        array[:] = np.stack([r.latents for r in rows]).astype(fmt.dtype)
+        checksums = [row_crc32(r) for r in zarr.open_array(str(tmp), mode="r")[:]]
     manifest = pa.table(
         {
             "key": [r.key for r in rows],
@@ -110,6 +162,7 @@ def commit_shard(
             "frame_indices": [list(r.frame_indices) for r in rows],
             "crop": [list(r.crop) for r in rows],
             "flip": [r.flip for r in rows],
+            "crc32": checksums,
         },
         schema=MANIFEST_SCHEMA,
     )
@@ -124,7 +177,9 @@ def commit_shard(
         schema=ERRORS_SCHEMA,
     )
     pq.write_table(error_table, tmp / "errors.parquet")
-    (tmp / "shard.json").write_text(json.dumps({"shard": shard, "rows": len(rows), "errors": len(errors), "dtype": dtype}))
+    files = {str(f.relative_to(tmp)): file_sha256(str(f)) for f in sorted(tmp.rglob("*")) if f.is_file()}
+    meta = {"shard": shard, "rows": len(rows), "errors": len(errors), "storage": fmt.describe(), "sha256": files}
+    (tmp / "shard.json").write_text(json.dumps(meta, indent=1))
     os.rename(tmp, final)
     return final
 
@@ -206,6 +261,52 @@ class TargetStore:
         return self._arrays[shard][row]
 
 
+class CorruptStoreError(RuntimeError):
+    pass
+
+
+def check_row(row: np.ndarray, entry: dict, store: str | Path) -> None:
+    """Stop before training on a row that is not what extraction wrote."""
+    if row_crc32(row) != entry["crc32"]:
+        raise CorruptStoreError(
+            f"target store {store}: row {entry['row']} (key {entry['key']!r}, view {entry['view']}) of shard "
+            f"{entry['shard']} does not match its checksum; run `make inspect STORE={store} VERIFY=1`"
+        )
+
+
+def verify_store(path: str | Path) -> list[str]:
+    """Re-read every file and every row; one line per problem, naming the shard and key."""
+    path = Path(path)
+    problems: list[str] = []
+    try:
+        store = TargetStore(path)
+    except (OSError, ValueError) as e:
+        return [f"store.json: {e}"]
+    expected = {s["name"] for s in store.meta["source"]["shards"]}
+    problems += [f"shard {s}: missing (not committed)" for s in sorted(expected - set(store.shards))]
+    problems += [f"shard {s}: not a source shard of this store" for s in sorted(set(store.shards) - expected)]
+    for shard in store.shards:
+        folder = shard_dir(path, shard)
+        recorded = json.loads((folder / "shard.json").read_text())["sha256"]
+        for name, digest in recorded.items():
+            f = folder / name
+            if not f.is_file():
+                problems.append(f"shard {shard}: file {name} is missing")
+            elif file_sha256(str(f)) != digest:
+                problems.append(f"shard {shard}: file {name} changed since extraction")
+        try:
+            entries = store.manifest(shard)
+        except Exception as e:  # a truncated or overwritten parquet file
+            problems.append(f"shard {shard}: manifest.parquet unreadable ({type(e).__name__}: {e})")
+            continue
+        for entry in entries.values():
+            try:
+                check_row(store.latents(shard, entry["row"]), entry, path)
+            except Exception as e:
+                problems.append(f"shard {shard}: key {entry['key']!r} view {entry['view']}: {type(e).__name__}: {e}")
+    return problems
+
+
 def store_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
@@ -226,7 +327,7 @@ def summarize(path: str | Path) -> dict:
         "shards_expected": len(expected),
         "missing_shards": sorted(set(expected) - set(store.shards)),
         "bytes": store_bytes(path),
-        "dtype": store.meta["storage"]["dtype"],
+        "storage": store.meta["storage"],
         "tokens_per_sample": store.meta["geometry"]["num_tokens"],
         "teacher": store.meta["teacher"],
         "decoder": store.meta["decoder"],

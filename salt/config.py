@@ -91,6 +91,8 @@ class TrainConfig:
 class ExtractConfig:
     views_per_clip: int = 1
     dtype: str = "float16"  # float32 | float16
+    keepbits: int = 0  # > 0: numcodecs BitRound to this many mantissa bits before the codec (lossy)
+    codec: str = "none"  # none | zstd | blosc (lossless, after bit-rounding)
     batch_size: int = 8
     num_actors: int = 1
     actor_num_cpus: float = 1.0

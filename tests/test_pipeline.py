@@ -193,7 +193,7 @@ def test_inspect_reports_the_store(store_fp32, capsys):
     summary = inspect_store.main([store_fp32, "--json"])
     printed = json.loads(capsys.readouterr().out)
     assert printed["samples"] == summary["samples"] == 16 and printed["errors"] == 0
-    assert printed["dtype"] == "float32" and printed["bytes"] > 16 * 512 * 96 * 4
+    assert printed["storage"]["dtype"] == "float32" and printed["bytes"] > 16 * 512 * 96 * 4
     assert printed["teacher"]["size"] == "vit_cpu_s" and printed["missing_shards"] == []
 
 
