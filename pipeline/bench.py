@@ -9,18 +9,33 @@ compared with; ratio: value / bound).
 from __future__ import annotations
 
 import io
+import json
+import os
+import platform
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 import av
 import numpy as np
 import torch
+import zarr
 
+from pipeline.extract import extract_targets
+from pipeline.shards import list_shards
+from pipeline.stream import ShardedClips, make_loader
+from pipeline.targets import TargetStore, shard_dir, store_bytes
 from pipeline.video import augment, clip_hash, decode
-from salt.config import Config, DataConfig
+from salt.config import Config, DataConfig, load_config
+from salt.flops import forward_flops, train_flops
+from salt.runinfo import git_commit
+from salt.train.loop import train_step
+from salt.train.student import build_student_state, cached_targets, online_targets, train_student
+from salt.train.teacher import load_frozen_teacher
 
 COMMAND = "make bench"
+CONFIG = "jobs/configs/tiny.yaml"
 
 
 def row(name: str, value: float, unit: str, bound: float | None, note: str = "") -> dict:
@@ -89,10 +104,6 @@ def decode_throughput(clips: int = 40) -> list[dict]:
 def student_step_speedup(cfg: Config, batch: dict, teacher: torch.nn.Module, steps: int = 6) -> list[dict]:
     """Step time with a live frozen teacher over step time with cached targets, same student and batch,
     next to the same ratio from the 6ND/2ND FLOP accounting of this batch's real token counts."""
-    from salt.flops import forward_flops, train_flops
-    from salt.train.loop import train_step
-    from salt.train.student import build_student_state, cached_targets, online_targets
-
     state = build_student_state(cfg, teacher.width)
     with torch.no_grad():
         batch = batch | {"targets": teacher(batch["clips"])}
@@ -124,9 +135,113 @@ def student_step_speedup(cfg: Config, batch: dict, teacher: torch.nn.Module, ste
 
 def array_bytes_per_sample(store: str | Path) -> float:
     """Bytes of the Zarr arrays alone (manifests and provenance excluded) per stored sample."""
-    from pipeline.targets import TargetStore, shard_dir, store_bytes
-
     target_store = TargetStore(store)
     arrays = sum(store_bytes(shard_dir(store, s) / "c") for s in target_store.shards)
     rows = sum(len(target_store.manifest(s)) for s in target_store.shards)
     return arrays / rows
+
+
+def relative_error(reference: str | Path, other: str | Path) -> float:
+    """mean |other - reference| / mean |reference| over every stored row."""
+    diff = total = 0.0
+    for shard in TargetStore(reference).shards:
+        a = zarr.open_array(str(shard_dir(reference, shard)), mode="r")[:].astype(np.float64)
+        b = zarr.open_array(str(shard_dir(other, shard)), mode="r")[:].astype(np.float64)
+        diff += np.abs(a - b).sum()
+        total += np.abs(a).sum()
+    return diff / total
+
+
+FORMATS = {  # name: overrides; fp32 is the reference every ratio is taken against
+    "fp32": ["extract.dtype=float32"],
+    "fp16": ["extract.dtype=float16"],
+    "fp16_zstd": ["extract.dtype=float16", "extract.codec=zstd"],
+    "fp16_br7_blosc": ["extract.dtype=float16", "extract.keepbits=7", "extract.codec=blosc"],
+    "fp16_br5_blosc": ["extract.dtype=float16", "extract.keepbits=5", "extract.codec=blosc"],
+}
+
+
+def extraction_rows(cfg, data: str, teacher_dir: str, work: Path) -> tuple[list[dict], dict]:
+    """End-to-end extraction against the teacher's forward alone on pre-decoded clips,
+    and each storage format's bytes and error against fp32."""
+    stores, summaries = {}, {}
+    for name, overrides in FORMATS.items():
+        stores[name] = str(work / f"store-{name}")
+        summaries[name] = extract_targets(load_config(CONFIG, overrides), data=data, teacher_dir=teacher_dir, store=stores[name], progress=False)
+    samples = summaries["fp16"]["samples"]
+    torch.set_num_threads(cfg.extract.actor_torch_threads)  # what one actor gets
+    teacher = load_frozen_teacher(teacher_dir, cfg)
+    dataset = ShardedClips(cfg, list_shards(data), batch_size=cfg.extract.batch_size)
+    clips = [dataset.batch(g)["clips"] for g in range(samples // cfg.extract.batch_size)]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for c in clips:
+            teacher(c)
+    forward_s = time.perf_counter() - t0
+    forward_rate = len(clips) * cfg.extract.batch_size / forward_s
+    extract_rate = samples / summaries["fp16"]["wall_s"]
+    rows = [
+        row("extract_vs_forward_only", extract_rate / forward_rate, "x", 1.0,
+                  f"end to end {extract_rate:.1f} samples/s (Ray start included) vs forward only {forward_rate:.1f}"),
+        row("write_overhead_fraction", summaries["fp16"]["write_s"] / forward_s, "fraction", None,
+                  "shard write seconds / teacher forward seconds, fp16 store"),
+    ]
+    fp32 = array_bytes_per_sample(stores["fp32"])
+    for name in FORMATS:
+        if name == "fp32":
+            continue
+        bound = 0.51 if name == "fp16" else None
+        rows.append(row(f"bytes_ratio_{name}", array_bytes_per_sample(stores[name]) / fp32, "x", bound,
+                              f"array bytes per sample over fp32's {fp32:.0f}"))
+        if "br" in name:
+            rows.append(row(f"target_error_{name}", relative_error(stores["fp32"], stores[name]), "fraction", None,
+                                  "mean |stored - fp32| / mean |fp32|"))
+    return rows, {"stores": stores, "teacher": teacher}
+
+
+def short_student(data: str, store: str, out: Path, steps: int = 40) -> dict:
+    run_cfg = load_config(CONFIG, [f"student.optim.steps={steps}", "data.num_workers=1"])
+    target_store = TargetStore(store)
+    return train_student(
+        run_cfg, out, lambda start: make_loader(
+            ShardedClips(run_cfg, list_shards(data), batch_size=run_cfg.student.optim.batch_size, start_batch=start, store=store), 1
+        ),
+        teacher_width=target_store.teacher_width, store_meta=target_store.meta, progress=False,
+    )
+
+
+def student_rows(cfg, data: str, stores: dict[str, str], teacher, work: Path) -> list[dict]:
+    batch = ShardedClips(cfg, list_shards(data), batch_size=cfg.student.optim.batch_size, store=stores["fp16"]).batch(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = student_step_speedup(cfg, batch, teacher)
+    fp16 = short_student(data, stores["fp16"], work / "student-fp16")
+    rows.append(row("data_wait_fraction", fp16["data_wait_fraction"], "fraction", 0.10,
+                          "time waiting on the loader / step time, 40 student steps, 1 loader worker"))
+    for name in (n for n in stores if "br" in n):
+        lossy = short_student(data, stores[name], work / f"student-{name}")
+        rows.append(row(f"student_loss_{name}_vs_fp16", lossy["final_loss"], "loss", fp16["final_loss"],
+                              "final loss (mean of last 10 of 40 steps), same student, seed and batches"))
+    return rows
+
+
+def write_report(rows: list[dict], out: Path, wall_s: float) -> None:
+    (out / "benchmarks.json").write_text(json.dumps(rows, indent=1) + "\n")
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.processor())
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Produced by `{COMMAND}` (all figures from one run, {wall_s:.0f} s) on "
+        f"{datetime.now(timezone.utc).date()}, commit `{git_commit()}`.",
+        f"Machine: {os.cpu_count()} cores ({cpu}), {torch.__version__}, "
+        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}.",
+        "Each figure is a ratio of two measurements taken side by side in that run.",
+        "",
+        "| name | value | unit | bound | ratio | what |",
+        "|---|---|---|---|---|---|",
+    ]
+    def fmt(v: float | None) -> str:
+        return "" if v is None else f"{v:.4g}"
+
+    for r in rows:
+        lines.append(f"| `{r['name']}` | {fmt(r['value'])} | {r['unit']} | {fmt(r['bound'])} | {fmt(r['ratio'])} | {r['note']} |")
+    (out / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")

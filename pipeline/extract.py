@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -142,21 +143,27 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
-def open_store(store: Path, meta: dict) -> None:
-    """Create store.json, or check that an existing store was made by an identical job."""
+def open_store(store: Path, meta: dict) -> str:
+    """Create store.json, or check that an existing store was made by an identical job.
+
+    Returns the store's id, which every shard records: a store.json copied from another
+    store is then caught by verify and by stage 2."""
     path = store / "store.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        ignore = ("created", "git_commit", "packages")
+        ignore = ("created", "git_commit", "packages", "store_id")
         diffs = _differences({k: v for k, v in old.items() if k not in ignore}, {k: v for k, v in meta.items() if k not in ignore})
         if diffs:
             raise StoreMismatchError(f"{store} holds targets of another job; refusing to mix:\n  " + "\n  ".join(diffs[:10]))
-        return
+        return old["store_id"]
     store.mkdir(parents=True, exist_ok=True)
-    meta = meta | {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit()}
+    store_id = uuid.uuid4().hex
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    meta = meta | {"store_id": store_id, "created": created, "git_commit": git_commit()}
     tmp = path.with_name("store.json.tmp")
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, path)
+    return store_id
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -181,7 +188,7 @@ def extract_targets(
     t0 = time.perf_counter()
     store_path = Path(store)
     shards = list_shards(data, split)
-    open_store(store_path, provenance(cfg, data=data, split=split, teacher_dir=teacher_dir, shards=shards))
+    store_id = open_store(store_path, provenance(cfg, data=data, split=split, teacher_dir=teacher_dir, shards=shards))
     write_run_info(store_path, cfg, teacher=str(teacher_dir), data=str(data))
     remove_partial_shards(store_path)
     done = set(committed_shards(store_path))
@@ -207,7 +214,7 @@ def extract_targets(
             num_cpus=cfg.extract.actor_num_cpus,
             num_gpus=1 if cuda else 0,
         )
-        forwarded, write_s = _commit_as_complete(ds, store_path, StorageFormat.of(cfg.extract))
+        forwarded, write_s = _commit_as_complete(ds, store_path, StorageFormat.of(cfg.extract), store_id)
     manifest, errors = rebuild_tables(store_path)
     missing = sorted({shard_name(s) for s in shards} - set(committed_shards(store_path)))
     if missing:
@@ -228,7 +235,7 @@ def extract_targets(
     return summary
 
 
-def _commit_as_complete(ds, store: Path, fmt: StorageFormat) -> tuple[int, float]:
+def _commit_as_complete(ds, store: Path, fmt: StorageFormat, store_id: str) -> tuple[int, float]:
     """Gather rows per shard (exactly once per (key, view)) and commit each shard when whole.
 
     Returns the rows extracted and the seconds spent writing shards."""
@@ -244,7 +251,7 @@ def _commit_as_complete(ds, store: Path, fmt: StorageFormat) -> tuple[int, float
             rows[(str(batch["key"][i]), int(batch["view"][i]))] = {k: batch[k][i] for k in batch}
             if len(rows) == int(batch["shard_total"][i]):
                 t0 = time.perf_counter()
-                forwarded += _commit(store, shard, pending.pop(shard), fmt)
+                forwarded += _commit(store, shard, pending.pop(shard), fmt, store_id)
                 done.add(shard)
                 write_s += time.perf_counter() - t0
     if pending:
@@ -252,7 +259,7 @@ def _commit_as_complete(ds, store: Path, fmt: StorageFormat) -> tuple[int, float
     return forwarded, write_s
 
 
-def _commit(store: Path, shard: str, rows: dict[tuple[str, int], dict], fmt: StorageFormat) -> int:
+def _commit(store: Path, shard: str, rows: dict[tuple[str, int], dict], fmt: StorageFormat, store_id: str) -> int:
     ordered = sorted(rows.values(), key=lambda r: int(r["order"]))
     good = [r for r in ordered if r["error"] == ""]
     commit_shard(
@@ -272,5 +279,6 @@ def _commit(store: Path, shard: str, rows: dict[tuple[str, int], dict], fmt: Sto
         ],
         [(str(r["key"]), int(r["view"]), str(r["error"])) for r in ordered if r["error"] != ""],
         fmt=fmt,
+        store_id=store_id,
     )
     return len(good)

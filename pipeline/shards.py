@@ -50,12 +50,13 @@ def index_shard(path: str) -> dict[str, dict[str, Member]]:
     """key -> extension -> byte range, in tar order, from the tar headers alone.
 
     As in WebDataset, a member `dir/key.ext.more` belongs to key `dir/key`. Only regular
-    files count: links and devices in a tar are never followed.
+    files with relative names count: links, devices, absolute names and `..` are skipped
+    (tars come from strangers; nothing here extracts them, and nothing should start to).
     """
     index: dict[str, dict[str, Member]] = {}
     with tarfile.open(path, "r:") as tar:
         for info in tar:
-            if not info.isreg():
+            if not info.isreg() or info.name.startswith("/") or ".." in info.name.split("/"):
                 continue
             folder, _, base = info.name.rpartition("/")
             stem, dot, ext = base.partition(".")

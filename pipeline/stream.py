@@ -67,6 +67,8 @@ class ShardedClips(IterableDataset):
             missing = [shard_name(s) for s in shards if shard_name(s) not in target_store.shards]
             if missing:
                 raise FileNotFoundError(f"target store {store} has no committed shard for source shard(s) {missing}")
+            for s in shards:
+                target_store.check_identity(shard_name(s))
             # only samples the teacher saw: the store's errors table holds the rest
             self.keys = [sorted({k for k, v in m}) for m in self.manifests]
         self.samples_per_epoch = sum(len(k) for k in self.keys) // world_size

@@ -92,6 +92,10 @@ class StoreMismatchError(ValueError):
     pass
 
 
+class CorruptStoreError(RuntimeError):
+    pass
+
+
 @dataclass(frozen=True)
 class ExtractedRow:
     key: str
@@ -128,22 +132,42 @@ def row_crc32(row: np.ndarray) -> int:
 
 
 def commit_shard(
-    store: str | Path, shard: str, rows: list[ExtractedRow], errors: list[tuple[str, int, str]], *, fmt: StorageFormat
+    store: str | Path,
+    shard: str,
+    rows: list[ExtractedRow],
+    errors: list[tuple[str, int, str]],
+    *,
+    fmt: StorageFormat,
+    store_id: str,
 ) -> Path:
-    """Write one shard whole under a temporary name, then rename it into place.
-
-    The array is read back once before the rename: the manifest's per-row checksums are
-    of what a reader will get (after lossy bit-rounding), and a write that did not land
-    fails here rather than in a student run.
-    """
+    """Write one shard whole under a temporary name, then rename it into place."""
     final = shard_dir(store, shard)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
+    try:
+        _write_shard(tmp, shard, rows, errors, fmt)
+        files = {str(f.relative_to(tmp)): file_sha256(str(f)) for f in sorted(tmp.rglob("*")) if f.is_file()}
+        meta = {"shard": shard, "store_id": store_id, "rows": len(rows), "errors": len(errors), "storage": fmt.describe(), "sha256": files}
+        (tmp / "shard.json").write_text(json.dumps(meta, indent=1))
+        os.rename(tmp, final)
+    except BaseException:  # a full disk or a failed write: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _write_shard(folder: Path, shard: str, rows: list[ExtractedRow], errors: list[tuple[str, int, str]], fmt: StorageFormat) -> None:
+    """The array, then the manifest and errors tables.
+
+    The array is read back once: the manifest's per-row checksums are of what a reader
+    will get (after lossy bit-rounding), and a write that did not land fails here
+    rather than in a student run.
+    """
     checksums: list[int] = []
     if rows:
         tokens, width = rows[0].latents.shape
         array = zarr.create_array(
-            store=str(tmp),
+            store=str(folder),
             shape=(len(rows), tokens, width),
             chunks=(1, tokens, width),  # one sample per read, the student's access pattern
             shards=(len(rows), tokens, width),  # one file per source shard
@@ -151,37 +175,26 @@ def commit_shard(
             **fmt.zarr_codecs(),
         )
         array[:] = np.stack([r.latents for r in rows]).astype(fmt.dtype)
-        checksums = [row_crc32(r) for r in zarr.open_array(str(tmp), mode="r")[:]]
-    manifest = pa.table(
-        {
-            "key": [r.key for r in rows],
-            "view": [r.view for r in rows],
-            "shard": [shard] * len(rows),
-            "row": list(range(len(rows))),
-            "clip_hash": [r.clip_hash for r in rows],
-            "frame_indices": [list(r.frame_indices) for r in rows],
-            "crop": [list(r.crop) for r in rows],
-            "flip": [r.flip for r in rows],
-            "crc32": checksums,
-        },
-        schema=MANIFEST_SCHEMA,
-    )
-    pq.write_table(manifest, tmp / "manifest.parquet")
-    error_table = pa.table(
-        {
-            "key": [e[0] for e in errors],
-            "view": [e[1] for e in errors],
-            "shard": [shard] * len(errors),
-            "reason": [e[2] for e in errors],
-        },
-        schema=ERRORS_SCHEMA,
-    )
-    pq.write_table(error_table, tmp / "errors.parquet")
-    files = {str(f.relative_to(tmp)): file_sha256(str(f)) for f in sorted(tmp.rglob("*")) if f.is_file()}
-    meta = {"shard": shard, "rows": len(rows), "errors": len(errors), "storage": fmt.describe(), "sha256": files}
-    (tmp / "shard.json").write_text(json.dumps(meta, indent=1))
-    os.rename(tmp, final)
-    return final
+        checksums = [row_crc32(r) for r in zarr.open_array(str(folder), mode="r")[:]]
+    manifest = {
+        "key": [r.key for r in rows],
+        "view": [r.view for r in rows],
+        "shard": [shard] * len(rows),
+        "row": list(range(len(rows))),
+        "clip_hash": [r.clip_hash for r in rows],
+        "frame_indices": [list(r.frame_indices) for r in rows],
+        "crop": [list(r.crop) for r in rows],
+        "flip": [r.flip for r in rows],
+        "crc32": checksums,
+    }
+    pq.write_table(pa.table(manifest, schema=MANIFEST_SCHEMA), folder / "manifest.parquet")
+    error_table = {
+        "key": [e[0] for e in errors],
+        "view": [e[1] for e in errors],
+        "shard": [shard] * len(errors),
+        "reason": [e[2] for e in errors],
+    }
+    pq.write_table(pa.table(error_table, schema=ERRORS_SCHEMA), folder / "errors.parquet")
 
 
 def read_tables(store: str | Path) -> tuple[pa.Table, pa.Table]:
@@ -251,6 +264,15 @@ class TargetStore:
     def teacher_width(self) -> int:
         return int(self.meta["teacher"]["width"])
 
+    def check_identity(self, shard: str) -> None:
+        """A shard written for another store (or a store.json copied from one) is refused."""
+        written_for = json.loads((shard_dir(self.path, shard) / "shard.json").read_text()).get("store_id")
+        if written_for != self.meta.get("store_id"):
+            raise CorruptStoreError(
+                f"target store {self.path}: shard {shard} was written for store {written_for}, "
+                f"but store.json is store {self.meta.get('store_id')} (store.json from another store?)"
+            )
+
     def manifest(self, shard: str) -> dict[tuple[str, int], dict]:
         table = pq.read_table(shard_dir(self.path, shard) / "manifest.parquet")
         return {(r["key"], r["view"]): r for r in table.to_pylist()}
@@ -259,10 +281,6 @@ class TargetStore:
         if shard not in self._arrays:
             self._arrays[shard] = zarr.open_array(str(shard_dir(self.path, shard)), mode="r")
         return self._arrays[shard][row]
-
-
-class CorruptStoreError(RuntimeError):
-    pass
 
 
 def check_row(row: np.ndarray, entry: dict, store: str | Path) -> None:
@@ -286,6 +304,10 @@ def verify_store(path: str | Path) -> list[str]:
     problems += [f"shard {s}: missing (not committed)" for s in sorted(expected - set(store.shards))]
     problems += [f"shard {s}: not a source shard of this store" for s in sorted(set(store.shards) - expected)]
     for shard in store.shards:
+        try:
+            store.check_identity(shard)
+        except CorruptStoreError as e:
+            problems.append(f"shard {shard}: {e}")
         folder = shard_dir(path, shard)
         recorded = json.loads((folder / "shard.json").read_text())["sha256"]
         for name, digest in recorded.items():

@@ -110,7 +110,7 @@ def test_retried_rows_are_written_once(tmp_path, ray_local):
     # rows arrive twice, as when Ray re-runs a task whose output was already seen,
     # before and after their shard is complete
     ds = ray.data.from_items([row("a", 0), row("a", 0), row("b", 1), row("b", 1)], override_num_blocks=1)
-    forwarded, _ = _commit_as_complete(ds, tmp_path, StorageFormat(dtype="float32"))
+    forwarded, _ = _commit_as_complete(ds, tmp_path, StorageFormat(dtype="float32"), "test-store")
     manifest, array = store_contents(str(tmp_path))["shard-000000"]
     assert forwarded == 2 and [m["key"] for m in manifest] == ["a", "b"] and array.shape == (2, 3, 2)
 

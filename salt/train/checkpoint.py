@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -48,9 +49,18 @@ def read_meta(run_dir: str | Path) -> dict:
     return json.loads((Path(run_dir) / META).read_text())
 
 
+def load_tensors(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """safetensors only: a pickle (a `torch.save` file renamed, say) is refused, never unpickled."""
+    path = Path(run_dir) / WEIGHTS
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a safetensors checkpoint ({e}); pickled checkpoints are refused") from None
+
+
 def load_module_weights(run_dir: str | Path, prefix: str) -> dict[str, torch.Tensor]:
     """The tensors under `prefix.` (e.g. the encoder), for building a model from a checkpoint."""
-    tensors = load_file(str(Path(run_dir) / WEIGHTS))
+    tensors = load_tensors(run_dir)
     cut = len(prefix) + 1
     return {k[cut:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
@@ -59,7 +69,7 @@ def load_checkpoint(
     run_dir: str | Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer
 ) -> dict:
     meta = read_meta(run_dir)
-    tensors = load_file(str(Path(run_dir) / WEIGHTS))
+    tensors = load_tensors(run_dir)
     for name, module in modules.items():
         cut = len(name) + 1
         module.load_state_dict({k[cut:]: v for k, v in tensors.items() if k.startswith(name + ".")})
