@@ -77,3 +77,21 @@ def store_fp32(digits, teacher_dir, ray_local, tmp_path_factory) -> str:
     store = str(tmp_path_factory.mktemp("stores") / "fp32")
     extract_targets(tiny_config("extract.dtype=float32"), data=digits, teacher_dir=teacher_dir, store=store, progress=False)
     return store
+
+
+@pytest.fixture(scope="session")
+def six_shards(tmp_path_factory) -> str:
+    from pipeline.digits import write_moving_digits
+
+    out = tmp_path_factory.mktemp("six")  # enough shards for a kill to land between commits
+    write_moving_digits(str(out), seed=2, num_train=24, num_val=4, samples_per_shard=4, progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def clean_six(six_shards, teacher_dir, ray_local, tmp_path_factory) -> str:
+    from pipeline.extract import extract_targets
+
+    store = str(tmp_path_factory.mktemp("clean") / "store")
+    extract_targets(tiny_config("extract.dtype=float32"), data=six_shards, teacher_dir=teacher_dir, store=store, progress=False)
+    return store

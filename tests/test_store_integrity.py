@@ -28,22 +28,6 @@ from tests.test_pipeline import assert_same_store, store_contents
 FP32 = ["extract.dtype=float32"]
 
 
-@pytest.fixture(scope="module")
-def six_shards(tmp_path_factory) -> str:
-    from pipeline.digits import write_moving_digits
-
-    out = tmp_path_factory.mktemp("six")
-    write_moving_digits(str(out), seed=2, num_train=24, num_val=4, samples_per_shard=4, progress=False)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def clean_six(six_shards, teacher_dir, ray_local, tmp_path_factory) -> str:
-    store = str(tmp_path_factory.mktemp("clean") / "store")
-    extract_targets(tiny_config(*FP32), data=six_shards, teacher_dir=teacher_dir, store=store, progress=False)
-    return store
-
-
 def extract_cli(data: str, teacher: str, store: str, env: dict | None = None) -> list[str]:
     return [sys.executable, "-m", "jobs.extract_targets", "--data", data, "--teacher", teacher, "--store", store,
             "--no-progress", *FAST, *FP32]

@@ -1,0 +1,170 @@
+"""Faults injected: killed workers and runs, full disks, foreign files, hostile inputs, load."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import targets
+from pipeline.extract import extract_targets
+from pipeline.shards import index_shard, list_shards
+from pipeline.stream import ShardedClips
+from pipeline.targets import CorruptStoreError, committed_shards, verify_store
+from salt.train.teacher import load_frozen_teacher
+from tests.conftest import FAST, ROOT, tiny_config
+from tests.test_pipeline import assert_same_store
+from tests.test_store_integrity import extract_cli
+
+
+def pids_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+def wait_for(predicate, timeout_s: float = 120.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigkill_of_the_teacher_actor_mid_job(six_shards, teacher_dir, clean_six, tmp_path):
+    store = tmp_path / "store"
+    proc = subprocess.Popen(extract_cli(six_shards, teacher_dir, str(store)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert wait_for(lambda: pids_mentioning("TeacherForward") and list((store / "targets").glob("*.zarr/shard.json")))
+    victims = pids_mentioning("TeacherForward")
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and victims
+    assert '"shards_extracted_now": 6' in out
+    assert_same_store(clean_six, str(store))
+
+
+def test_sigkill_of_a_student_run_then_resume(store_fp32, digits, tmp_path):
+    """Killed at a random step (after a checkpoint or between two), the resumed run sees every
+    batch once and ends with the loss trajectory of an uninterrupted run."""
+    steps = ["student.optim.steps=6", "student.checkpoint_every=2"]
+
+    def cli(run: Path) -> list[str]:
+        return [sys.executable, "-m", "jobs.student", "--data", digits, "--run", str(run), "--store", store_fp32, "--no-progress", *FAST, *steps]
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(cli(whole), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    metrics = killed / "student" / "metrics.jsonl"
+    proc = subprocess.Popen(cli(killed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run(cli(killed), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    read = lambda run: [json.loads(l) for l in (run / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["batch"] for r in read(killed)] == list(range(6))  # nothing skipped, nothing repeated
+    assert [r["loss"] for r in read(killed)] == [r["loss"] for r in read(whole)]
+
+
+def test_full_disk_during_a_shard_write_leaves_nothing_partial(digits, teacher_dir, ray_local, store_fp32, tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    real = targets._write_shard
+    calls = []
+
+    def disk_full_on_second_shard(folder, shard, *args):
+        calls.append(shard)
+        if len(calls) == 2:
+            (folder / "c").mkdir(exist_ok=True)
+            (folder / "c" / "partial").write_bytes(b"\0" * 100)  # what a half-done write leaves
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(folder, shard, *args)
+
+    monkeypatch.setattr(targets, "_write_shard", disk_full_on_second_shard)
+    with pytest.raises(OSError, match="No space left on device"):
+        extract_targets(tiny_config("extract.dtype=float32"), data=digits, teacher_dir=teacher_dir, store=str(store), progress=False)
+    assert len(committed_shards(store)) == 1
+    assert sorted(p.name for p in (store / "targets").iterdir()) == [f"{committed_shards(store)[0]}.zarr"]
+    monkeypatch.setattr(targets, "_write_shard", real)
+    extract_targets(tiny_config("extract.dtype=float32"), data=digits, teacher_dir=teacher_dir, store=str(store), progress=False)
+    assert_same_store(store_fp32, str(store))
+
+
+def test_store_json_from_another_store_is_caught(store_fp32, digits, teacher_dir, ray_local, tmp_path):
+    other = tmp_path / "other"
+    extract_targets(tiny_config("extract.dtype=float32"), data=digits, teacher_dir=teacher_dir, store=str(other), progress=False)
+    shutil.copy(Path(store_fp32) / "store.json", other / "store.json")
+    problems = verify_store(other)
+    assert len(problems) == 2 and all("was written for store" in p for p in problems)
+    with pytest.raises(CorruptStoreError, match=r"shard shard-000000 was written for store \w+, but store.json is store \w+"):
+        ShardedClips(tiny_config(), list_shards(digits), batch_size=4, store=str(other))
+
+
+def test_pickled_checkpoint_is_refused_and_never_run(teacher_dir, tmp_path):
+    run = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, run)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"encoder.patch_embed.weight": Payload()}, run / "checkpoint.safetensors")
+    with pytest.raises(ValueError, match=r"checkpoint.safetensors is not a safetensors checkpoint .*pickled checkpoints are refused"):
+        load_frozen_teacher(run, tiny_config())
+    assert not marker.exists()
+
+
+def test_hostile_tar_members_are_never_followed(tmp_path):
+    tar_path = tmp_path / "data" / "shard-000000.tar"
+    tar_path.parent.mkdir()
+    with tarfile.open(tar_path, "w") as tar:
+        for name in ("../escape.mp4", "/abs/evil.mp4", "fine.mp4"):
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"abcd"))
+        link = tarfile.TarInfo("link.mp4")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    before = sorted(p.name for p in tmp_path.parent.iterdir())
+    assert list(index_shard(str(tar_path))) == ["fine"]
+    assert sorted(p.name for p in tmp_path.parent.iterdir()) == before
+
+
+def test_four_students_and_a_verify_on_one_store(store_fp32, digits, tmp_path):
+    def digest(root: str) -> str:
+        h = hashlib.sha256()
+        for f in sorted(Path(root).rglob("*")):
+            if f.is_file():
+                h.update(str(f.relative_to(root)).encode() + f.read_bytes())
+        return h.hexdigest()
+
+    before = digest(store_fp32)
+    students = [
+        subprocess.Popen([sys.executable, "-m", "jobs.student", "--data", digits, "--run", str(tmp_path / f"s{i}"), "--store", store_fp32,
+                          "--no-progress", *FAST, "student.optim.steps=2", f"student.seed={i}"],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for i in range(4)
+    ]
+    verify = subprocess.run([sys.executable, "-m", "jobs.inspect_store", store_fp32, "--verify"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    results = [(p.wait(timeout=300), p.stderr.read()[-1000:]) for p in students]
+    assert verify.returncode == 0 and "verify: 0 problem(s)" in verify.stdout
+    assert all(rc == 0 for rc, _ in results), results
+    assert all(json.loads((tmp_path / f"s{i}" / "student" / "checkpoint.json").read_text())["step"] == 2 for i in range(4))
+    assert digest(store_fp32) == before
