@@ -8,7 +8,6 @@ compared with; ratio: value / bound).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import platform
@@ -17,11 +16,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-import av
 import numpy as np
 import torch
 import zarr
 
+from pipeline import fs
+from pipeline.digits import encode_mp4
 from pipeline.extract import extract_targets
 from pipeline.shards import list_shards
 from pipeline.stream import ShardedClips, make_loader
@@ -54,18 +54,7 @@ def real_resolution_video(width: int = 640, height: int = 360, frames: int = 300
     """10 s of 360p H.264 with moving texture: the size of a typical Kinetics clip."""
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
-    buf = io.BytesIO()
-    container = av.open(buf, mode="w", format="mp4")
-    stream = container.add_stream("libx264", rate=fps)
-    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-    for i in range(frames):
-        frame = av.VideoFrame.from_ndarray(np.roll(base, 3 * i, axis=1), format="rgb24")
-        for packet in stream.encode(frame):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
-    return buf.getvalue()
+    return encode_mp4(np.stack([np.roll(base, 3 * i, axis=1) for i in range(frames)]), fps=fps)
 
 
 def timed_rate(fn: Callable[[int], object], count: int) -> float:
@@ -136,7 +125,7 @@ def student_step_speedup(cfg: Config, batch: dict, teacher: torch.nn.Module, ste
 def array_bytes_per_sample(store: str | Path) -> float:
     """Bytes of the Zarr arrays alone (manifests and provenance excluded) per stored sample."""
     target_store = TargetStore(store)
-    arrays = sum(store_bytes(shard_dir(store, s) / "c") for s in target_store.shards)
+    arrays = sum(store_bytes(fs.join(shard_dir(store, s), "c")) for s in target_store.shards)
     rows = sum(len(target_store.manifest(s)) for s in target_store.shards)
     return arrays / rows
 
@@ -145,8 +134,8 @@ def relative_error(reference: str | Path, other: str | Path) -> float:
     """mean |other - reference| / mean |reference| over every stored row."""
     diff = total = 0.0
     for shard in TargetStore(reference).shards:
-        a = zarr.open_array(str(shard_dir(reference, shard)), mode="r")[:].astype(np.float64)
-        b = zarr.open_array(str(shard_dir(other, shard)), mode="r")[:].astype(np.float64)
+        a = zarr.open_array(shard_dir(reference, shard), mode="r")[:].astype(np.float64)
+        b = zarr.open_array(shard_dir(other, shard), mode="r")[:].astype(np.float64)
         diff += np.abs(a - b).sum()
         total += np.abs(a).sum()
     return diff / total

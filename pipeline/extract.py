@@ -24,7 +24,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline.shards import file_sha256, iter_shard, list_shards, shard_name
+from pipeline import fs
+from pipeline.shards import iter_shard, list_shards, shard_name
 from pipeline.targets import (
     ExtractedRow,
     StorageFormat,
@@ -38,7 +39,7 @@ from pipeline.targets import (
 )
 from pipeline.video import VideoDecodeError, decode, augment, clip_hash, decoder_version
 from salt.config import Config, DataConfig, to_dict, from_dict
-from salt.runinfo import git_commit, package_versions, write_run_info
+from salt.runinfo import git_commit, package_versions, run_info_files
 from salt.train.checkpoint import WEIGHTS, read_meta
 from salt.train.loop import autocast
 from salt.train.teacher import load_frozen_teacher
@@ -113,7 +114,7 @@ def provenance(cfg: Config, *, data: str, split: str, teacher_dir: str, shards: 
         "format": "salt-target-store/1",
         "teacher": {
             "checkpoint": str(Path(teacher_dir).resolve() / WEIGHTS),
-            "sha256": file_sha256(str(Path(teacher_dir) / WEIGHTS)),
+            "sha256": fs.sha256(str(Path(teacher_dir) / WEIGHTS)),
             "size": meta["encoder"]["size"],
             "width": meta["encoder"]["width"],
             "step": meta["step"],
@@ -127,7 +128,7 @@ def provenance(cfg: Config, *, data: str, split: str, teacher_dir: str, shards: 
         "source": {
             "data": str(data),
             "split": split,
-            "shards": [{"name": shard_name(s), "path": s, "bytes": os.path.getsize(s), "sha256": file_sha256(s)} for s in shards],
+            "shards": [{"name": shard_name(s), "path": s, "bytes": fs.size(s), "sha256": fs.sha256(s)} for s in shards],
         },
     }
 
@@ -143,26 +144,23 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
-def open_store(store: Path, meta: dict) -> str:
+def open_store(store: str, meta: dict) -> str:
     """Create store.json, or check that an existing store was made by an identical job.
 
     Returns the store's id, which every shard records: a store.json copied from another
     store is then caught by verify and by stage 2."""
-    path = store / "store.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
+    path = fs.join(store, "store.json")
+    if fs.exists(path):
+        old = json.loads(fs.read_bytes(path))
         ignore = ("created", "git_commit", "packages", "store_id")
         diffs = _differences({k: v for k, v in old.items() if k not in ignore}, {k: v for k, v in meta.items() if k not in ignore})
         if diffs:
             raise StoreMismatchError(f"{store} holds targets of another job; refusing to mix:\n  " + "\n  ".join(diffs[:10]))
         return old["store_id"]
-    store.mkdir(parents=True, exist_ok=True)
     store_id = uuid.uuid4().hex
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta = meta | {"store_id": store_id, "created": created, "git_commit": git_commit()}
-    tmp = path.with_name("store.json.tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, path)
+    fs.write_bytes(path, json.dumps(meta, indent=1).encode())
     return store_id
 
 
@@ -186,10 +184,11 @@ def extract_targets(
     from ray.data import ActorPoolStrategy, DataContext
 
     t0 = time.perf_counter()
-    store_path = Path(store)
+    store_path = str(store).rstrip("/")
     shards = list_shards(data, split)
     store_id = open_store(store_path, provenance(cfg, data=data, split=split, teacher_dir=teacher_dir, shards=shards))
-    write_run_info(store_path, cfg, teacher=str(teacher_dir), data=str(data))
+    for name, text in run_info_files(cfg, teacher=str(teacher_dir), data=str(data)).items():
+        fs.write_bytes(fs.join(store_path, name), text.encode())
     remove_partial_shards(store_path)
     done = set(committed_shards(store_path))
     todo = [s for s in shards if shard_name(s) not in done]
@@ -230,12 +229,13 @@ def extract_targets(
         "write_s": write_s,
         "ray_address": ray_address,
     }
-    with (store_path / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps(summary) + "\n")
+    metrics = fs.join(store_path, "metrics.jsonl")  # appended by rewriting: object stores cannot append
+    old = fs.read_bytes(metrics) if fs.exists(metrics) else b""
+    fs.write_bytes(metrics, old + (json.dumps(summary) + "\n").encode())
     return summary
 
 
-def _commit_as_complete(ds, store: Path, fmt: StorageFormat, store_id: str) -> tuple[int, float]:
+def _commit_as_complete(ds, store: str, fmt: StorageFormat, store_id: str) -> tuple[int, float]:
     """Gather rows per shard (exactly once per (key, view)) and commit each shard when whole.
 
     Returns the rows extracted and the seconds spent writing shards."""
@@ -259,7 +259,7 @@ def _commit_as_complete(ds, store: Path, fmt: StorageFormat, store_id: str) -> t
     return forwarded, write_s
 
 
-def _commit(store: Path, shard: str, rows: dict[tuple[str, int], dict], fmt: StorageFormat, store_id: str) -> int:
+def _commit(store: str, shard: str, rows: dict[tuple[str, int], dict], fmt: StorageFormat, store_id: str) -> int:
     ordered = sorted(rows.values(), key=lambda r: int(r["order"]))
     good = [r for r in ordered if r["error"] == ""]
     commit_shard(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tarfile
@@ -11,6 +10,8 @@ from pathlib import Path
 from typing import Iterator
 
 import webdataset as wds
+
+from pipeline import fs
 
 
 @dataclass(frozen=True)
@@ -21,20 +22,21 @@ class ShardSample:
 
 
 def list_shards(data: str, split: str = "train") -> list[str]:
-    """Sorted `*.tar` shards of `data`, or of `data/<split>` where the dataset has splits."""
-    root = Path(data)
-    if (root / split).is_dir():
-        root = root / split
-    if not root.is_dir():
+    """Sorted `*.tar` shards of `data`, or of `data/<split>` where the dataset has splits.
+    `data` is a path or an fsspec URL; the shards come back in the same form."""
+    root = str(data).rstrip("/")
+    if fs.isdir(fs.join(root, split)):
+        root = fs.join(root, split)
+    if not fs.isdir(root):
         raise FileNotFoundError(f"DATA={data!r}: no such folder of shards (run `make data` first?)")
-    shards = sorted(str(p) for p in root.glob("*.tar"))
+    shards = fs.glob(fs.join(root, "*.tar"))
     if not shards:
         raise FileNotFoundError(f"DATA={data!r}: no *.tar shards in {root}")
     return shards
 
 
 def shard_name(path: str) -> str:
-    return os.path.basename(path).removesuffix(".tar")
+    return str(path).rstrip("/").rsplit("/", 1)[-1].removesuffix(".tar")
 
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
@@ -54,7 +56,7 @@ def index_shard(path: str) -> dict[str, dict[str, Member]]:
     (tars come from strangers; nothing here extracts them, and nothing should start to).
     """
     index: dict[str, dict[str, Member]] = {}
-    with tarfile.open(path, "r:") as tar:
+    with fs.open_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for info in tar:
             if not info.isreg() or info.name.startswith("/") or ".." in info.name.split("/"):
                 continue
@@ -68,7 +70,7 @@ def index_shard(path: str) -> dict[str, dict[str, Member]]:
 
 
 def read_member(path: str, member: Member) -> bytes:
-    with open(path, "rb") as f:
+    with fs.open_file(path) as f:
         f.seek(member.offset)
         return f.read(member.size)
 
@@ -94,11 +96,3 @@ def write_shard(path: Path, samples: list[dict]) -> int:
             sink.write(sample)
     os.replace(tmp, path)
     return path.stat().st_size
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -16,8 +16,6 @@ reader (or a resumed job) sees either all of a shard or nothing of it.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from pipeline.shards import file_sha256
+from pipeline import fs
 from salt.config import Config, to_dict
 
 MANIFEST_SCHEMA = pa.schema(
@@ -107,23 +105,25 @@ class ExtractedRow:
     latents: np.ndarray  # [tokens, width]
 
 
-def shard_dir(store: str | Path, shard: str) -> Path:
-    return Path(store) / "targets" / f"{shard}.zarr"
+def shard_dir(store: str, shard: str) -> str:
+    return fs.join(str(store), "targets", f"{shard}.zarr")
 
 
-def committed_shards(store: str | Path) -> list[str]:
-    root = Path(store) / "targets"
-    if not root.is_dir():
-        return []
-    return sorted(p.name.removesuffix(".zarr") for p in root.glob("*.zarr") if (p / "shard.json").is_file())
+def committed_shards(store: str) -> list[str]:
+    """Shards whose marker (shard.json, written last) exists."""
+    markers = fs.glob(fs.join(str(store), "targets", "*.zarr", "shard.json"))
+    return sorted(m.rstrip("/").split("/")[-2].removesuffix(".zarr") for m in markers)
 
 
-def remove_partial_shards(store: str | Path) -> int:
-    """Temporary shard folders left by a killed job; nothing refers to them."""
-    root = Path(store) / "targets"
-    stale = list(root.glob(".*.tmp-*")) if root.is_dir() else []
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
+def remove_partial_shards(store: str) -> int:
+    """Temporary folders, and shard folders without their marker, left by a killed job."""
+    targets = fs.join(str(store), "targets")
+    committed = {shard_dir(store, s).rstrip("/").split("/")[-1] for s in committed_shards(store)}
+    stale = fs.glob(fs.join(targets, ".*.tmp-*")) + [
+        d for d in fs.glob(fs.join(targets, "*.zarr")) if d.rstrip("/").split("/")[-1] not in committed
+    ]
+    for d in stale:
+        fs.remove(d)
     return len(stale)
 
 
@@ -139,24 +139,38 @@ def commit_shard(
     *,
     fmt: StorageFormat,
     store_id: str,
-) -> Path:
-    """Write one shard whole under a temporary name, then rename it into place."""
+) -> str:
+    """Write one shard whole under a temporary name, move it into place, then write its
+    marker (shard.json). On a local disk the move is a rename; on an object store it is a
+    copy, which is why the marker comes last and readers go by the marker."""
     final = shard_dir(store, shard)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    tmp = fs.join(str(store), "targets", f".{shard}.zarr.tmp-{uuid.uuid4().hex[:8]}")
     try:
+        fs.makedirs(tmp)  # zarr's fsspec store writes files, it does not make folders
         _write_shard(tmp, shard, rows, errors, fmt)
-        files = {str(f.relative_to(tmp)): file_sha256(str(f)) for f in sorted(tmp.rglob("*")) if f.is_file()}
+        files = {name: fs.sha256(fs.join(tmp, name)) for name in fs.files_under(tmp)}
+        fs.move(tmp, final)
         meta = {"shard": shard, "store_id": store_id, "rows": len(rows), "errors": len(errors), "storage": fmt.describe(), "sha256": files}
-        (tmp / "shard.json").write_text(json.dumps(meta, indent=1))
-        os.rename(tmp, final)
+        fs.write_bytes(fs.join(final, "shard.json"), json.dumps(meta, indent=1).encode())
     except BaseException:  # a full disk or a failed write: nothing half-written stays behind
-        shutil.rmtree(tmp, ignore_errors=True)
+        fs.remove(tmp)
+        if not fs.exists(fs.join(final, "shard.json")):
+            fs.remove(final)
         raise
     return final
 
 
-def _write_shard(folder: Path, shard: str, rows: list[ExtractedRow], errors: list[tuple[str, int, str]], fmt: StorageFormat) -> None:
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def read_parquet(location: str) -> pa.Table:
+    return pq.read_table(pa.BufferReader(fs.read_bytes(location)))
+
+
+def _write_shard(folder: str, shard: str, rows: list[ExtractedRow], errors: list[tuple[str, int, str]], fmt: StorageFormat) -> None:
     """The array, then the manifest and errors tables.
 
     The array is read back once: the manifest's per-row checksums are of what a reader
@@ -167,7 +181,7 @@ def _write_shard(folder: Path, shard: str, rows: list[ExtractedRow], errors: lis
     if rows:
         tokens, width = rows[0].latents.shape
         array = zarr.create_array(
-            store=str(folder),
+            store=fs.for_zarr(folder),
             shape=(len(rows), tokens, width),
             chunks=(1, tokens, width),  # one sample per read, the student's access pattern
             shards=(len(rows), tokens, width),  # one file per source shard
@@ -175,7 +189,7 @@ def _write_shard(folder: Path, shard: str, rows: list[ExtractedRow], errors: lis
             **fmt.zarr_codecs(),
         )
         array[:] = np.stack([r.latents for r in rows]).astype(fmt.dtype)
-        checksums = [row_crc32(r) for r in zarr.open_array(str(folder), mode="r")[:]]
+        checksums = [row_crc32(r) for r in zarr.open_array(fs.for_zarr(folder), mode="r")[:]]
     manifest = {
         "key": [r.key for r in rows],
         "view": [r.view for r in rows],
@@ -187,24 +201,24 @@ def _write_shard(folder: Path, shard: str, rows: list[ExtractedRow], errors: lis
         "flip": [r.flip for r in rows],
         "crc32": checksums,
     }
-    pq.write_table(pa.table(manifest, schema=MANIFEST_SCHEMA), folder / "manifest.parquet")
+    fs.write_bytes(fs.join(folder, "manifest.parquet"), parquet_bytes(pa.table(manifest, schema=MANIFEST_SCHEMA)))
     error_table = {
         "key": [e[0] for e in errors],
         "view": [e[1] for e in errors],
         "shard": [shard] * len(errors),
         "reason": [e[2] for e in errors],
     }
-    pq.write_table(pa.table(error_table, schema=ERRORS_SCHEMA), folder / "errors.parquet")
+    fs.write_bytes(fs.join(folder, "errors.parquet"), parquet_bytes(pa.table(error_table, schema=ERRORS_SCHEMA)))
 
 
 def read_tables(store: str | Path) -> tuple[pa.Table, pa.Table]:
     """The committed shards' manifests and errors, concatenated in shard order."""
     shards = committed_shards(store)
     manifest = pa.concat_tables(
-        [pq.read_table(shard_dir(store, s) / "manifest.parquet") for s in shards] or [MANIFEST_SCHEMA.empty_table()]
+        [read_parquet(fs.join(shard_dir(store, s), "manifest.parquet")) for s in shards] or [MANIFEST_SCHEMA.empty_table()]
     )
     errors = pa.concat_tables(
-        [pq.read_table(shard_dir(store, s) / "errors.parquet") for s in shards] or [ERRORS_SCHEMA.empty_table()]
+        [read_parquet(fs.join(shard_dir(store, s), "errors.parquet")) for s in shards] or [ERRORS_SCHEMA.empty_table()]
     )
     return manifest, errors
 
@@ -212,8 +226,8 @@ def read_tables(store: str | Path) -> tuple[pa.Table, pa.Table]:
 def rebuild_tables(store: str | Path) -> tuple[pa.Table, pa.Table]:
     """Write the store-level manifest and errors tables (derived from the shards, so safe to redo)."""
     manifest, errors = read_tables(store)
-    pq.write_table(manifest, Path(store) / "manifest.parquet")
-    pq.write_table(errors, Path(store) / "errors.parquet")
+    fs.write_bytes(fs.join(str(store), "manifest.parquet"), parquet_bytes(manifest))
+    fs.write_bytes(fs.join(str(store), "errors.parquet"), parquet_bytes(errors))
     return manifest, errors
 
 
@@ -252,11 +266,11 @@ class TargetStore:
     """Read side of a store. Zarr arrays are opened lazily, once per process."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        meta_file = self.path / "store.json"
-        if not meta_file.is_file():
+        self.path = str(path)
+        meta_file = fs.join(self.path, "store.json")
+        if not fs.exists(meta_file):
             raise FileNotFoundError(f"{self.path} is not a target store: no store.json (run `make extract-targets`)")
-        self.meta = json.loads(meta_file.read_text())
+        self.meta = json.loads(fs.read_bytes(meta_file))
         self.shards = committed_shards(self.path)
         self._arrays: dict[str, zarr.Array] = {}
 
@@ -266,7 +280,7 @@ class TargetStore:
 
     def check_identity(self, shard: str) -> None:
         """A shard written for another store (or a store.json copied from one) is refused."""
-        written_for = json.loads((shard_dir(self.path, shard) / "shard.json").read_text()).get("store_id")
+        written_for = json.loads(fs.read_bytes(fs.join(shard_dir(self.path, shard), "shard.json"))).get("store_id")
         if written_for != self.meta.get("store_id"):
             raise CorruptStoreError(
                 f"target store {self.path}: shard {shard} was written for store {written_for}, "
@@ -274,12 +288,12 @@ class TargetStore:
             )
 
     def manifest(self, shard: str) -> dict[tuple[str, int], dict]:
-        table = pq.read_table(shard_dir(self.path, shard) / "manifest.parquet")
+        table = read_parquet(fs.join(shard_dir(self.path, shard), "manifest.parquet"))
         return {(r["key"], r["view"]): r for r in table.to_pylist()}
 
     def latents(self, shard: str, row: int) -> np.ndarray:
         if shard not in self._arrays:
-            self._arrays[shard] = zarr.open_array(str(shard_dir(self.path, shard)), mode="r")
+            self._arrays[shard] = zarr.open_array(fs.for_zarr(shard_dir(self.path, shard)), mode="r")
         return self._arrays[shard][row]
 
 
@@ -294,7 +308,7 @@ def check_row(row: np.ndarray, entry: dict, store: str | Path) -> None:
 
 def verify_store(path: str | Path) -> list[str]:
     """Re-read every file and every row; one line per problem, naming the shard and key."""
-    path = Path(path)
+    path = str(path)
     problems: list[str] = []
     try:
         store = TargetStore(path)
@@ -309,12 +323,12 @@ def verify_store(path: str | Path) -> list[str]:
         except CorruptStoreError as e:
             problems.append(f"shard {shard}: {e}")
         folder = shard_dir(path, shard)
-        recorded = json.loads((folder / "shard.json").read_text())["sha256"]
+        recorded = json.loads(fs.read_bytes(fs.join(folder, "shard.json")))["sha256"]
         for name, digest in recorded.items():
-            f = folder / name
-            if not f.is_file():
+            f = fs.join(folder, name)
+            if not fs.exists(f):
                 problems.append(f"shard {shard}: file {name} is missing")
-            elif file_sha256(str(f)) != digest:
+            elif fs.sha256(f) != digest:
                 problems.append(f"shard {shard}: file {name} changed since extraction")
         try:
             entries = store.manifest(shard)
@@ -329,8 +343,8 @@ def verify_store(path: str | Path) -> list[str]:
     return problems
 
 
-def store_bytes(path: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+def store_bytes(path: str) -> int:
+    return fs.total_bytes(str(path))
 
 
 def summarize(path: str | Path) -> dict:

@@ -36,9 +36,14 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def run_info_files(cfg: Config, **extra: str) -> dict[str, str]:
+    """File name -> text: the resolved config and the code version that uses it."""
+    info = {"git_commit": git_commit(), "packages": package_versions(), **extra}
+    return {"config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False), "run_info.yaml": yaml.safe_dump(info, sort_keys=False)}
+
+
 def write_run_info(out_dir: str | Path, cfg: Config, **extra: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    info = {"git_commit": git_commit(), "packages": package_versions(), **extra}
-    (out / "run_info.yaml").write_text(yaml.safe_dump(info, sort_keys=False))
+    for name, text in run_info_files(cfg, **extra).items():
+        (out / name).write_text(text)

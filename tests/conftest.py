@@ -70,13 +70,16 @@ def teacher_dir(digits, tmp_path_factory) -> str:
     return str(out)
 
 
-@pytest.fixture(scope="session")
-def store_fp32(digits, teacher_dir, ray_local, tmp_path_factory) -> str:
+def extract_fp32(data: str, teacher_dir: str, store: str) -> str:
     from pipeline.extract import extract_targets
 
-    store = str(tmp_path_factory.mktemp("stores") / "fp32")
-    extract_targets(tiny_config("extract.dtype=float32"), data=digits, teacher_dir=teacher_dir, store=store, progress=False)
+    extract_targets(tiny_config("extract.dtype=float32"), data=data, teacher_dir=teacher_dir, store=store, progress=False)
     return store
+
+
+@pytest.fixture(scope="session")
+def store_fp32(digits, teacher_dir, ray_local, tmp_path_factory) -> str:
+    return extract_fp32(digits, teacher_dir, str(tmp_path_factory.mktemp("stores") / "fp32"))
 
 
 @pytest.fixture(scope="session")
@@ -90,8 +93,4 @@ def six_shards(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def clean_six(six_shards, teacher_dir, ray_local, tmp_path_factory) -> str:
-    from pipeline.extract import extract_targets
-
-    store = str(tmp_path_factory.mktemp("clean") / "store")
-    extract_targets(tiny_config("extract.dtype=float32"), data=six_shards, teacher_dir=teacher_dir, store=store, progress=False)
-    return store
+    return extract_fp32(six_shards, teacher_dir, str(tmp_path_factory.mktemp("clean") / "store"))

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.bounded import bounded_map
+from pipeline.digits import encode_mp4
 from pipeline.extract import extract_targets
 from pipeline.ingest import build_shards
 from pipeline.shards import iter_shard, list_shards, write_shard
@@ -22,19 +23,10 @@ from tests.conftest import tiny_config
 
 
 def encode(path: Path, *, width: int, height: int, frames: int, fps: int) -> bytes:
-    container = av.open(str(path), mode="w", format="mp4")
-    stream = container.add_stream("libx264", rate=fps)
-    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-    rng = np.random.default_rng(width * frames)
-    base = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
-    for i in range(frames):
-        frame = av.VideoFrame.from_ndarray(np.roll(base, i, axis=1), format="rgb24")
-        for packet in stream.encode(frame):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
-    return path.read_bytes()
+    base = np.random.default_rng(width * frames).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    video = encode_mp4(np.stack([np.roll(base, i, axis=1) for i in range(frames)]), fps=fps)
+    path.write_bytes(video)
+    return video
 
 
 def audio_only(path: Path) -> None:

@@ -25,8 +25,8 @@ from tests.conftest import tiny_config
 def store_contents(store: str) -> dict:
     out = {}
     for shard in committed_shards(store):
-        manifest = pq.read_table(shard_dir(store, shard) / "manifest.parquet").to_pylist()
-        array = zarr.open_array(str(shard_dir(store, shard)), mode="r")[:]
+        manifest = pq.read_table(Path(shard_dir(store, shard)) / "manifest.parquet").to_pylist()
+        array = zarr.open_array(str(Path(shard_dir(store, shard))), mode="r")[:]
         out[shard] = (manifest, array)
     return out
 
@@ -68,7 +68,7 @@ def test_rerun_skips_committed_shards_and_resumes_missing_ones(store_fp32, digit
     # a job killed after one shard: one committed shard plus a half-written temporary folder
     partial = tmp_path / "partial"
     shutil.copytree(store_fp32, partial)
-    shutil.rmtree(shard_dir(partial, "shard-000001"))
+    shutil.rmtree(Path(shard_dir(partial, "shard-000001")))
     (partial / "targets" / ".shard-000001.zarr.tmp-deadbeef").mkdir()
     summary = extract_targets(cfg, data=digits, teacher_dir=teacher_dir, store=str(partial), progress=False)
     assert summary["shards_extracted_now"] == 1 and summary["teacher_forward_samples"] == 8
@@ -106,8 +106,8 @@ def test_student_trains_with_the_teacher_checkpoint_deleted(digits, teacher_dir,
     lines = [json.loads(l) for l in (tmp_path / "run" / "student" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2, 3, 4]
     # the default fp16 store holds half the bytes of fp32 for the same latents, within fp16 rounding
-    f16 = zarr.open_array(str(shard_dir(store, "shard-000000")), mode="r")[:]
-    f32 = zarr.open_array(str(shard_dir(store_fp32, "shard-000000")), mode="r")[:]
+    f16 = zarr.open_array(str(Path(shard_dir(store, "shard-000000"))), mode="r")[:]
+    f32 = zarr.open_array(str(Path(shard_dir(store_fp32, "shard-000000"))), mode="r")[:]
     assert f16.dtype == np.float16 and np.allclose(f16.astype(np.float32), f32, rtol=1e-3, atol=1e-3)
 
 
@@ -129,7 +129,7 @@ def test_student_refuses_a_store_for_other_clips(store_fp32):
 def test_clip_hash_mismatch_stops_stage_2(store_fp32, digits, tmp_path):
     tampered = tmp_path / "tampered"
     shutil.copytree(store_fp32, tampered)
-    path = shard_dir(tampered, "shard-000000") / "manifest.parquet"
+    path = Path(shard_dir(tampered, "shard-000000")) / "manifest.parquet"
     table = pq.read_table(path).to_pylist()
     for row in table:
         row["clip_hash"] = "0" * 64

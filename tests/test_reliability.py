@@ -91,8 +91,8 @@ def test_full_disk_during_a_shard_write_leaves_nothing_partial(digits, teacher_d
     def disk_full_on_second_shard(folder, shard, *args):
         calls.append(shard)
         if len(calls) == 2:
-            (folder / "c").mkdir(exist_ok=True)
-            (folder / "c" / "partial").write_bytes(b"\0" * 100)  # what a half-done write leaves
+            (Path(folder) / "c").mkdir(parents=True, exist_ok=True)
+            (Path(folder) / "c" / "partial").write_bytes(b"\0" * 100)  # what a half-done write leaves
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(folder, shard, *args)
 

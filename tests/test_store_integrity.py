@@ -108,7 +108,7 @@ def test_lossy_formats_are_smaller_and_close(store_fp32, digits, teacher_dir, tm
     for shard in exact:
         a, b = exact[shard][1], lossy[shard][1].astype(np.float32)
         assert np.abs(a - b).mean() / np.abs(a).mean() < 0.01
-    chunk_bytes = lambda s: sum(f.stat().st_size for sh in TargetStore(s).shards for f in (shard_dir(s, sh) / "c").rglob("*") if f.is_file())
+    chunk_bytes = lambda s: sum(f.stat().st_size for sh in TargetStore(s).shards for f in (Path(shard_dir(s, sh)) / "c").rglob("*") if f.is_file())
     assert chunk_bytes(store) < 0.5 * chunk_bytes(store_fp32) * 0.8
     with pytest.raises(ValueError, match=r"extract.keepbits=12: expected 0 \(off\) to 9 for float16"):
         extract_targets(tiny_config("extract.keepbits=12"), data=digits, teacher_dir=teacher_dir, store=str(tmp_path / "x"), progress=False)
@@ -122,7 +122,7 @@ def damaged_copy(store: str, tmp_path: Path) -> Path:
 
 def test_flipped_byte_is_found_by_verify_and_stops_stage_2(store_fp32, digits, tmp_path, capsys):
     copy = damaged_copy(store_fp32, tmp_path)
-    data_file = shard_dir(copy, "shard-000001") / "c" / "0" / "0" / "0"
+    data_file = Path(shard_dir(copy, "shard-000001")) / "c" / "0" / "0" / "0"
     blob = bytearray(data_file.read_bytes())
     row_bytes = 512 * 96 * 4
     blob[3 * row_bytes + 1001] ^= 0xFF  # inside row 3's chunk
@@ -141,9 +141,9 @@ def test_flipped_byte_is_found_by_verify_and_stops_stage_2(store_fp32, digits, t
 
 def test_truncated_manifest_missing_shard_and_foreign_store_json(store_fp32, tmp_path):
     copy = damaged_copy(store_fp32, tmp_path)
-    manifest = shard_dir(copy, "shard-000000") / "manifest.parquet"
+    manifest = Path(shard_dir(copy, "shard-000000")) / "manifest.parquet"
     manifest.write_bytes(manifest.read_bytes()[:100])
-    shutil.rmtree(shard_dir(copy, "shard-000001"))
+    shutil.rmtree(Path(shard_dir(copy, "shard-000001")))
     problems = verify_store(copy)
     assert "shard shard-000000: file manifest.parquet changed since extraction" in problems
     assert any(p.startswith("shard shard-000000: manifest.parquet unreadable") for p in problems)

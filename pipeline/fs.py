@@ -1,0 +1,115 @@
+"""Paths or URLs: local paths, `file://`, `s3://`, `gs://`, `memory://`, through fsspec.
+
+A location keeps the form it was given in (a local path stays a path, a URL keeps its
+protocol), so what is written to manifests and store.json is what the user typed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+
+import fsspec
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+
+def resolve(location: str) -> tuple[AbstractFileSystem, str]:
+    return fsspec.core.url_to_fs(str(location))
+
+
+def join(location: str, *parts: str) -> str:
+    return "/".join([str(location).rstrip("/"), *parts])
+
+
+def _as_given(fs: AbstractFileSystem, original: str, path: str) -> str:
+    return fs.unstrip_protocol(path) if "://" in str(original) else path
+
+
+def glob(pattern: str) -> list[str]:
+    fs, path = resolve(pattern)
+    return sorted(_as_given(fs, pattern, p) for p in fs.glob(path))
+
+
+def exists(location: str) -> bool:
+    fs, path = resolve(location)
+    return fs.exists(path)
+
+
+def isdir(location: str) -> bool:
+    fs, path = resolve(location)
+    return fs.isdir(path)
+
+
+def read_bytes(location: str) -> bytes:
+    fs, path = resolve(location)
+    return fs.cat_file(path)
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    """Whole-file write; on a local disk through a temporary name, so readers see old or new."""
+    fs, path = resolve(location)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def open_file(location: str, mode: str = "rb"):
+    fs, path = resolve(location)
+    return fs.open(path, mode)
+
+
+def size(location: str) -> int:
+    fs, path = resolve(location)
+    return int(fs.size(path))
+
+
+def total_bytes(location: str) -> int:
+    fs, path = resolve(location)
+    return int(fs.du(path, total=True)) if fs.exists(path) else 0
+
+
+def sha256(location: str) -> str:
+    h = hashlib.sha256()
+    with open_file(location) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def files_under(location: str) -> list[str]:
+    """Relative names of every file below a folder."""
+    fs, path = resolve(location)
+    root = path.rstrip("/") + "/"
+    return sorted(p[len(root) :] for p in fs.find(path))
+
+
+def move(src: str, dst: str) -> None:
+    """A rename on a local disk (atomic); copy-then-delete on object stores."""
+    fs, a = resolve(src)
+    _, b = resolve(dst)
+    fs.mv(a, b, recursive=True)
+
+
+def for_zarr(location: str) -> str:
+    """zarr's own LocalStore for local paths and file:// URLs: its fsspec store does not
+    create the nested chunk folders on a local disk."""
+    fs, path = resolve(location)
+    return path if isinstance(fs, LocalFileSystem) else str(location)
+
+
+def makedirs(location: str) -> None:
+    fs, path = resolve(location)
+    fs.makedirs(path, exist_ok=True)
+
+
+def remove(location: str) -> None:
+    fs, path = resolve(location)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
