@@ -219,13 +219,14 @@ def student_rows(cfg, data: str, stores: dict[str, str], teacher, work: Path) ->
 
 
 def write_report(rows: list[dict], out: Path, wall_s: float) -> None:
+    commit = git_commit()  # before writing: the report files themselves would mark the tree dirty
     (out / "benchmarks.json").write_text(json.dumps(rows, indent=1) + "\n")
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.processor())
     lines = [
         "# Benchmarks",
         "",
         f"Produced by `{COMMAND}` (all figures from one run, {wall_s:.0f} s) on "
-        f"{datetime.now(timezone.utc).date()}, commit `{git_commit()}`.",
+        f"{datetime.now(timezone.utc).date()}, commit `{commit}`.",
         f"Machine: {os.cpu_count()} cores ({cpu}), {torch.__version__}, "
         f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}.",
         "Each figure is a ratio of two measurements taken side by side in that run.",
