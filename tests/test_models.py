@@ -3,7 +3,7 @@ import torch
 
 from salt.models.attention import resolve_backend
 from salt.models.predictor import Predictor
-from salt.models.vit import VIT_SIZES, Rope3d, VideoViT
+from salt.models.vit import Rope3d, VideoViT
 
 
 def test_encoder_sizes_match_method_md():

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 
 from jobs import inspect_store
 from pipeline.extract import extract_targets
