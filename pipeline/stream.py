@@ -78,8 +78,16 @@ class ShardedClips(IterableDataset):
                 f"{self.samples_per_epoch} samples per rank cannot fill one batch of {batch_size}: lower the batch size"
             )
         self._store: TargetStore | None = None
+        self._order: list[tuple[int, str]] = []
+        self._order_epoch = -1
 
     def epoch_samples(self, epoch: int) -> list[tuple[int, str]]:
+        # every batch of an epoch needs this list: build it once per epoch, not once per batch
+        if self._order_epoch != epoch:
+            self._order, self._order_epoch = self._epoch_order(epoch), epoch
+        return self._order
+
+    def _epoch_order(self, epoch: int) -> list[tuple[int, str]]:
         rng = sample_rng(self.cfg.data.seed, "", epoch, "epoch-order")
         order: list[tuple[int, str]] = []
         for s in rng.permutation(len(self.shards)):
