@@ -26,6 +26,7 @@ import torch
 
 from pipeline import fs
 from pipeline.shards import iter_shard, list_shards, shard_name
+from pipeline.stream import grid_of
 from pipeline.targets import (
     ExtractedRow,
     StorageFormat,
@@ -105,8 +106,6 @@ class TeacherForward:
 
 def provenance(cfg: Config, *, data: str, split: str, teacher_dir: str, shards: list[str]) -> dict:
     meta = read_meta(teacher_dir)
-    from pipeline.stream import grid_of
-
     grid = grid_of(cfg)
     compat = compatibility(cfg)
     compat["geometry"] |= {"grid": list(grid), "num_tokens": int(np.prod(grid))}

@@ -58,10 +58,11 @@ class ShardedClips(IterableDataset):
         self.grid = grid_of(cfg)
         self.indexes = [index_shard(s) for s in shards]
         if store is None:
+            self._store: TargetStore | None = None
             self.views_per_clip = 0
             self.keys = [sorted(k for k, m in idx.items() if video_member(m)) for idx in self.indexes]
         else:
-            target_store = TargetStore(store)
+            target_store = self._store = TargetStore(store)
             self.views_per_clip = int(target_store.meta["views_per_clip"])
             self.manifests = [target_store.manifest(shard_name(s)) if shard_name(s) in target_store.shards else {} for s in shards]
             missing = [shard_name(s) for s in shards if shard_name(s) not in target_store.shards]
@@ -77,7 +78,6 @@ class ShardedClips(IterableDataset):
             raise ValueError(
                 f"{self.samples_per_epoch} samples per rank cannot fill one batch of {batch_size}: lower the batch size"
             )
-        self._store: TargetStore | None = None
         self._order: list[tuple[int, str]] = []
         self._order_epoch = -1
 
@@ -119,8 +119,6 @@ class ShardedClips(IterableDataset):
                     f"teacher saw {row['clip_hash'][:16]}..., this decode gives {digest[:16]}... "
                     f"(different decoder build, edited video, or the wrong shard)"
                 )
-            if self._store is None:
-                self._store = TargetStore(self.store_path)
             stored = self._store.latents(row["shard"], row["row"])
             check_row(stored, row, self.store_path)
             sample["targets"] = torch.from_numpy(stored.astype(np.float32))

@@ -118,7 +118,7 @@ def committed_shards(store: str) -> list[str]:
 def remove_partial_shards(store: str) -> int:
     """Temporary folders, and shard folders without their marker, left by a killed job."""
     targets = fs.join(str(store), "targets")
-    committed = {shard_dir(store, s).rstrip("/").split("/")[-1] for s in committed_shards(store)}
+    committed = {f"{s}.zarr" for s in committed_shards(store)}
     stale = fs.glob(fs.join(targets, ".*.tmp-*")) + [
         d for d in fs.glob(fs.join(targets, "*.zarr")) if d.rstrip("/").split("/")[-1] not in committed
     ]
