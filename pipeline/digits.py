@@ -38,7 +38,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Static float [size, size, 3] texture in 0..1: a few random low-frequency plane waves per channel."""
     yy, xx = np.mgrid[:size, :size] / size
     base = rng.uniform(0.15, 0.45, size=3)
-    freqs = rng.uniform(-3.0, 3.0, size=(3, 4, 2))  # cycles per frame width
+    freqs = rng.uniform(-1.0, 1.0, size=(3, 4, 2))  # cycles per frame width; finer texture competes with the digit at the mask-block scale
     phases = rng.uniform(0, 2 * np.pi, size=(3, 4))
     waves = np.sin(2 * np.pi * (freqs[..., 0, None, None] * yy + freqs[..., 1, None, None] * xx)
                    + phases[..., None, None])

@@ -29,6 +29,9 @@ class DataConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     num_workers: int = 1
     decode_threads: int = 1
+    # Samples pass through a seeded buffer of this many before batching, so a batch mixes
+    # shards; 0 or 1 keeps the shard-by-shard order. The order stays a function of (seed, epoch).
+    shuffle_buffer: int = 256
 
 
 @dataclass(kw_only=True)
@@ -85,6 +88,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     bf16: bool = True  # autocast on CUDA only; CPU runs in fp32
     torch_threads: int = 0  # 0: torch's default (all cores); measured faster here than leaving a core to the loader
+    log_samples: bool = False  # write samples.rank<r>.jsonl: the (key, view) of every sample each rank trained on
 
 
 @dataclass(kw_only=True)
@@ -101,6 +105,21 @@ class ExtractConfig:
 
 
 @dataclass(kw_only=True)
+class ProbeConfig:
+    """Attentive probe over frozen encoder tokens (METHOD.md, "Evaluation")."""
+
+    depth: int = 4  # blocks; the last one is the cross-attention from one learned query
+    heads: int = 0  # 0: the encoder's head count
+    epochs: int = 20
+    batch_size: int = 16
+    lrs: list[float] = field(default_factory=lambda: [1e-3])  # heads of the grid: every (lr, wd) pair
+    wds: list[float] = field(default_factory=lambda: [0.01])
+    warmup_epochs: int = 0
+    eval_views: int = 1  # > 1: the multi-view protocol, softmax averaged over views of each val video
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -108,6 +127,7 @@ class Config:
     teacher: TrainConfig = field(default_factory=TrainConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     student: TrainConfig = field(default_factory=lambda: TrainConfig(optim=OptimConfig(steps=200_000)))
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 class ConfigError(ValueError):
@@ -141,6 +161,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
