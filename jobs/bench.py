@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         work = Path(tmp)
         teacher_cfg = load_config(bench.CONFIG, ["teacher.optim.steps=2", "data.num_workers=0"])
         shards = list_shards(args.data)
-        train_teacher(teacher_cfg, work / "teacher", lambda start: ShardedClips(teacher_cfg, shards, batch_size=4, start_batch=start), progress=False)
+        train_teacher(teacher_cfg, work / "teacher", lambda state: ShardedClips(teacher_cfg, shards, batch_size=4).at(state), progress=False)
         init_ray()
         extract, made = bench.extraction_rows(cfg, args.data, str(work / "teacher"), work)
         rows += extract + bench.student_rows(cfg, args.data, made["stores"], made["teacher"], work)

@@ -24,14 +24,15 @@ from pipeline import fs
 from pipeline.digits import encode_mp4
 from pipeline.extract import extract_targets
 from pipeline.shards import list_shards
-from pipeline.stream import ShardedClips, make_loader
+from pipeline.runs import run_student
+from pipeline.stream import ShardedClips
 from pipeline.targets import TargetStore, shard_dir, store_bytes
 from pipeline.video import augment, clip_hash, decode
 from salt.config import Config, DataConfig, load_config
 from salt.flops import forward_flops, train_flops
 from salt.runinfo import git_commit
 from salt.train.loop import train_step
-from salt.train.student import build_student_state, cached_targets, online_targets, train_student
+from salt.train.student import build_student_state, cached_targets, online_targets
 from salt.train.teacher import load_frozen_teacher
 
 COMMAND = "make bench"
@@ -195,13 +196,7 @@ def extraction_rows(cfg, data: str, teacher_dir: str, work: Path) -> tuple[list[
 
 def short_student(data: str, store: str, out: Path, steps: int = 40) -> dict:
     run_cfg = load_config(CONFIG, [f"student.optim.steps={steps}", "data.num_workers=1"])
-    target_store = TargetStore(store)
-    return train_student(
-        run_cfg, out, lambda start: make_loader(
-            ShardedClips(run_cfg, list_shards(data), batch_size=run_cfg.student.optim.batch_size, start_batch=start, store=store), 1
-        ),
-        teacher_width=target_store.teacher_width, store_meta=target_store.meta, progress=False,
-    )
+    return run_student(run_cfg, data, store, out, progress=False)
 
 
 def student_rows(cfg, data: str, stores: dict[str, str], teacher, work: Path) -> list[dict]:

@@ -1,11 +1,15 @@
 """Training loaders for both stages: shards -> batches of clips, masks (and cached targets).
 
 Order. Each epoch visits the shards in a seeded order and each shard's samples in a
-seeded order; rank r takes every world-th sample of that list, and batches are cut
-from what it took. Batch g goes to loader worker g % num_workers, which is the order in
+seeded order, then passes them through a seeded shuffle buffer (`data.shuffle_buffer`)
+so batches mix shards; rank r takes every world-th sample of that list, and batches
+are cut from what it took. Per epoch, fewer than one global batch of samples is left
+out (each rank drops its last partial batch); the order, so the left-out samples,
+changes every epoch. Batch g goes to loader worker g % num_workers, which is the order in
 which torch's DataLoader collects them, so the batch sequence is the same for any
 number of workers, and resuming at batch g (the checkpointed position) replays
-exactly the batches an uninterrupted run would have produced.
+exactly the batches an uninterrupted run would have produced. Every batch carries
+`loader_state`, the position after it: checkpoints save it, `load_state_dict` resumes.
 
 Views. Stage 1 uses view = epoch, a fresh crop per pass. Stage 2 cycles through the
 views the store holds, view = epoch % views_per_clip, and reads the matching row.
@@ -29,6 +33,29 @@ from salt.models.vit import token_grid
 
 class ClipHashMismatch(RuntimeError):
     pass
+
+
+class LoaderStateMismatch(ValueError):
+    pass
+
+
+def buffer_shuffle(items: list, size: int, rng: np.random.Generator) -> list:
+    """A streaming shuffle buffer: each item leaves at a random time within `size` of arriving.
+
+    Computed on (shard, key) pairs, not on decoded clips, so it costs nothing and the
+    order is a pure function of the rng, which is what makes resume exact.
+    """
+    if size <= 1:
+        return list(items)
+    buffer, out = [], []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= size:
+            j = int(rng.integers(len(buffer)))
+            buffer[j], buffer[-1] = buffer[-1], buffer[j]
+            out.append(buffer.pop())
+    out.extend(buffer[i] for i in rng.permutation(len(buffer)))
+    return out
 
 
 def grid_of(cfg: Config) -> tuple[int, int, int]:
@@ -93,7 +120,37 @@ class ShardedClips(IterableDataset):
         for s in rng.permutation(len(self.shards)):
             keys = self.keys[s]
             order.extend((int(s), keys[i]) for i in rng.permutation(len(keys)))
+        order = buffer_shuffle(order, self.cfg.data.shuffle_buffer, rng)
         return order[self.rank :: self.world_size][: self.samples_per_epoch]
+
+    def state_dict(self, next_batch: int | None = None) -> dict:
+        """The position (next batch to yield) and what must match for that position to mean the same samples."""
+        return {
+            "next_batch": self.start_batch if next_batch is None else next_batch,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "seed": self.cfg.data.seed,
+            "shuffle_buffer": self.cfg.data.shuffle_buffer,
+            "shards": [shard_name(s) for s in self.shards],
+            "samples": sum(len(k) for k in self.keys),
+        }
+
+    def at(self, state: dict | None) -> "ShardedClips":
+        """This stream from a checkpointed position (None: from its start_batch)."""
+        if state is not None:
+            self.load_state_dict(state)
+        return self
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for field in ("world_size", "batch_size", "seed", "shuffle_buffer", "shards", "samples"):
+            if state.get(field) != mine[field]:
+                raise LoaderStateMismatch(
+                    f"cannot resume the loader exactly: the checkpoint's loader had {field}={state.get(field)!r} "
+                    f"but this run has {field}={mine[field]!r} (start a new run folder to change it)"
+                )
+        self.start_batch = int(state["next_batch"])
 
     def view_for(self, epoch: int) -> int:
         return epoch if self.store_path is None else epoch % self.views_per_clip
@@ -137,7 +194,7 @@ class ShardedClips(IterableDataset):
                 skipped.append(f"{k}: {e}")  # stage 1 trains on what decodes; extraction records the rest
         if not samples:
             raise VideoDecodeError(f"every sample of batch {g} failed to decode: {skipped}")
-        return collate(samples, epoch=epoch, index=g) | {"skipped": skipped}
+        return collate(samples, epoch=epoch, index=g) | {"skipped": skipped, "loader_state": self.state_dict(g + 1)}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

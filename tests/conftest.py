@@ -66,7 +66,7 @@ def teacher_dir(digits, tmp_path_factory) -> str:
     cfg = tiny_config()
     out = tmp_path_factory.mktemp("run") / "teacher"
     shards = list_shards(digits)
-    train_teacher(cfg, out, lambda start: ShardedClips(cfg, shards, batch_size=4, start_batch=start), progress=False)
+    train_teacher(cfg, out, lambda state: ShardedClips(cfg, shards, batch_size=4).at(state), progress=False)
     return str(out)
 
 

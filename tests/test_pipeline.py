@@ -43,7 +43,7 @@ def test_store_describes_itself(store_fp32, digits):
     store = TargetStore(store_fp32)
     meta = store.meta
     assert meta["teacher"]["width"] == 96 and len(meta["teacher"]["sha256"]) == 64
-    assert meta["geometry"]["num_tokens"] == 512 and meta["geometry"]["grid"] == [8, 8, 8]
+    assert meta["geometry"]["num_tokens"] == 128 and meta["geometry"]["grid"] == [8, 4, 4]
     assert meta["storage"]["dtype"] == "float32" and meta["decoder"].startswith("decord ")
     assert [s["name"] for s in meta["source"]["shards"]] == ["shard-000000", "shard-000001"]
     assert all(len(s["sha256"]) == 64 and s["bytes"] > 0 for s in meta["source"]["shards"])
@@ -52,7 +52,7 @@ def test_store_describes_itself(store_fp32, digits):
     assert pq.read_table(Path(store_fp32) / "errors.parquet").num_rows == 0
     assert (Path(store_fp32) / "config.yaml").is_file()
     row = store.latents("shard-000000", 0)
-    assert row.shape == (512, 96) and row.dtype == np.float32 and np.isfinite(row).all()
+    assert row.shape == (128, 96) and row.dtype == np.float32 and np.isfinite(row).all()
 
 
 def test_extraction_twice_gives_identical_stores(store_fp32, digits, teacher_dir, tmp_path):
@@ -122,8 +122,8 @@ def test_student_refuses_a_store_for_other_clips(store_fp32):
     check_compatible(store.meta, tiny_config(), store_fp32)
     with pytest.raises(StoreMismatchError, match=r"preprocessing\.seed=0 but this run has preprocessing\.seed=5"):
         check_compatible(store.meta, tiny_config("data.seed=5"), store_fp32)
-    with pytest.raises(StoreMismatchError, match=r"geometry\.crop_size=64 but this run has geometry\.crop_size=32"):
-        check_compatible(store.meta, tiny_config("data.crop_size=32"), store_fp32)
+    with pytest.raises(StoreMismatchError, match=r"geometry\.crop_size=32 but this run has geometry\.crop_size=64"):
+        check_compatible(store.meta, tiny_config("data.crop_size=64"), store_fp32)
 
 
 def test_clip_hash_mismatch_stops_stage_2(store_fp32, digits, tmp_path):
@@ -173,8 +173,8 @@ def test_student_resume_equals_uninterrupted_run(store_fp32, digits, tmp_path):
     shards = list_shards(digits)
     meta = TargetStore(store_fp32).meta
 
-    def batches(start: int):
-        return ShardedClips(cfg, shards, batch_size=4, start_batch=start, store=store_fp32)
+    def batches(state: dict | None):
+        return ShardedClips(cfg, shards, batch_size=4, store=store_fp32).at(state)
 
     def losses(run: Path) -> list[float]:
         return [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -193,7 +193,7 @@ def test_inspect_reports_the_store(store_fp32, capsys):
     summary = inspect_store.main([store_fp32, "--json"])
     printed = json.loads(capsys.readouterr().out)
     assert printed["samples"] == summary["samples"] == 16 and printed["errors"] == 0
-    assert printed["storage"]["dtype"] == "float32" and printed["bytes"] > 16 * 512 * 96 * 4
+    assert printed["storage"]["dtype"] == "float32" and printed["bytes"] > 16 * 128 * 96 * 4
     assert printed["teacher"]["size"] == "vit_cpu_s" and printed["missing_shards"] == []
 
 

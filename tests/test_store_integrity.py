@@ -123,7 +123,7 @@ def test_flipped_byte_is_found_by_verify_and_stops_stage_2(store_fp32, digits, t
     copy = damaged_copy(store_fp32, tmp_path)
     data_file = Path(shard_dir(copy, "shard-000001")) / "c" / "0" / "0" / "0"
     blob = bytearray(data_file.read_bytes())
-    row_bytes = 512 * 96 * 4
+    row_bytes = 128 * 96 * 4
     blob[3 * row_bytes + 1001] ^= 0xFF  # inside row 3's chunk
     data_file.write_bytes(bytes(blob))
     with pytest.raises(SystemExit):

@@ -28,7 +28,7 @@ def test_file_urls_through_extraction_and_stage_2(digits, teacher_dir, ray_local
     assert all(s["path"].startswith("file://") for s in meta["source"]["shards"])
     assert verify_store(store_url) == []
     batch = ShardedClips(tiny_config(), list_shards(data_url), batch_size=4, store=store_url).batch(0)
-    assert batch["targets"].shape == (4, 512, 96)
+    assert batch["targets"].shape == (4, 128, 96)
 
 
 def test_memory_urls_for_shards_and_store(digits):

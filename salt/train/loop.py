@@ -12,12 +12,13 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from salt.config import TrainConfig
@@ -25,6 +26,7 @@ from salt.losses import gather_tokens, masked_l1
 from salt.masking import MaskBatch
 from salt.optim import apply_schedule
 from salt.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from salt.train.distributed import current, mean_across_ranks
 
 
 def default_device() -> torch.device:
@@ -52,12 +54,27 @@ def masked_prediction_loss(
     return torch.stack(losses).mean()
 
 
+class MaskedPrediction(nn.Module):
+    """Encoder + predictor as one module, so DDP sees one forward (both masks) per backward."""
+
+    def __init__(self, encoder: nn.Module, predictor: nn.Module):
+        super().__init__()
+        self.encoder, self.predictor = encoder, predictor
+
+    def forward(self, clips: torch.Tensor, masks: list[MaskBatch], targets: torch.Tensor) -> torch.Tensor:
+        return masked_prediction_loss(self.encoder, self.predictor, clips, masks, targets)
+
+
 @dataclass
 class TrainState:
     encoder: nn.Module
     predictor: nn.Module
     optimizer: torch.optim.Optimizer
     step: int = 0
+    model: nn.Module = field(init=False)  # what train_step calls: MaskedPrediction, DDP-wrapped under torchrun
+
+    def __post_init__(self):
+        self.model = MaskedPrediction(self.encoder, self.predictor)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"encoder": self.encoder, "predictor": self.predictor}
@@ -66,10 +83,9 @@ class TrainState:
 def train_step(state: TrainState, batch: dict, targets: torch.Tensor, cfg: TrainConfig) -> dict:
     """One optimizer step on one batch (already on the model's device); returns its metrics."""
     lr, wd = apply_schedule(state.optimizer, state.step, cfg.optim)
-    state.encoder.train()
-    state.predictor.train()
+    state.model.train()
     with autocast(batch["clips"].device, cfg.bf16):
-        loss = masked_prediction_loss(state.encoder, state.predictor, batch["clips"], batch["masks"], targets)
+        loss = state.model(batch["clips"], batch["masks"], targets)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()} at step {state.step}: stopping")
     state.optimizer.zero_grad(set_to_none=True)
@@ -90,16 +106,22 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
+def _cut_log(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint's step: the resumed run logs them again."""
+    if path.is_file():
+        kept = [l for l in path.read_text().splitlines() if json.loads(l).get("step", 0) <= step]
+        path.write_text("".join(l + "\n" for l in kept))
+
+
 def resume(state: TrainState, run_dir: str | Path) -> dict | None:
-    """Load the run folder's checkpoint into `state` if there is one; the metrics file is cut back to it."""
+    """Load the run folder's checkpoint into `state` if there is one; its logs are cut back to it."""
     if not has_checkpoint(run_dir):
         return None
     meta = load_checkpoint(run_dir, state.modules(), state.optimizer)
     state.step = meta["step"]
-    metrics = Path(run_dir) / "metrics.jsonl"
-    if metrics.is_file():  # drop lines logged after the checkpoint: they will be logged again
-        kept = [l for l in metrics.read_text().splitlines() if json.loads(l).get("step", 0) <= state.step]
-        metrics.write_text("".join(l + "\n" for l in kept))
+    if current().is_main:
+        _cut_log(Path(run_dir) / "metrics.jsonl", state.step)
+    _cut_log(Path(run_dir) / f"samples.rank{current().rank}.jsonl", state.step)
     return meta
 
 
@@ -117,16 +139,20 @@ def run_training(
 ) -> dict:
     """Train until cfg.optim.steps (or `stop_after` more steps); log, checkpoint, summarise.
 
-    Data-wait time (waiting on the loader) and compute time are logged apart.
+    Data-wait time (waiting on the loader) and compute time are logged apart. Under
+    torchrun only rank 0 writes metrics and checkpoints; the logged loss is the mean
+    over ranks. The checkpoint carries the loader position of the last trained batch.
     """
     run_dir = Path(run_dir)
+    rank = current()
     last = cfg.optim.steps if stop_after is None else min(cfg.optim.steps, state.step + stop_after)
-    metrics_file = (run_dir / "metrics.jsonl").open("a")
+    metrics_file = (run_dir / "metrics.jsonl").open("a") if rank.is_main else None
+    samples_file = (run_dir / f"samples.rank{rank.rank}.jsonl").open("a") if cfg.log_samples else None
     bar = tqdm(
         total=last,
         initial=state.step,
         desc=run_dir.name,
-        disable=not progress,
+        disable=not (progress and rank.is_main),
         dynamic_ncols=True,
         mininterval=0.1 if sys.stderr.isatty() else 30,  # logs get a line every 30 s, not every step
     )
@@ -141,24 +167,31 @@ def run_training(
         t1 = time.perf_counter()
         targets = make_targets(batch)
         metrics = train_step(state, batch, targets, cfg)
+        metrics["loss"] = mean_across_ranks(metrics["loss"], device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
         wait_total += t1 - t0
         compute_total += t2 - t1
         history.append(metrics["loss"])
+        if samples_file is not None:
+            samples_file.write(json.dumps({"step": state.step, "batch": batch["index"], "keys": batch["keys"], "views": batch["views"]}) + "\n")
+            samples_file.flush()
         record = {"step": state.step, **metrics, "data_wait_s": t1 - t0, "compute_s": t2 - t1, "batch": batch["index"]}
         if batch.get("skipped"):
             record["skipped"] = batch["skipped"]
-        if state.step % cfg.log_every == 0 or state.step == last:
+        if metrics_file is not None and (state.step % cfg.log_every == 0 or state.step == last):
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-        if state.step % cfg.checkpoint_every == 0 or state.step == last:
-            save_checkpoint(run_dir, state.modules(), state.optimizer, checkpoint_meta | {"step": state.step})
+        if rank.is_main and (state.step % cfg.checkpoint_every == 0 or state.step == last):
+            meta = checkpoint_meta | {"step": state.step, "loader": batch.get("loader_state")}
+            save_checkpoint(run_dir, state.modules(), state.optimizer, meta)
     bar.close()
-    metrics_file.close()
+    for f in (metrics_file, samples_file):
+        if f is not None:
+            f.close()
     steps_run = state.step - start_step
     tail = history[-max(1, min(len(history), 10)) :] if history else [math.nan]
     return {
@@ -173,7 +206,7 @@ def run_training(
 def fit(
     state: TrainState,
     run_dir: str | Path,
-    make_batches: Callable[[int], Iterable[dict]],
+    make_batches: Callable[[dict | None], Iterable[dict]],
     make_targets: Callable[[dict], torch.Tensor],
     cfg: TrainConfig,
     *,
@@ -181,15 +214,22 @@ def fit(
     stop_after: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Resume from the run folder if it holds a checkpoint, then train; `make_batches(start_batch)`."""
-    device = default_device()
+    """Resume from the run folder if it holds a checkpoint, then train.
+
+    `make_batches(loader_state)` builds the loader at the checkpoint's loader position
+    (None: the start). Under torchrun the model is wrapped in DDP after loading.
+    """
+    rank = current()
+    device = rank.device if rank.world_size > 1 else default_device()
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    resume(state, run_dir)
+    meta = resume(state, run_dir)
     state.encoder.to(device)
     state.predictor.to(device)
+    if rank.world_size > 1:
+        state.model = DistributedDataParallel(state.model, device_ids=[device.index] if device.type == "cuda" else None)
     return run_training(
         state,
-        make_batches(state.step),
+        make_batches(meta.get("loader") if meta else None),
         make_targets,
         cfg,
         run_dir,

@@ -42,7 +42,7 @@ def online_targets(teacher: nn.Module) -> Callable[[dict], torch.Tensor]:
 def train_student(
     cfg: Config,
     run_dir: str | Path,
-    make_batches: Callable[[int], Iterable[dict]],
+    make_batches: Callable[[dict | None], Iterable[dict]],
     *,
     teacher_width: int,
     store_meta: dict,

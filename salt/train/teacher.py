@@ -50,12 +50,12 @@ def build_teacher_state(cfg: Config) -> TrainState:
 def train_teacher(
     cfg: Config,
     run_dir: str | Path,
-    make_batches: Callable[[int], Iterable[dict]],
+    make_batches: Callable[[dict | None], Iterable[dict]],
     *,
     stop_after: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train (or resume) a V-Pixel teacher; `make_batches(start_batch)` gives the loader."""
+    """Train (or resume) a V-Pixel teacher; `make_batches(loader_state)` gives the loader."""
     state = build_teacher_state(cfg)
     tubelet, patch = cfg.model.tubelet, cfg.model.patch_size
     meta = {"role": "teacher", "encoder": {"size": cfg.model.teacher, "width": state.encoder.width}, "config": to_dict(cfg)}

@@ -1,0 +1,58 @@
+"""A stage run from files: shards (and a target store) -> loader -> training loop -> run folder.
+
+The jobs, the sweep and the benchmark all start runs through these two functions, so a
+student trained by `make sweep` is built exactly as one trained by `make student`.
+Under torchrun each process passes its rank to the loader; the loop does the rest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.shards import list_shards
+from pipeline.stream import ShardedClips, make_loader
+from pipeline.targets import TargetStore, check_compatible
+from salt.config import Config
+from salt.runinfo import write_run_info
+from salt.train.distributed import current
+from salt.train.student import train_student
+from salt.train.teacher import train_teacher
+
+
+def _loader(cfg: Config, shards: list[str], batch_size: int, store: str | None = None):
+    rank = current()
+
+    def make_batches(state: dict | None):
+        dataset = ShardedClips(cfg, shards, batch_size=batch_size, rank=rank.rank, world_size=rank.world_size, store=store)
+        return make_loader(dataset.at(state), cfg.data.num_workers)
+
+    return make_batches
+
+
+def run_teacher(cfg: Config, data: str, out: str | Path, *, stop_after: int | None = None, progress: bool = True) -> dict:
+    shards = list_shards(data, "train")
+    if current().is_main:
+        write_run_info(out, cfg, data=data)
+    make_batches = _loader(cfg, shards, cfg.teacher.optim.batch_size)
+    return train_teacher(cfg, out, make_batches, stop_after=stop_after, progress=progress)
+
+
+def run_student(
+    cfg: Config, data: str, store: str, out: str | Path, *, stop_after: int | None = None, progress: bool = True
+) -> dict:
+    """Train (or resume) a student on a target store. The store is only read."""
+    target_store = TargetStore(store)
+    check_compatible(target_store.meta, cfg, store)
+    shards = list_shards(data, target_store.meta["source"]["split"])
+    if current().is_main:
+        write_run_info(out, cfg, data=data, store=store)
+    make_batches = _loader(cfg, shards, cfg.student.optim.batch_size, store)
+    return train_student(
+        cfg,
+        out,
+        make_batches,
+        teacher_width=target_store.teacher_width,
+        store_meta=target_store.meta,
+        stop_after=stop_after,
+        progress=progress,
+    )
