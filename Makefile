@@ -18,7 +18,7 @@ NPROC   ?= 1
 TRAIN    = $(if $(filter 1,$(NPROC)),$(PY) -m,$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m)
 TRAIN_SEP = $(if $(filter 1,$(NPROC)),,--)
 
-.PHONY: setup data teacher extract-targets student inspect plan bench demo test clean
+.PHONY: setup data teacher extract-targets student sweep probe inspect plan bench demo test clean
 .DEFAULT_GOAL := demo
 
 setup: .venv/.installed
@@ -47,6 +47,11 @@ extract-targets: setup $(DATA_DEP)
 
 student: setup $(DATA_DEP)
 	$(TRAIN) jobs.student $(TRAIN_SEP) $(COMMON) $(ARGS)
+
+# CONFIG names a sweep file here; left at its default, the demo sweep runs.
+SWEEP = $(if $(filter jobs/configs/tiny.yaml,$(CONFIG)),jobs/configs/sweep-demo.yaml,$(CONFIG))
+sweep: setup $(DATA_DEP)
+	$(PY) -m jobs.sweep --sweep $(SWEEP) --data $(DATA) --run $(RUN) --store $(STORE)
 
 inspect: setup
 	$(PY) -m jobs.inspect_store $(STORE) $(if $(JSON),--json) $(if $(VERIFY),--verify)

@@ -88,6 +88,9 @@ class TrainConfig:
     checkpoint_every: int = 1000
     bf16: bool = True  # autocast on CUDA only; CPU runs in fp32
     torch_threads: int = 0  # 0: torch's default (all cores); measured faster here than leaving a core to the loader
+    # > 0: keep the encoder every this many steps in snapshots/step-NNNNNN/ (probe-able run folders,
+    # with the mean training loss of the steps before it), for choosing checkpoints by loss
+    snapshot_every: int = 0
     log_samples: bool = False  # write samples.rank<r>.jsonl: the (key, view) of every sample each rank trained on
 
 

@@ -41,6 +41,15 @@ def save_checkpoint(
     _atomic_write(run_dir / META, lambda p: p.write_text(json.dumps(meta | {"optimizer_groups": groups}, indent=1)))
 
 
+def save_snapshot(snapshot_dir: str | Path, encoder: nn.Module, meta: dict) -> None:
+    """Encoder weights and metadata only: enough to probe it, not to resume training."""
+    out = Path(snapshot_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"encoder.{k}": v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
+    _atomic_write(out / WEIGHTS, lambda p: save_file(tensors, str(p)))
+    _atomic_write(out / META, lambda p: p.write_text(json.dumps(meta, indent=1)))
+
+
 def has_checkpoint(run_dir: str | Path) -> bool:
     return (Path(run_dir) / META).is_file() and (Path(run_dir) / WEIGHTS).is_file()
 

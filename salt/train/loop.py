@@ -25,8 +25,14 @@ from salt.config import TrainConfig
 from salt.losses import gather_tokens, masked_l1
 from salt.masking import MaskBatch
 from salt.optim import apply_schedule
-from salt.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from salt.plots import plot_loss_curves
+from salt.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, save_snapshot
 from salt.train.distributed import current, mean_across_ranks
+
+
+# A snapshot's loss is the mean training loss of the steps just before it: one batch is too noisy
+# to rank checkpoints by.
+SNAPSHOT_LOSS_WINDOW = 50
 
 
 def default_device() -> torch.device:
@@ -185,6 +191,10 @@ def run_training(
             metrics_file.flush()
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        if rank.is_main and cfg.snapshot_every and state.step % cfg.snapshot_every == 0:
+            window = history[-min(cfg.snapshot_every, SNAPSHOT_LOSS_WINDOW) :]
+            save_snapshot(run_dir / "snapshots" / f"step-{state.step:06d}", state.encoder,
+                          checkpoint_meta | {"step": state.step, "train_loss": sum(window) / len(window)})
         if rank.is_main and (state.step % cfg.checkpoint_every == 0 or state.step == last):
             meta = checkpoint_meta | {"step": state.step, "loader": batch.get("loader_state")}
             save_checkpoint(run_dir, state.modules(), state.optimizer, meta)
@@ -193,14 +203,21 @@ def run_training(
         if f is not None:
             f.close()
     steps_run = state.step - start_step
+    summary_file = run_dir / "summary.json"
+    if steps_run == 0 and summary_file.is_file():  # a finished run, started again: report what it did
+        return json.loads(summary_file.read_text())
     tail = history[-max(1, min(len(history), 10)) :] if history else [math.nan]
-    return {
+    summary = {
         "step": state.step,
         "final_loss": sum(tail) / len(tail),
         "steps_run": steps_run,
         "wall_s": time.perf_counter() - t_start,
         "data_wait_fraction": wait_total / max(wait_total + compute_total, 1e-9),
     }
+    if rank.is_main:
+        summary_file.write_text(json.dumps(summary, indent=1) + "\n")
+        plot_loss_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{run_dir.name} training loss")
+    return summary
 
 
 def fit(

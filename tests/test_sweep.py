@@ -1,0 +1,60 @@
+"""make sweep: variants of one config against one read-only store, locally or as Ray tasks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.sweep import load_sweep, run_sweep
+from salt.config import ConfigError
+from tests.conftest import FAST, ROOT, TINY
+
+
+def tree_digest(root: str) -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(root).rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(root)).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def write_sweep(path: Path, **fields) -> Path:
+    sweep = {"base": str(Path(ROOT) / TINY), "overrides": [*FAST, "student.optim.steps=2"]} | fields
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_sweep_trains_every_variant_on_one_store_and_tabulates(executor, store_fp32, digits, ray_local, tmp_path) -> None:
+    variants = [{"name": "base"}, {"name": "xs", "overrides": ["model.student=vit_cpu_xs"]},
+                {"name": "seed-1", "overrides": ["student.seed=1"]}]
+    sweep = load_sweep(write_sweep(tmp_path / "sweep.yaml", variants=variants, executor=executor))
+    before = tree_digest(store_fp32)
+    rows = run_sweep(sweep, data=digits, store=store_fp32, out=tmp_path / "out", progress=False)
+    assert [r["variant"] for r in rows] == ["base", "xs", "seed-1"] and all(r["steps"] == 2 for r in rows)
+    assert rows[0]["final_loss"] != rows[2]["final_loss"]  # the seed override took effect
+    assert yaml.safe_load((tmp_path / "out" / "seed-1" / "config.yaml").read_text())["student"]["seed"] == 1
+    meta = json.loads((tmp_path / "out" / "xs" / "checkpoint.json").read_text())
+    assert meta["encoder"]["size"] == "vit_cpu_xs"
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert table.startswith("| variant | overrides | steps | final_loss | wall_s |") and "| xs | model.student=vit_cpu_xs | 2 |" in table
+    assert tree_digest(store_fp32) == before  # students only read the store
+    # rerun: finished variants are reported, not retrained
+    again = run_sweep(sweep, data=digits, store=store_fp32, out=tmp_path / "out", progress=False)
+    assert again == rows
+
+
+def test_sweep_checks_every_variant_before_training(tmp_path) -> None:
+    path = write_sweep(tmp_path / "s.yaml", variants=[{"name": "ok"}, {"name": "typo", "overrides": ["student.optim.lrr=1"]}])
+    sweep = load_sweep(path)
+    with pytest.raises(ConfigError, match=r"sweep variant 'typo': unknown key config.student.optim.lrr"):
+        run_sweep(sweep, data="unused", store="unused", out=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "ok").exists()
+    with pytest.raises(ConfigError, match=r"not a sweep file"):
+        load_sweep(Path(ROOT) / TINY)
+    with pytest.raises(ConfigError, match=r"repeated: \['a'\]"):
+        load_sweep(write_sweep(tmp_path / "d.yaml", variants=[{"name": "a"}, {"name": "a"}]))
