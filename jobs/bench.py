@@ -11,7 +11,6 @@ from pipeline import bench
 from pipeline.extract import init_ray
 from pipeline.shards import list_shards
 from pipeline.stream import ShardedClips
-from salt.config import load_config
 from salt.train.teacher import train_teacher
 
 
@@ -21,11 +20,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", default=".")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    cfg = load_config(bench.CONFIG)
+    cfg = bench.bench_config()
     rows = bench.decode_throughput()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        teacher_cfg = load_config(bench.CONFIG, ["teacher.optim.steps=2", "data.num_workers=0"])
+        teacher_cfg = bench.bench_config("teacher.optim.steps=2", "data.num_workers=0")
         shards = list_shards(args.data)
         train_teacher(teacher_cfg, work / "teacher", lambda state: ShardedClips(teacher_cfg, shards, batch_size=4).at(state), progress=False)
         init_ray()
