@@ -18,7 +18,7 @@ NPROC   ?= 1
 TRAIN    = $(if $(filter 1,$(NPROC)),$(PY) -m,$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m)
 TRAIN_SEP = $(if $(filter 1,$(NPROC)),,--)
 
-.PHONY: setup data teacher extract-targets student sweep probe inspect plan bench demo test clean
+.PHONY: setup data teacher extract-targets student sweep probe select replicate inspect plan bench demo test clean
 .DEFAULT_GOAL := demo
 
 setup: .venv/.installed
@@ -52,6 +52,14 @@ student: setup $(DATA_DEP)
 SWEEP = $(if $(filter jobs/configs/tiny.yaml,$(CONFIG)),jobs/configs/sweep-demo.yaml,$(CONFIG))
 sweep: setup $(DATA_DEP)
 	$(PY) -m jobs.sweep --sweep $(SWEEP) --data $(DATA) --run $(RUN) --store $(STORE)
+
+# RUNS: student run folders; every snapshot and final checkpoint is probed, R^2 of accuracy on loss.
+select: setup $(DATA_DEP)
+	$(PY) -m jobs.select $(RUNS) --config $(CONFIG) --data $(DATA) $(ARGS)
+
+# The CPU-scale replication study (about 40 min here) -> runs/replication, REPLICATION.md.
+replicate: setup $(DEFAULT_DATA)/labels.json
+	$(PY) -m jobs.replicate --data $(DEFAULT_DATA) --command "make replicate $(ARGS)" $(ARGS)
 
 inspect: setup
 	$(PY) -m jobs.inspect_store $(STORE) $(if $(JSON),--json) $(if $(VERIFY),--verify)

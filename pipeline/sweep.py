@@ -132,11 +132,15 @@ def _run_on_ray(jobs: dict[str, tuple]) -> dict[str, dict]:
 
 
 def _probe(sweep: SweepConfig, configs: dict[str, Config], data: str, out: Path, progress: bool) -> dict:
-    from pipeline.probe import probe_encoders
+    """variant -> task -> probe result of its final checkpoint; every checkpoint of the sweep
+    (finals and snapshots) goes into the loss-vs-accuracy report in the sweep folder."""
+    from pipeline.selection import final_points, select_runs
 
+    runs = {name: str(out / name) for name in configs}
     first = next(iter(configs.values()))
-    specs = {name: str(out / name) for name in configs}
-    return probe_encoders(specs, first, data, out / "probe", tasks=sweep.tasks or None, progress=progress)
+    selected = select_runs(runs, first, data, out, tasks=sweep.tasks or None, progress=progress)
+    finals = final_points(selected["selection"]["points"])
+    return {name: selected["probes"][finals[name]] for name in runs}
 
 
 def write_results(rows: list[dict], out: Path) -> None:
