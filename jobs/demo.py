@@ -1,4 +1,8 @@
-"""make demo: data -> teacher -> extract-targets -> student on the embedded dataset, then a summary."""
+"""make demo: data -> teacher -> extract-targets -> student -> probe on the embedded dataset, then a summary.
+
+The probe table puts teacher and student next to a random-init encoder of the student's
+size (the floor) on both tasks of the embedded dataset.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import time
 from pathlib import Path
 
 from jobs import data, extract_targets, student, teacher
+from jobs.cli import config_from
+from pipeline.probe import probe_encoders
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -31,18 +37,30 @@ def main(argv: list[str] | None = None) -> dict:
     t = timed("teacher", teacher.main, common)
     x = timed("extract-targets", extract_targets.main, common)
     s = timed("student", student.main, common)
+    cfg = config_from(args)
+    run = Path(args.run)
+    specs = {"teacher": str(run / "teacher"), "student": str(run / "student"), "random": f"random:{cfg.model.student}"}
+    probes = timed("probe", lambda _: probe_encoders(specs, cfg, args.data, run / "probe", progress=True), None)
     summary = {
         "teacher_final_loss": round(t["final_loss"], 4),
         "store_samples": x["samples"],
         "store_errors": x["errors"],
         "store_bytes": x["bytes"],
         "student_final_loss": round(s["final_loss"], 4),
+        "probe_top1": {name: {task: round(r["top1"], 4) for task, r in res.items()} for name, res in probes.items()},
         "wall_s": walls,
     }
     print("\n=== demo summary ===")
     print(f"teacher   final loss {summary['teacher_final_loss']:.4f}   ({walls['teacher']} s)")
     print(f"targets   {x['samples']} samples, {x['errors']} errors, {x['bytes'] / 1e6:.1f} MB   ({walls['extract-targets']} s)")
     print(f"student   final loss {summary['student_final_loss']:.4f}   ({walls['student']} s)")
+    print(f"probe     ({walls['probe']} s): top-1 on val, attentive probe over frozen tokens")
+    tasks = list(probes["student"])
+    chance = {t: probes["student"][t]["chance"] for t in tasks}
+    print("          " + "".join(f"{t:>12s}" for t in tasks))
+    for name, label in (("teacher", "teacher"), ("student", "student"), ("random", "random init")):
+        print(f"  {label:12s}" + "".join(f"{100 * probes[name][t]['top1']:11.1f}%" for t in tasks))
+    print(f"  {'chance':12s}" + "".join(f"{100 * chance[t]:11.1f}%" for t in tasks))
     if "data" in walls:
         print(f"data      ({walls['data']} s)")
     print(f"total     {sum(walls.values()):.1f} s")

@@ -92,3 +92,18 @@ def test_two_torchrun_ranks_see_each_sample_once_per_epoch(stage, store_fp32, di
     assert len(everything - set(seen)) < 2 * 3
     assert read_meta(out)["step"] == 2 and read_meta(out)["loader"]["world_size"] == 2
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 logs, once per step
+
+
+def test_a_student_run_refuses_to_resume_on_another_teachers_store(store_fp32, digits, tmp_path) -> None:
+    import shutil
+
+    from salt.train.student import TeacherMismatchError
+
+    other = tmp_path / "other-store"
+    shutil.copytree(store_fp32, other)
+    meta = json.loads((other / "store.json").read_text())
+    meta["teacher"]["sha256"] = "0" * 64  # stands for a retrained teacher of the same size
+    (other / "store.json").write_text(json.dumps(meta))
+    run_student(tiny_config("student.optim.steps=1"), digits, store_fp32, tmp_path / "s", progress=False)
+    with pytest.raises(TeacherMismatchError, match=r"teacher with sha256='[0-9a-f]{64}', but this store's teacher has sha256='0{64}'"):
+        run_student(tiny_config("student.optim.steps=2"), digits, str(other), tmp_path / "s", progress=False)

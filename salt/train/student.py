@@ -16,6 +16,7 @@ from torch import nn
 from salt.config import Config, to_dict
 from salt.losses import latent_targets
 from salt.optim import make_optimizer
+from salt.train.checkpoint import has_checkpoint, read_meta
 from salt.train.loop import TrainState, fit
 from salt.train.teacher import build_encoder, build_predictor
 
@@ -39,6 +40,25 @@ def online_targets(teacher: nn.Module) -> Callable[[dict], torch.Tensor]:
     return make
 
 
+class TeacherMismatchError(ValueError):
+    pass
+
+
+def check_same_teacher(run_dir: str | Path, store_meta: dict) -> None:
+    """A run folder resumes only on targets of the teacher it started with: other targets
+    (another teacher's width, or the same width but other weights) would silently change the task."""
+    if not has_checkpoint(run_dir):
+        return
+    had = read_meta(run_dir).get("teacher", {})
+    now = store_meta["teacher"]
+    for field in ("width", "sha256"):
+        if had.get(field) != now.get(field):
+            raise TeacherMismatchError(
+                f"run folder {run_dir} was trained on targets of a teacher with {field}={had.get(field)!r}, "
+                f"but this store's teacher has {field}={now.get(field)!r}: use a new run folder for a new store"
+            )
+
+
 def train_student(
     cfg: Config,
     run_dir: str | Path,
@@ -49,6 +69,7 @@ def train_student(
     stop_after: int | None = None,
     progress: bool = True,
 ) -> dict:
+    check_same_teacher(run_dir, store_meta)
     state = build_student_state(cfg, teacher_width)
     meta = {
         "role": "student",
