@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import fs
-from pipeline.shards import iter_shard, list_shards
+from pipeline.shards import index_shard, iter_shard, list_shards
 from pipeline.video import VideoDecodeError, load_clip
 from salt.config import DataConfig
 
@@ -62,7 +62,7 @@ def load_labelled(
         # list_shards would fall back to the whole folder: train and val would be the same clips
         raise FileNotFoundError(f"DATA={data!r} has no {split}/ folder: the probe needs separate train/ and val/ shards")
     names = read_class_names(data)
-    tasks = list(names) if tasks is None else tasks
+    tasks = tasks or list(names)  # None or empty: every task of labels.json
     unknown = [t for t in tasks if t not in names]
     if unknown:
         raise ValueError(f"unknown task {unknown[0]!r}; labels.json of {data} has {', '.join(names)}")
@@ -71,7 +71,8 @@ def load_labelled(
     labels: dict[str, list[int]] = {t: [] for t in tasks}
     errors: list[dict] = []
     shards = list_shards(data, split)
-    bar = tqdm(desc=f"decode {split}", unit="video", disable=not progress, leave=False)
+    total = sum(len(index_shard(s)) for s in shards) if progress else None  # tar headers only: cheap
+    bar = tqdm(total=total, desc=f"decode {split}", unit="video", disable=not progress, leave=False)
     for shard in shards:
         for sample in iter_shard(shard):
             bar.update()

@@ -28,13 +28,14 @@ def encode_features(
 
     The features stay on the encoder's device: the probes train on them many times over.
     """
-    device = next(encoder.parameters()).device
+    param = next(encoder.parameters(), None)
+    device = param.device if param is not None else None  # a parameter-free encoder runs where the clips are
     batches = clips.split(batch_size) if isinstance(clips, torch.Tensor) else clips
     was_training = encoder.training
     encoder.eval()
     try:
         with torch.no_grad():
-            out = [encoder(b.to(device)).float() for b in batches]  # [B, tokens, D] each
+            out = [encoder(b if device is None else b.to(device)).float() for b in batches]  # [B, tokens, D] each
     finally:
         encoder.train(was_training)
     return torch.cat(out)
@@ -83,12 +84,12 @@ def top1(probs: torch.Tensor, y: torch.Tensor, groups: torch.Tensor | None = Non
     labels = group_labels(y, groups)
     if groups is not None:
         probs = torch.zeros(len(labels), probs.shape[1], device=probs.device).index_add_(0, groups, probs)
-    return (probs.argmax(-1) == labels).float().mean().item()
+    return (probs.argmax(-1) == labels).sum().item() / len(labels)
 
 
 def majority_rate(y: torch.Tensor) -> float:
     """Accuracy of always answering the most frequent class: the floor a probe must clear."""
-    return (torch.bincount(y).max() / len(y)).item()
+    return torch.bincount(y).max().item() / len(y)
 
 
 def train_probe_grid(
@@ -159,7 +160,9 @@ def train_probe_grid(
 
     results = []
     for k, ((lr, wd), probe) in enumerate(zip(settings, probes)):
-        acc = None if diverged[k] is not None else top1(predict_proba(probe, val_x, batch_size=probe_cfg.batch_size), val_y, val_groups)
+        acc = None
+        if diverged[k] is None:
+            acc = top1(predict_proba(probe, val_x, batch_size=probe_cfg.batch_size), val_y, val_groups)
         results.append({"lr": lr, "wd": wd, "top1": acc, "train_loss": losses[k], "diverged_step": diverged[k]})
     best = max((r for r in results if r["top1"] is not None), key=lambda r: r["top1"])  # first of ties: grid order
     val_labels = group_labels(val_y, val_groups)

@@ -1,0 +1,47 @@
+"""make probe: attentive probe of a frozen checkpoint (teacher or student run folder, or
+random:<size> for the untrained floor) on a labelled dataset's train/ and val/ splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jobs.cli import config_from, parser
+from pipeline.probe import RANDOM, probe_checkpoint
+
+
+def default_out(ckpt: str) -> Path:
+    if ckpt.startswith(RANDOM):
+        return Path("runs") / f"probe-random-{ckpt.removeprefix(RANDOM)}"
+    return Path(ckpt) / "probe"
+
+
+def format_table(results: dict[str, dict]) -> str:
+    rows = [f"{'task':<12} {'top-1':>7} {'chance':>7} {'lr':>8} {'wd':>6} {'grid':>5}"]
+    for task, r in results.items():
+        rows.append(
+            f"{task:<12} {r['top1']:>7.3f} {r['chance']:>7.3f} {r['lr']:>8.1e} {r['wd']:>6g} {len(r['heads']):>5}"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    p = parser(__doc__)
+    p.add_argument("--ckpt", required=True, help="run folder with checkpoint.json, or random:<size>")
+    p.add_argument("--task", action="append", default=None, help="task of labels.json (repeatable; default: all)")
+    p.add_argument("--out", default=None, help="output folder (default: <ckpt>/probe, runs/probe-random-<size>)")
+    args = p.parse_args(argv)  # --run is not used: --ckpt and --out say where
+    cfg = config_from(args)
+    out = Path(args.out) if args.out else default_out(args.ckpt)
+    try:
+        results = probe_checkpoint(
+            args.ckpt, cfg, args.data, out, tasks=args.task, progress=not args.no_progress
+        )
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"probe error: {e}") from None
+    print(f"probe of {args.ckpt} -> {out}")
+    print(format_table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Frozen-backbone attentive probes of checkpoints on a labelled dataset (`make probe`, the demo, selection).
+
+Decoding the clips is the slow part and does not depend on the encoder, so the clips
+of both splits are decoded once (`load_probe_data`) and shared by every encoder probed;
+each encoder encodes them once and the features serve every task and every grid head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.labelled import LabelledClips, load_labelled
+from salt.config import Config, from_dict
+from salt.models.vit import VideoViT, vit_size
+from salt.plots import plot_loss_curves
+from salt.probe import encode_features, train_probe_grid
+from salt.runinfo import write_run_info
+from salt.train.checkpoint import has_checkpoint, load_module_weights, read_meta
+from salt.train.teacher import build_encoder
+
+RANDOM = "random:"
+# Fields that decide the token grid: a checkpoint can only be probed on clips of its own geometry.
+GEOMETRY = (("data", "frames"), ("data", "crop_size"), ("model", "patch_size"), ("model", "tubelet"))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProbeData:
+    train: LabelledClips  # 1 view per video
+    val: LabelledClips  # cfg.probe.eval_views views per video
+    decode_s: float
+
+
+def probe_data_config(cfg: Config) -> Config:
+    # No horizontal flip: it turns "right" into "left", so a flipped clip would carry the
+    # wrong motion label. Frames and crop box are unchanged (same draws from (seed, key, view)).
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, hflip_prob=0.0))
+
+
+def load_probe_data(cfg: Config, data: str, *, tasks: list[str] | None = None, progress: bool = True) -> ProbeData:
+    t0 = time.perf_counter()
+    data_cfg = probe_data_config(cfg).data
+    train = load_labelled(data, "train", data_cfg, views=1, tasks=tasks, progress=progress)
+    val = load_labelled(data, "val", data_cfg, views=cfg.probe.eval_views, tasks=tasks, progress=progress)
+    return ProbeData(train=train, val=val, decode_s=time.perf_counter() - t0)
+
+
+def check_spec(spec: str, cfg: Config) -> dict | None:
+    """Fails before any decoding on a missing checkpoint, unknown size or foreign geometry;
+    returns the checkpoint's metadata (None for random:<size>)."""
+    if spec.startswith(RANDOM):
+        vit_size(spec.removeprefix(RANDOM))
+        return None
+    if not has_checkpoint(spec):
+        raise FileNotFoundError(
+            f"{spec}: no checkpoint.json + checkpoint.safetensors (want a teacher or student run folder, or random:<size>)"
+        )
+    meta = read_meta(spec)
+    ckpt_cfg = from_dict(Config, meta["config"])
+    for section, name in GEOMETRY:
+        mine, theirs = getattr(getattr(cfg, section), name), getattr(getattr(ckpt_cfg, section), name)
+        if mine != theirs:
+            raise ValueError(f"{section}.{name}={mine} but checkpoint {spec} was trained with {theirs}")
+    return meta
+
+
+def load_encoder(spec: str, cfg: Config, *, device: str = "cpu") -> tuple[VideoViT, str]:
+    """A frozen encoder from a teacher/student run folder, or `random:<size>` (seeded by
+    cfg.probe.seed): the floor a trained encoder has to beat. Returns (encoder, description)."""
+    meta = check_spec(spec, cfg)
+    if meta is None:
+        size = spec.removeprefix(RANDOM)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.probe.seed)
+            encoder = build_encoder(cfg, size)
+        description = f"random {size} (seed {cfg.probe.seed})"
+    else:
+        ckpt_cfg = from_dict(Config, meta["config"])
+        # the attention backend is a choice of this machine, not of the checkpoint
+        ckpt_cfg = dataclasses.replace(ckpt_cfg, model=dataclasses.replace(ckpt_cfg.model, attention=cfg.model.attention))
+        encoder = build_encoder(ckpt_cfg, meta["encoder"]["size"])
+        encoder.load_state_dict(load_module_weights(spec, "encoder"))
+        description = f"{meta['role']} {meta['encoder']['size']} from {spec} (step {meta.get('step')})"
+    return encoder.to(device).eval().requires_grad_(False), description
+
+
+def probe_encoder(
+    spec: str, cfg: Config, loaded: ProbeData, out_dir: str | Path, *, data: str,
+    device: str | None = None, progress: bool = True,
+) -> dict[str, dict]:
+    """Probes one encoder on already decoded clips, every task; writes out_dir (see `write_probe`).
+    device None: the GPU where there is one."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoder, description = load_encoder(spec, cfg, device=device)
+    t0 = time.perf_counter()
+    train_x = encode_features(encoder, loaded.train.clips, batch_size=cfg.probe.batch_size)  # [N, tokens, D]
+    val_x = encode_features(encoder, loaded.val.clips, batch_size=cfg.probe.batch_size)  # [M * views, tokens, D]
+    encode_s = time.perf_counter() - t0
+    results = {}
+    for task, names in loaded.train.class_names.items():
+        t0 = time.perf_counter()
+        results[task] = train_probe_grid(
+            train_x,
+            loaded.train.labels[task],
+            val_x,
+            loaded.val.row_labels(task),
+            num_classes=len(names),
+            probe_cfg=cfg.probe,
+            encoder_heads=vit_size(encoder.size_name).heads,
+            val_groups=loaded.val.video,
+            attention_backend=cfg.model.attention,
+            progress=progress,
+        ) | {"train_s": round(time.perf_counter() - t0, 2)}
+    write_probe(
+        out_dir, cfg, results, checkpoint=spec, encoder=description, data=data,
+        timing={"decode_s": round(loaded.decode_s, 2), "encode_s": round(encode_s, 2)},
+        decode_errors=loaded.train.errors + loaded.val.errors,
+    )
+    return results
+
+
+def write_probe(
+    out_dir: str | Path, cfg: Config, results: dict[str, dict], *, checkpoint: str, encoder: str, data: str,
+    timing: dict, decode_errors: list[dict],
+) -> None:
+    """config.yaml + run_info.yaml, probe_results.json, metrics.jsonl (per task and epoch,
+    the best head's mean train loss) and probe_loss.png."""
+    out = Path(out_dir)
+    write_run_info(out, probe_data_config(cfg), checkpoint=checkpoint, encoder=encoder, data=data)  # as used
+    summary = {"checkpoint": checkpoint, "encoder": encoder, "data": data, "timing": timing,
+               "decode_errors": decode_errors, "tasks": results}
+    (out / "probe_results.json").write_text(json.dumps(summary, indent=1))
+    records = [
+        {"task": task, "epoch": epoch, "loss": loss, "lr": r["lr"], "wd": r["wd"]}
+        for task, r in results.items()
+        for epoch, loss in enumerate(r["train_loss"], start=1)
+    ]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    plot_loss_curves(records, out / "probe_loss.png", title=f"probe train loss: {encoder}", x="epoch", group_by="task")
+
+
+def probe_checkpoint(
+    spec: str, cfg: Config, data: str, out_dir: str | Path, *, tasks: list[str] | None = None,
+    device: str | None = None, progress: bool = True,
+) -> dict[str, dict]:
+    """task -> result (see salt.probe.train_probe_grid) for one encoder."""
+    check_spec(spec, cfg)
+    loaded = load_probe_data(cfg, data, tasks=tasks, progress=progress)
+    return probe_encoder(spec, cfg, loaded, out_dir, data=data, device=device, progress=progress)
+
+
+def probe_encoders(
+    specs: dict[str, str], cfg: Config, data: str, out_root: str | Path, *, tasks: list[str] | None = None,
+    device: str | None = None, progress: bool = True,
+) -> dict[str, dict[str, dict]]:
+    """name -> task -> result, for several encoders on clips decoded once; each writes out_root/<name>/."""
+    for spec in specs.values():
+        check_spec(spec, cfg)
+    loaded = load_probe_data(cfg, data, tasks=tasks, progress=progress)
+    return {
+        name: probe_encoder(spec, cfg, loaded, Path(out_root) / name, data=data, device=device, progress=progress)
+        for name, spec in specs.items()
+    }

@@ -1,0 +1,222 @@
+"""Attentive probe: reads an informative encoder, cannot read a constant one; the grid is
+one pass of independent heads; multi-view softmax averaging; `make probe` end to end; plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from jobs import probe as probe_job
+from pipeline.labelled import label_of, load_labelled
+from pipeline.probe import load_encoder, load_probe_data, probe_encoders
+from salt.config import ProbeConfig, to_dict
+from salt.plots import plot_loss_curves, plot_scatter_fit, r_squared
+from salt.probe import encode_features, top1, train_probe_grid
+from salt.train.checkpoint import save_checkpoint
+from salt.train.teacher import build_encoder
+from tests.conftest import tiny_config
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class FlowEncoder(nn.Module):
+    """An honest informative encoder that costs nothing to "train": per token, the
+    Lucas-Kanade products of the grey clip. A translating edge has I_t = -(v . grad I),
+    so the signs of I_t I_x and I_t I_y give the direction of travel; the background is
+    static, so only the digit's tokens carry it and the probe has to find them.
+
+    Why not a randomly initialised ViT: measured on the default moving digits (512 train,
+    256 val, tiny config, 20 epochs) it sits at chance on both tasks (appearance 0.109,
+    majority 0.109; motion 0.262, chance 0.25), and linear probes on its flattened tokens
+    or on raw pixels fit the train set exactly and stay near chance on val. Its tokens
+    hardly mix at initialisation, and the probe (no position embedding) sees a set.
+    """
+
+    def __init__(self, *, tubelet: int, patch: int):
+        super().__init__()
+        self.pool = (tubelet, patch, patch)
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        grey = clips.mean(1)  # [B, T, H, W]
+        it = torch.diff(grey, dim=1, append=grey[:, -1:])
+        iy, ix = torch.gradient(grey, dim=(2, 3))
+        products = torch.stack([it * ix, it * iy, ix * ix, iy * iy, ix * iy, it * it], 1)  # [B, 6, T, H, W]
+        # x100: O(1) values, so the probe's LayerNorms do not drown them in eps
+        return 100 * F.avg_pool3d(products, self.pool, self.pool).flatten(2).transpose(1, 2)  # [B, N, 6]
+
+
+class ConstantEncoder(nn.Module):
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        return torch.ones(clips.shape[0], 128, 6)
+
+
+@pytest.fixture(scope="module")
+def probe_data(tmp_path_factory):
+    """160 train / 80 val videos (every (digit, motion) pair equally often), 2 val views."""
+    from pipeline.digits import write_moving_digits
+
+    out = str(tmp_path_factory.mktemp("probe-digits"))
+    write_moving_digits(out, seed=5, num_train=160, num_val=80, samples_per_shard=80, progress=False)
+    cfg = tiny_config("probe.eval_views=2")
+    return cfg, load_probe_data(cfg, out, progress=False)
+
+
+def grid_cfg(**overrides) -> ProbeConfig:
+    return ProbeConfig(**{"heads": 2, "epochs": 15, "lrs": [1e-3, 1e-2], "wds": [0.01]} | overrides)
+
+
+def features(encoder: nn.Module, loaded) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        encode_features(encoder, loaded.train.clips, batch_size=64),
+        encode_features(encoder, loaded.val.clips, batch_size=64),
+    )
+
+
+def test_labelled_views(probe_data):
+    _, loaded = probe_data
+    val = loaded.val
+    assert len(val.keys) == 80 and val.clips.shape == (160, 3, 16, 32, 32)
+    assert val.video.tolist() == [i // 2 for i in range(160)]  # a video's views are adjacent rows
+    assert not torch.equal(val.clips[0], val.clips[1])  # view 1 is another crop and frame window
+    assert val.class_names["motion"] == ["right", "left", "down", "up"]
+    assert torch.bincount(val.labels["motion"]).tolist() == [20] * 4
+
+
+def test_probe_reads_motion_from_an_informative_encoder_and_grid_reports_best(probe_data):
+    cfg, loaded = probe_data
+    train_x, val_x = features(FlowEncoder(tubelet=cfg.model.tubelet, patch=cfg.model.patch_size), loaded)
+    r = train_probe_grid(
+        train_x, loaded.train.labels["motion"], val_x, loaded.val.row_labels("motion"),
+        num_classes=4, probe_cfg=grid_cfg(), encoder_heads=2, val_groups=loaded.val.video,
+    )
+    assert r["chance"] == 0.25 and r["num_val"] == 80 and r["val_views"] == 160
+    # measured: 0.59 / 0.975 (lr 1e-3 / 1e-2) on this draw, 0.34 / 0.71 on another (seed 6)
+    assert r["top1"] >= 0.6, r
+    accs = [h["top1"] for h in r["heads"]]
+    assert len(set(accs)) > 1, accs  # the settings matter
+    best = max(r["heads"], key=lambda h: h["top1"])
+    assert (r["top1"], r["lr"], r["wd"]) == (best["top1"], best["lr"], best["wd"])
+    assert r["train_loss"] == best["train_loss"] and len(r["train_loss"]) == 15
+
+
+@pytest.mark.parametrize("task", ["appearance", "motion"])
+def test_constant_encoder_lands_at_chance(probe_data, task):
+    cfg, loaded = probe_data
+    train_x, val_x = features(ConstantEncoder(), loaded)
+    r = train_probe_grid(
+        train_x, loaded.train.labels[task], val_x, loaded.val.row_labels(task),
+        num_classes=len(loaded.train.class_names[task]), probe_cfg=grid_cfg(epochs=3, lrs=[3e-3]),
+        encoder_heads=2, val_groups=loaded.val.video,
+    )
+    # the same prediction for every clip: exactly the share of one class, at most the majority rate
+    assert r["top1"] <= r["chance"] + 1e-9 and r["chance"] == 1 / r["num_classes"], r
+
+
+def test_grid_heads_train_as_if_alone_on_the_same_batches():
+    """One pass: a head's result in the grid equals training it alone (same init, same
+    batch order), and a diverging head does not stop the others."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 8, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
+    cfg = ProbeConfig(heads=2, depth=2, epochs=2, batch_size=8, lrs=[1e-3, 1e9], wds=[0.0, 0.1], warmup_epochs=1)
+    grid = train_probe_grid(x, y, x, y, num_classes=3, probe_cfg=cfg, encoder_heads=2)
+    alone_cfg = dataclasses.replace(cfg, lrs=[1e-3], wds=[0.1])
+    alone = train_probe_grid(x, y, x, y, num_classes=3, probe_cfg=alone_cfg, encoder_heads=2)
+    assert [(h["lr"], h["wd"]) for h in grid["heads"]] == [(1e-3, 0.0), (1e-3, 0.1), (1e9, 0.0), (1e9, 0.1)]
+    assert grid["heads"][1]["train_loss"] == alone["heads"][0]["train_loss"]
+    assert grid["heads"][1]["top1"] == alone["heads"][0]["top1"]
+    assert grid["heads"][0]["train_loss"] != grid["heads"][1]["train_loss"]
+    assert all(h["diverged_step"] is not None and h["top1"] is None for h in grid["heads"][2:])
+    assert grid["lr"] == 1e-3
+
+
+def test_multi_view_softmax_averaging():
+    # video 0: views disagree, the average picks class 1; video 1: both views say class 0
+    probs = torch.tensor([[0.6, 0.4], [0.1, 0.9], [0.8, 0.2], [0.7, 0.3]])
+    y = torch.tensor([1, 1, 0, 0])
+    groups = torch.tensor([0, 0, 1, 1])
+    assert top1(probs, y) == 0.75  # per view
+    assert top1(probs, y, groups) == 1.0  # per video, after averaging
+    with pytest.raises(ValueError, match="different labels"):
+        top1(probs, torch.tensor([1, 0, 0, 0]), groups)
+
+
+def test_label_layouts():
+    assert label_of({"appearance": 3, "motion": 1}, "appearance", key="k") == 3  # moving digits
+    assert label_of({"label": "cat", "label_index": 2}, "label", key="k") == 2  # make data SRC=...
+    with pytest.raises(ValueError, match="no integer label for task 'motion'"):
+        label_of({"label": "cat"}, "motion", key="k")
+
+
+def test_probe_refuses_data_without_val_split(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(FileNotFoundError, match="no val/ folder"):
+        load_labelled(str(tmp_path), "val", tiny_config().data)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> tuple[str, nn.Module]:
+    cfg = tiny_config("model.student=vit_cpu_xs")
+    torch.manual_seed(3)
+    encoder = build_encoder(cfg, "vit_cpu_xs")
+    meta = {"role": "student", "encoder": {"size": "vit_cpu_xs", "width": encoder.width}, "config": to_dict(cfg),
+            "step": 7}
+    run = tmp_path / "student"
+    run.mkdir()
+    save_checkpoint(run, {"encoder": encoder}, torch.optim.AdamW(encoder.parameters()), meta)
+    return str(run), encoder
+
+
+def test_load_encoder_from_checkpoint_and_geometry_check(tiny_checkpoint):
+    run, saved = tiny_checkpoint
+    encoder, description = load_encoder(run, tiny_config())
+    clips = torch.randn(1, 3, 16, 32, 32)
+    assert torch.equal(encoder(clips), saved.eval()(clips)) and "student vit_cpu_xs" in description
+    with pytest.raises(ValueError, match="data.crop_size=64 but checkpoint"):
+        load_encoder(run, tiny_config("data.crop_size=64"))
+    # every encoder is checked before the (slow) decoding starts: DATA is never read here
+    with pytest.raises(FileNotFoundError, match="no checkpoint.json"):
+        probe_encoders({"ok": run, "typo": run + "x"}, tiny_config(), "/nonexistent", "/nonexistent")
+
+
+def test_probe_job_end_to_end(tiny_checkpoint, digits, tmp_path, capsys):
+    run, _ = tiny_checkpoint
+    out = tmp_path / "probe"
+    argv = ["--ckpt", run, "--data", digits, "--out", str(out), "--no-progress", "probe.epochs=2", "probe.eval_views=2"]
+    results = probe_job.main(argv)
+    assert set(results) == {"appearance", "motion"}
+    saved = json.loads((out / "probe_results.json").read_text())
+    assert saved["checkpoint"] == run and saved["tasks"]["motion"]["num_val"] == 8
+    assert 0 <= saved["tasks"]["appearance"]["top1"] <= 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["task"], r["epoch"]) for r in records] == [(t, e) for t in ("appearance", "motion") for e in (1, 2)]
+    assert (out / "probe_loss.png").read_bytes()[:8] == PNG_MAGIC
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["hflip_prob"] == 0.0  # as probed
+    assert (out / "run_info.yaml").is_file()
+    assert "motion" in capsys.readouterr().out
+
+
+def test_plot_loss_curves_writes_png(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1 / s}) for s in range(1, 6)] + ['{"step": 5, "val_top1": 0.5}']
+    metrics.write_text("\n".join(lines) + "\n")
+    png = plot_loss_curves(metrics, tmp_path / "plots" / "loss.png", title="teacher")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    grouped = [{"task": t, "epoch": e, "loss": e * k} for k, t in enumerate(("a", "b"), 1) for e in (1, 2)]
+    assert plot_loss_curves(grouped, tmp_path / "g.png", x="epoch", group_by="task").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_r_squared_and_scatter_fit(tmp_path):
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=12)
+    ys = 2 * xs + rng.normal(scale=0.5, size=12)
+    assert r_squared(xs, ys) == pytest.approx(np.corrcoef(xs, ys)[0, 1] ** 2, rel=1e-9)
+    assert r_squared([0, 1, 2], [1, 3, 5]) == pytest.approx(1.0)
+    png = plot_scatter_fit(xs, ys, [f"s{i}" for i in range(12)], tmp_path / "fit.png", xlabel="student loss", ylabel="top-1")
+    assert png.read_bytes()[:8] == PNG_MAGIC
