@@ -53,6 +53,10 @@ SWEEP = $(if $(filter jobs/configs/tiny.yaml,$(CONFIG)),jobs/configs/sweep-demo.
 sweep: setup $(DATA_DEP)
 	$(PY) -m jobs.sweep --sweep $(SWEEP) --data $(DATA) --run $(RUN) --store $(STORE)
 
+# CKPT: teacher/student run folder (or a snapshot), or random:<size>; TASK: one task of labels.json (default: all)
+probe: setup $(DATA_DEP)
+	$(PY) -m jobs.probe --ckpt $(CKPT) --config $(CONFIG) --data $(DATA) $(if $(TASK),--task $(TASK)) $(if $(OUT),--out $(OUT)) $(ARGS)
+
 # RUNS: student run folders; every snapshot and final checkpoint is probed, R^2 of accuracy on loss.
 select: setup $(DATA_DEP)
 	$(PY) -m jobs.select $(RUNS) --config $(CONFIG) --data $(DATA) $(ARGS)
