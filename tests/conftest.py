@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +33,15 @@ FAST = [
 def _repo_root():
     os.chdir(ROOT)
     torch.set_num_threads(1)  # Ray workers and the test process share two cores
+
+
+def tree_digest(root: str) -> str:
+    """sha256 over every file's relative path and bytes: equal digests, untouched tree."""
+    h = hashlib.sha256()
+    for f in sorted(Path(root).rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(root)).encode() + f.read_bytes())
+    return h.hexdigest()
 
 
 def tiny_config(*overrides: str):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import json
 import os
@@ -24,7 +23,7 @@ from pipeline.shards import index_shard, list_shards
 from pipeline.stream import ShardedClips
 from pipeline.targets import CorruptStoreError, committed_shards, verify_store
 from salt.train.teacher import load_frozen_teacher
-from tests.conftest import FAST, ROOT, tiny_config
+from tests.conftest import FAST, ROOT, tiny_config, tree_digest
 from tests.test_pipeline import assert_same_store
 from tests.test_store_integrity import extract_cli
 
@@ -148,14 +147,7 @@ def test_hostile_tar_members_are_never_followed(tmp_path):
 
 
 def test_four_students_and_a_verify_on_one_store(store_fp32, digits, tmp_path):
-    def digest(root: str) -> str:
-        h = hashlib.sha256()
-        for f in sorted(Path(root).rglob("*")):
-            if f.is_file():
-                h.update(str(f.relative_to(root)).encode() + f.read_bytes())
-        return h.hexdigest()
-
-    before = digest(store_fp32)
+    before = tree_digest(store_fp32)
     students = [
         subprocess.Popen([sys.executable, "-m", "jobs.student", "--data", digits, "--run", str(tmp_path / f"s{i}"), "--store", store_fp32,
                           "--no-progress", *FAST, "student.optim.steps=2", f"student.seed={i}"],
@@ -167,4 +159,4 @@ def test_four_students_and_a_verify_on_one_store(store_fp32, digits, tmp_path):
     assert verify.returncode == 0 and "verify: 0 problem(s)" in verify.stdout
     assert all(rc == 0 for rc, _ in results), results
     assert all(json.loads((tmp_path / f"s{i}" / "student" / "checkpoint.json").read_text())["step"] == 2 for i in range(4))
-    assert digest(store_fp32) == before
+    assert tree_digest(store_fp32) == before

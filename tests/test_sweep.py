@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -11,15 +10,7 @@ import yaml
 
 from pipeline.sweep import load_sweep, run_sweep
 from salt.config import ConfigError
-from tests.conftest import FAST, ROOT, TINY
-
-
-def tree_digest(root: str) -> str:
-    h = hashlib.sha256()
-    for f in sorted(Path(root).rglob("*")):
-        if f.is_file():
-            h.update(str(f.relative_to(root)).encode() + f.read_bytes())
-    return h.hexdigest()
+from tests.conftest import FAST, ROOT, TINY, tree_digest
 
 
 def write_sweep(path: Path, **fields) -> Path:
