@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
+
+import torch
 
 from jobs import data, extract_targets, student, teacher
 from jobs.cli import config_from
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     s = timed("student", student.main, common)
     cfg = config_from(args)
     run = Path(args.run)
+    torch.set_num_threads(os.cpu_count() or 1)  # the stages ran at one thread; the probe runs alone
     specs = {"teacher": str(run / "teacher"), "student": str(run / "student"), "random": f"random:{cfg.model.student}"}
     probes = timed("probe", lambda _: probe_encoders(specs, cfg, args.data, run / "probe", progress=True), None)
     summary = {

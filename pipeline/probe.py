@@ -36,9 +36,11 @@ class ProbeData:
 
 
 def probe_data_config(cfg: Config) -> Config:
-    # No horizontal flip: it turns "right" into "left", so a flipped clip would carry the
-    # wrong motion label. Frames and crop box are unchanged (same draws from (seed, key, view)).
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, hflip_prob=0.0))
+    """Evaluation clips: the whole frame (the crop box covers it, as a centre crop of a square
+    video would), no flip. A random crop can cut the object out of view and a flip turns
+    "right" into "left": both would make labels wrong. The frames still come from (seed, key, view)."""
+    data = dataclasses.replace(cfg.data, hflip_prob=0.0, crop_area=(1.0, 1.0), crop_aspect=(1.0, 1.0))
+    return dataclasses.replace(cfg, data=data)
 
 
 def load_probe_data(cfg: Config, data: str, *, tasks: list[str] | None = None, progress: bool = True) -> ProbeData:

@@ -44,6 +44,8 @@ class ModelConfig:
     predictor_depth: int = 12
     predictor_heads: int = 12
     attention: str = "auto"  # auto | sdpa | xformers
+    # stage 1 targets: per-tubelet normalised pixels (METHOD.md); false: the clip's pixels as they are
+    pixel_norm: bool = True
 
 
 @dataclass(kw_only=True)

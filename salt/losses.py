@@ -30,14 +30,16 @@ def patchify(clips: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
     return x.reshape(b, -1, tubelet * patch * patch, c)
 
 
-def pixel_targets(clips: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
+def pixel_targets(clips: torch.Tensor, tubelet: int, patch: int, *, normalize: bool = True) -> torch.Tensor:
     """Per-tubelet, per-channel normalised pixels (VideoMAE's norm_pix_loss) -> [B, N, tubelet*p*p*C].
 
     Per-channel statistics make the targets invariant to the ImageNet mean/std applied
-    to the clip, so stage 1 can take the normalised clip directly.
+    to the clip, so stage 1 can take the normalised clip directly. normalize=False gives
+    the clip's own (ImageNet-normalised) pixels, colour and brightness included.
     """
     x = patchify(clips.float(), tubelet, patch)
-    x = (x - x.mean(dim=-2, keepdim=True)) / (x.var(dim=-2, unbiased=True, keepdim=True).sqrt() + 1e-6)
+    if normalize:
+        x = (x - x.mean(dim=-2, keepdim=True)) / (x.var(dim=-2, unbiased=True, keepdim=True).sqrt() + 1e-6)
     return x.flatten(-2)
 
 

@@ -63,7 +63,7 @@ def train_teacher(
         state,
         run_dir,
         make_batches,
-        lambda batch: pixel_targets(batch["clips"], tubelet, patch),
+        lambda batch: pixel_targets(batch["clips"], tubelet, patch, normalize=cfg.model.pixel_norm),
         cfg.teacher,
         checkpoint_meta=meta,
         stop_after=stop_after,
