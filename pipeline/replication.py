@@ -31,9 +31,10 @@ from salt.runinfo import write_run_info
 class Study:
     config: str = "jobs/configs/tiny.yaml"
     teachers: dict[str, str] = dataclasses.field(default_factory=lambda: {"same": "vit_cpu_s", "small": "vit_cpu_xs"})
+    # about 1:4 teacher:student steps (the paper's best split is 40k:200k)
     teacher_steps: int = 780
-    student_steps: int = 2400
-    snapshot_every: int = 300
+    student_steps: int = 3000
+    snapshot_every: int = 375
     overrides: list[str] = dataclasses.field(default_factory=list)
 
     def arm_config(self, teacher: str) -> Config:

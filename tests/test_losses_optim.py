@@ -17,6 +17,13 @@ def test_pixel_targets_ignore_per_channel_affine_normalisation():
     torch.testing.assert_close(t.mean(2), torch.zeros(2, 8, 3), atol=1e-5, rtol=0)
 
 
+def test_raw_pixel_targets_are_the_patches_themselves():
+    clips = torch.randn(2, 3, 4, 16, 16)
+    raw = pixel_targets(clips, 2, 8, normalize=False)
+    torch.testing.assert_close(raw, patchify(clips, 2, 8).flatten(-2))
+    assert not torch.allclose(raw, pixel_targets(clips, 2, 8))
+
+
 def test_patchify_follows_token_order():
     clips = torch.zeros(1, 3, 4, 16, 16)
     clips[0, :, 2:4, 8:16, 0:8] = 1.0  # t-block 1, h-block 1, w-block 0 -> token 1*4 + 1*2 + 0
