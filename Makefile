@@ -55,10 +55,12 @@ sweep: setup $(DATA_DEP)
 
 # CKPT: teacher/student run folder (or a snapshot), or random:<size>; TASK: one task of labels.json (default: all)
 probe: setup $(DATA_DEP)
+	@test -n "$(CKPT)" || { echo "make probe needs CKPT=<teacher or student run folder, or random:SIZE>"; exit 2; }
 	$(PY) -m jobs.probe --ckpt $(CKPT) --config $(CONFIG) --data $(DATA) $(if $(TASK),--task $(TASK)) $(if $(OUT),--out $(OUT)) $(ARGS)
 
 # RUNS: student run folders; every snapshot and final checkpoint is probed, R^2 of accuracy on loss.
 select: setup $(DATA_DEP)
+	@test -n "$(RUNS)" || { echo "make select needs RUNS=\"<student run folder> ...\""; exit 2; }
 	$(PY) -m jobs.select $(RUNS) --config $(CONFIG) --data $(DATA) $(ARGS)
 
 # The CPU-scale replication study (about 40 min here) -> runs/replication, REPLICATION.md.
