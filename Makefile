@@ -63,7 +63,7 @@ select: setup $(DATA_DEP)
 	@test -n "$(RUNS)" || { echo "make select needs RUNS=\"<student run folder> ...\""; exit 2; }
 	$(PY) -m jobs.select $(RUNS) --config $(CONFIG) --data $(DATA) $(ARGS)
 
-# The CPU-scale replication study (about 40 min here) -> runs/replication, REPLICATION.md.
+# The CPU-scale replication study (42 min here) -> runs/replication, REPLICATION.md.
 replicate: setup $(DEFAULT_DATA)/labels.json
 	$(PY) -m jobs.replicate --data $(DEFAULT_DATA) --command "make replicate $(ARGS)" $(ARGS)
 

@@ -118,8 +118,10 @@ def _fit(task_report: dict) -> str:
 
 def write_report(result: dict, path: str | Path, *, command: str, out: str | Path) -> str:
     """REPLICATION.md from a study's result: what was run, and the figures it produced."""
-    from salt.runinfo import git_commit
+    import yaml
 
+    info = Path(out) / "run_info.yaml"  # the code that ran the study, even if the report is rewritten later
+    commit = yaml.safe_load(info.read_text())["git_commit"] if info.is_file() else "unknown"
     study, probes, arms = result["study"], result["probes"], list(result["study"]["teachers"])
     tasks = sorted(next(iter(probes.values())))
     final = final_points(result["selection"]["points"])
@@ -127,10 +129,10 @@ def write_report(result: dict, path: str | Path, *, command: str, out: str | Pat
     lines = [
         "# Replication at CPU scale",
         "",
-        f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}, commit `{git_commit()}`, in "
+        f"Produced by `{command.strip()}` on {time.strftime('%Y-%m-%d')}, commit `{commit}`, in "
         f"{sum(result['wall_s'].values()) / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in result['wall_s'].items())}).",
         f"Data: `{result['data']}` (moving digits: `appearance` = which digit, 10 classes; `motion` = direction, 4 classes).",
-        f"Config: `{study['config']}` {' '.join(study['overrides'])}. Teachers: "
+        f"Config: `{study['config']}`{' ' + ' '.join(study['overrides']) if study['overrides'] else ''}. Teachers: "
         + ", ".join(f"{arm} = `{size}`" for arm, size in study["teachers"].items())
         + f", {study['teacher_steps']} steps each; students `{result['student_size']}`"
         f" on each teacher's targets, {study['student_steps']} steps (snapshots every {study['snapshot_every']}).",
@@ -178,6 +180,12 @@ def write_report(result: dict, path: str | Path, *, command: str, out: str | Pat
 def _findings(result: dict, tasks: list[str], final: dict[str, str], arms: list[str]) -> list[str]:
     """Plain statements read off the numbers, whichever way they came out."""
     probes, out = result["probes"], []
+    n_val = next(iter(probes["random"].values()))["num_val"]
+    noise = {t: 2 * (probes["random"][t]["chance"] * (1 - probes["random"][t]["chance"]) / n_val) ** 0.5 for t in tasks}
+    for t in tasks:
+        above = [name for name, r in probes.items() if r[t]["top1"] - r[t]["chance"] > noise[t]]
+        out.append(f"{t}: with {n_val} val videos, two standard errors of a top-1 near chance are "
+                   f"{_pct(noise[t])} points; above chance by more than that: {', '.join(sorted(above)) or 'no encoder'}.")
     for arm in arms:
         for t in tasks:
             s, te, floor = probes[final[arm]][t]["top1"], probes[f"teacher-{arm}"][t]["top1"], probes["random"][t]["top1"]
