@@ -17,6 +17,7 @@ views the store holds, view = epoch % views_per_clip, and reads the matching row
 
 from __future__ import annotations
 
+import hashlib
 from typing import Iterator
 
 import numpy as np
@@ -105,6 +106,18 @@ class ShardedClips(IterableDataset):
             raise ValueError(
                 f"{self.samples_per_epoch} samples per rank cannot fill one batch of {batch_size}: lower the batch size"
             )
+        # What a checkpointed position depends on. Every batch carries it (it travels to the
+        # checkpoint), so it is built once here; the shard list goes in as a digest, not 10^4 names.
+        names = "\n".join(shard_name(s) for s in shards)
+        self._identity = {
+            "world_size": world_size,
+            "batch_size": batch_size,
+            "seed": cfg.data.seed,
+            "shuffle_buffer": cfg.data.shuffle_buffer,
+            "num_shards": len(shards),
+            "shards_sha256": hashlib.sha256(names.encode()).hexdigest(),
+            "samples": sum(len(k) for k in self.keys),
+        }
         self._order: list[tuple[int, str]] = []
         self._order_epoch = -1
 
@@ -125,16 +138,7 @@ class ShardedClips(IterableDataset):
 
     def state_dict(self, next_batch: int | None = None) -> dict:
         """The position (next batch to yield) and what must match for that position to mean the same samples."""
-        return {
-            "next_batch": self.start_batch if next_batch is None else next_batch,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "batch_size": self.batch_size,
-            "seed": self.cfg.data.seed,
-            "shuffle_buffer": self.cfg.data.shuffle_buffer,
-            "shards": [shard_name(s) for s in self.shards],
-            "samples": sum(len(k) for k in self.keys),
-        }
+        return {"next_batch": self.start_batch if next_batch is None else next_batch, "rank": self.rank, **self._identity}
 
     def at(self, state: dict | None) -> "ShardedClips":
         """This stream from a checkpointed position (None: from its start_batch)."""
@@ -144,7 +148,7 @@ class ShardedClips(IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        for field in ("world_size", "batch_size", "seed", "shuffle_buffer", "shards", "samples"):
+        for field in self._identity:
             if state.get(field) != mine[field]:
                 raise LoaderStateMismatch(
                     f"cannot resume the loader exactly: the checkpoint's loader had {field}={state.get(field)!r} "

@@ -72,21 +72,12 @@ def variant_configs(sweep: SweepConfig) -> dict[str, Config]:
     return configs
 
 
-def _finished(run_dir: Path, cfg: Config) -> dict | None:
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        done = json.loads(summary.read_text())
-        if done["step"] >= cfg.student.optim.steps:
-            return done
-    return None
-
-
 def train_variant(cfg_dict: dict, data: str, store: str, run_dir: str, progress: bool) -> dict:
     """One student; takes a plain dict so it can travel to a Ray worker."""
     cfg = from_dict(Config, cfg_dict)
     if cfg.student.torch_threads:
         torch.set_num_threads(cfg.student.torch_threads)
-    return _finished(Path(run_dir), cfg) or run_student(cfg, data, store, run_dir, progress=progress)
+    return run_student(cfg, data, store, run_dir, progress=progress)  # a finished run reports its summary.json
 
 
 def run_sweep(sweep: SweepConfig, *, data: str, store: str, out: str | Path, progress: bool = True) -> list[dict]:

@@ -164,7 +164,7 @@ def run_training(
     )
     history: list[float] = []
     wait_total = compute_total = 0.0
-    iterator = iter(batches)
+    iterator = iter(batches) if state.step < last else None  # a finished run starts no loader workers
     start_step = state.step
     t_start = time.perf_counter()
     while state.step < last:
