@@ -1,4 +1,4 @@
-"""Attentive probe: reads an informative encoder, cannot read a constant one; the grid is
+"""Attentive probe: reads a trained encoder, cannot read a constant one; the grid is
 one pass of independent heads; multi-view softmax averaging; `make probe` end to end; plots."""
 
 from __future__ import annotations
@@ -26,46 +26,55 @@ from tests.conftest import tiny_config
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-class FlowEncoder(nn.Module):
-    """An honest informative encoder that costs nothing to "train": per token, the
-    Lucas-Kanade products of the grey clip. A translating edge has I_t = -(v . grad I),
-    so the signs of I_t I_x and I_t I_y give the direction of travel; the background is
-    static, so only the digit's tokens carry it and the probe has to find them.
-
-    Why not a randomly initialised ViT: measured on the default moving digits (512 train,
-    256 val, tiny config, 20 epochs) it sits at chance on both tasks (appearance 0.109,
-    majority 0.109; motion 0.262, chance 0.25), and linear probes on its flattened tokens
-    or on raw pixels fit the train set exactly and stay near chance on val. Its tokens
-    hardly mix at initialisation, and the probe (no position embedding) sees a set.
-    """
-
-    def __init__(self, *, tubelet: int, patch: int):
-        super().__init__()
-        self.pool = (tubelet, patch, patch)
-
-    def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        grey = clips.mean(1)  # [B, T, H, W]
-        it = torch.diff(grey, dim=1, append=grey[:, -1:])
-        iy, ix = torch.gradient(grey, dim=(2, 3))
-        products = torch.stack([it * ix, it * iy, ix * ix, iy * iy, ix * iy, it * it], 1)  # [B, 6, T, H, W]
-        # x100: O(1) values, so the probe's LayerNorms do not drown them in eps
-        return 100 * F.avg_pool3d(products, self.pool, self.pool).flatten(2).transpose(1, 2)  # [B, N, 6]
-
-
 class ConstantEncoder(nn.Module):
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         return torch.ones(clips.shape[0], 128, 6)
 
 
 @pytest.fixture(scope="module")
-def probe_data(tmp_path_factory):
-    """160 train / 80 val videos (every (digit, motion) pair equally often), 2 val views."""
+def probe_digits(tmp_path_factory) -> str:
+    """160 train / 80 val videos, every (digit, motion) pair equally often."""
     from pipeline.digits import write_moving_digits
 
     out = str(tmp_path_factory.mktemp("probe-digits"))
     write_moving_digits(out, seed=5, num_train=160, num_val=80, samples_per_shard=80, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def probe_data(probe_digits):
+    """The clips of probe_digits, 2 views per val video."""
     cfg = tiny_config("probe.eval_views=2")
-    return cfg, load_probe_data(cfg, out, progress=False)
+    return cfg, load_probe_data(cfg, probe_digits, progress=False)
+
+
+def train_motion_encoder(clips: torch.Tensor, motion: torch.Tensor, *, steps: int = 600, seed: int = 0) -> nn.Module:
+    """A vit_cpu_xs trained from scratch, with labels, to tell the direction of travel from its
+    mean-pooled tokens: a trained encoder known to carry motion, the probe's positive control.
+
+    Why supervised: no self-supervised encoder this project trains on a CPU carries either task of
+    the embedded data (REPLICATION.md). Measured on probe_digits: the encoder's own linear head
+    starts to learn after ~150 steps; at 600 steps the probe reads 0.76 / 0.81 (seed 0 / 1) on val.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = build_encoder(tiny_config(), "vit_cpu_xs")
+        head = nn.Linear(encoder.width, 4)
+    optim = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.05)
+    order = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(len(clips), (16,), generator=order)
+        loss = F.cross_entropy(head(encoder(clips[idx]).mean(1)), motion[idx])
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+    return encoder.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def motion_encoder(probe_data) -> nn.Module:
+    _, loaded = probe_data
+    return train_motion_encoder(loaded.train.clips, loaded.train.labels["motion"])
 
 
 def grid_cfg(**overrides) -> ProbeConfig:
@@ -89,21 +98,40 @@ def test_labelled_views(probe_data):
     assert torch.bincount(val.labels["motion"]).tolist() == [20] * 4
 
 
-def test_probe_reads_motion_from_an_informative_encoder_and_grid_reports_best(probe_data):
-    cfg, loaded = probe_data
-    train_x, val_x = features(FlowEncoder(tubelet=cfg.model.tubelet, patch=cfg.model.patch_size), loaded)
+def test_probe_reads_motion_from_a_trained_encoder_and_grid_reports_best(probe_data, motion_encoder):
+    _, loaded = probe_data
+    train_x, val_x = features(motion_encoder, loaded)
     r = train_probe_grid(
         train_x, loaded.train.labels["motion"], val_x, loaded.val.row_labels("motion"),
         num_classes=4, probe_cfg=grid_cfg(), encoder_heads=2, val_groups=loaded.val.video,
     )
     assert r["chance"] == 0.25 and r["num_val"] == 80 and r["val_views"] == 160
-    # measured: 0.59 / 0.975 (lr 1e-3 / 1e-2) on this draw, 0.34 / 0.71 on another (seed 6)
-    assert r["top1"] >= 0.6, r
+    assert r["top1"] >= 0.6, r  # chance 0.25
     accs = [h["top1"] for h in r["heads"]]
     assert len(set(accs)) > 1, accs  # the settings matter
     best = max(r["heads"], key=lambda h: h["top1"])
     assert (r["top1"], r["lr"], r["wd"]) == (best["top1"], best["lr"], best["wd"])
     assert r["train_loss"] == best["train_loss"] and len(r["train_loss"]) == 15
+
+
+def test_make_probe_path_on_a_trained_checkpoint_beats_the_random_floor(probe_digits, motion_encoder, tmp_path):
+    """Checkpoint folder -> load_encoder -> decode -> probe, as `make probe` runs it, next to a
+    random-init encoder of the same size: training, not the probe, is what puts motion there."""
+    cfg = tiny_config("probe.eval_views=2", "model.student=vit_cpu_xs")
+    run = tmp_path / "student"
+    run.mkdir()
+    meta = {"role": "student", "encoder": {"size": "vit_cpu_xs", "width": motion_encoder.width},
+            "config": to_dict(cfg), "step": 600}
+    save_checkpoint(run, {"encoder": motion_encoder}, torch.optim.AdamW(motion_encoder.parameters()), meta)
+    results = probe_encoders(
+        {"trained": str(run), "random": "random:vit_cpu_xs"}, cfg, probe_digits, tmp_path / "probe",
+        tasks=["motion"], progress=False,
+    )
+    trained, floor = results["trained"]["motion"], results["random"]["motion"]
+    assert trained["chance"] == 0.25 and trained["num_val"] == 80
+    assert trained["top1"] >= 0.6 and trained["top1"] >= floor["top1"] + 0.2, (trained["top1"], floor["top1"])
+    saved = json.loads((tmp_path / "probe" / "trained" / "probe_results.json").read_text())
+    assert saved["tasks"]["motion"]["top1"] == trained["top1"] and "step 600" in saved["encoder"]
 
 
 @pytest.mark.parametrize("task", ["appearance", "motion"])
