@@ -3,6 +3,7 @@ random:<size> for the untrained floor) on a labelled dataset's train/ and val/ s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from jobs.cli import config_from, parser
@@ -38,7 +39,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         )
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"probe error: {e}") from None
+    features = json.loads((out / "probe_results.json").read_text())["features"]
     print(f"probe of {args.ckpt} -> {out}")
+    print(f"frozen tokens: width {features['width']}, effective rank (RankMe) {features['effective_rank']}")
     print(format_table(results))
     return results
 

@@ -18,7 +18,7 @@ from pipeline.labelled import LabelledClips, load_labelled
 from salt.config import Config, from_dict
 from salt.models.vit import VideoViT, vit_size
 from salt.plots import plot_loss_curves
-from salt.probe import encode_features, train_probe_grid
+from salt.probe import effective_rank, encode_features, train_probe_grid
 from salt.runinfo import write_run_info
 from salt.train.checkpoint import has_checkpoint, load_module_weights, read_meta
 from salt.train.teacher import build_encoder
@@ -102,6 +102,7 @@ def probe_encoder(
     train_x = encode_features(encoder, loaded.train.clips, batch_size=cfg.probe.batch_size)  # [N, tokens, D]
     val_x = encode_features(encoder, loaded.val.clips, batch_size=cfg.probe.batch_size)  # [M * views, tokens, D]
     encode_s = time.perf_counter() - t0
+    feature_stats = {"width": train_x.shape[-1], "effective_rank": round(effective_rank(train_x), 2)}  # train split
     results = {}
     for task, names in loaded.train.class_names.items():
         t0 = time.perf_counter()
@@ -120,21 +121,21 @@ def probe_encoder(
     write_probe(
         out_dir, cfg, results, checkpoint=spec, encoder=description, data=data,
         timing={"decode_s": round(loaded.decode_s, 2), "encode_s": round(encode_s, 2)},
-        decode_errors=loaded.train.errors + loaded.val.errors,
+        decode_errors=loaded.train.errors + loaded.val.errors, features=feature_stats,
     )
     return results
 
 
 def write_probe(
     out_dir: str | Path, cfg: Config, results: dict[str, dict], *, checkpoint: str, encoder: str, data: str,
-    timing: dict, decode_errors: list[dict],
+    timing: dict, decode_errors: list[dict], features: dict,
 ) -> None:
-    """config.yaml + run_info.yaml, probe_results.json, metrics.jsonl (per task and epoch,
-    the best head's mean train loss) and probe_loss.png."""
+    """config.yaml + run_info.yaml, probe_results.json (with the train tokens' width and
+    effective rank), metrics.jsonl (per task and epoch, the best head's mean train loss) and probe_loss.png."""
     out = Path(out_dir)
     write_run_info(out, probe_data_config(cfg), checkpoint=checkpoint, encoder=encoder, data=data)  # as used
     summary = {"checkpoint": checkpoint, "encoder": encoder, "data": data, "timing": timing,
-               "decode_errors": decode_errors, "tasks": results}
+               "decode_errors": decode_errors, "features": features, "tasks": results}
     (out / "probe_results.json").write_text(json.dumps(summary, indent=1))
     records = [
         {"task": task, "epoch": epoch, "loss": loss, "lr": r["lr"], "wd": r["wd"]}

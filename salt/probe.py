@@ -41,6 +41,17 @@ def encode_features(
     return torch.cat(out)
 
 
+def effective_rank(features: torch.Tensor) -> float:
+    """RankMe (Garrido et al., 2023) of frozen tokens [..., D]: exp of the entropy of the token
+    matrix's normalised singular values; 1 when every token points the same way, D when all
+    directions are used alike. A collapse check, not a quality score (the SALT paper: RankMe
+    does not predict student quality). Through the D x D Gram matrix, so it costs O(N D^2)."""
+    x = features.reshape(-1, features.shape[-1]).double()
+    singular = torch.linalg.eigvalsh(x.T @ x).clamp_min(0).sqrt()
+    p = singular / singular.sum() + 1e-7
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
 def grid_settings(cfg: ProbeConfig) -> list[tuple[float, float]]:
     """(lr, wd) of every head, lr-major, in the order results report them."""
     return [(lr, wd) for lr in cfg.lrs for wd in cfg.wds]

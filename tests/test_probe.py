@@ -18,7 +18,7 @@ from pipeline.labelled import label_of, load_labelled
 from pipeline.probe import load_encoder, load_probe_data, probe_encoders
 from salt.config import ProbeConfig, to_dict
 from salt.plots import plot_loss_curves, plot_scatter_fit, r_squared
-from salt.probe import encode_features, top1, train_probe_grid
+from salt.probe import effective_rank, encode_features, top1, train_probe_grid
 from salt.train.checkpoint import save_checkpoint
 from salt.train.teacher import build_encoder
 from tests.conftest import tiny_config
@@ -54,7 +54,8 @@ def train_motion_encoder(clips: torch.Tensor, motion: torch.Tensor, *, steps: in
 
     Why supervised: no self-supervised encoder this project trains on a CPU carries either task of
     the embedded data (REPLICATION.md). Measured on probe_digits: the encoder's own linear head
-    starts to learn after ~150 steps; at 600 steps the probe reads 0.76 / 0.81 (seed 0 / 1) on val.
+    starts to learn after ~150 steps; at 600 steps the probe reads 0.76 / 0.81 on val
+    (init seed 0 / 1, batch order seed 0).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -175,6 +176,15 @@ def test_multi_view_softmax_averaging():
         top1(probs, torch.tensor([1, 0, 0, 0]), groups)
 
 
+def test_effective_rank_counts_the_directions_tokens_use():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.linalg.qr(torch.randn(64, 64, generator=g))[0][:, :8].T  # 8 orthonormal rows in 64 dims
+    assert effective_rank(spread.repeat(50, 1).view(20, 20, 64)) == pytest.approx(8, rel=1e-4)
+    one_way = torch.randn(20, 20, 1, generator=g) * torch.randn(64, generator=g)  # every token on one line
+    assert effective_rank(one_way) == pytest.approx(1, abs=1e-3)
+    assert 1 < effective_rank(one_way + 0.01 * torch.randn(20, 20, 64, generator=g)) < 8
+
+
 def test_label_layouts():
     assert label_of({"appearance": 3, "motion": 1}, "appearance", key="k") == 3  # moving digits
     assert label_of({"label": "cat", "label_index": 2}, "label", key="k") == 2  # make data SRC=...
@@ -221,13 +231,15 @@ def test_probe_job_end_to_end(tiny_checkpoint, digits, tmp_path, capsys):
     assert set(results) == {"appearance", "motion"}
     saved = json.loads((out / "probe_results.json").read_text())
     assert saved["checkpoint"] == run and saved["tasks"]["motion"]["num_val"] == 8
+    assert saved["features"]["width"] == 64 and 1 <= saved["features"]["effective_rank"] <= 64
     assert 0 <= saved["tasks"]["appearance"]["top1"] <= 1
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["task"], r["epoch"]) for r in records] == [(t, e) for t in ("appearance", "motion") for e in (1, 2)]
     assert (out / "probe_loss.png").read_bytes()[:8] == PNG_MAGIC
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["hflip_prob"] == 0.0  # as probed
     assert (out / "run_info.yaml").is_file()
-    assert "motion" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "motion" in printed and f"effective rank (RankMe) {saved['features']['effective_rank']}" in printed
 
 
 def test_plot_loss_curves_writes_png(tmp_path):
