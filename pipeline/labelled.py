@@ -1,32 +1,32 @@
 """A labelled split in memory: clips (V views per video) and an integer label per task.
 
 For the probe, which reads a split many times (once per encoder and per task) but
-can afford to decode it only once. Clips go through `load_clip`, so view v of a video
-is the same frames and crop every stage would see for (seed, key, v).
+can afford to decode it only once. Window v of a video is the frames every stage would
+see for (seed, key, v) (`pipeline.video.decode`); the crops are evaluation crops, never flipped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from pipeline import fs
 from pipeline.shards import index_shard, iter_shard, list_shards
-from pipeline.video import VideoDecodeError, load_clip
+from pipeline.video import VideoDecodeError, augment, decode, spatial_crops
 from salt.config import DataConfig
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LabelledClips:
     keys: list[str]  # per video
     clips: torch.Tensor  # [videos * views, 3, T, S, S], the views of a video adjacent
     video: torch.Tensor  # [videos * views] index of each row's video (the softmax-averaging groups)
     labels: dict[str, torch.Tensor]  # task -> [videos]
     class_names: dict[str, list[str]]  # task -> names, in label-index order
-    views: int
+    views: int  # rows per video: temporal windows x spatial crops
     errors: list[dict]  # {key, reason} of videos skipped because they do not decode
 
     def row_labels(self, task: str) -> torch.Tensor:
@@ -55,9 +55,12 @@ def label_of(meta: dict, task: str, *, key: str) -> int:
 
 
 def load_labelled(
-    data: str, split: str, cfg: DataConfig, *, views: int = 1, tasks: list[str] | None = None, progress: bool = True
+    data: str, split: str, cfg: DataConfig, *, views: int = 1, crops: int = 1, tasks: list[str] | None = None,
+    progress: bool = True,
 ) -> LabelledClips:
-    """Decodes every video of `data/<split>` once per view; skips (and lists) videos that fail."""
+    """Decodes every video of `data/<split>` once per temporal window (`views`: the frames of
+    (seed, key, view)) and cuts `crops` spatial crops from each (`spatial_crops`, in place of
+    the config's random crop and flip); skips (and lists) videos that fail."""
     if not fs.isdir(fs.join(str(data).rstrip("/"), split)):
         # list_shards would fall back to the whole folder: train and val would be the same clips
         raise FileNotFoundError(f"DATA={data!r} has no {split}/ folder: the probe needs separate train/ and val/ shards")
@@ -77,7 +80,7 @@ def load_labelled(
         for sample in iter_shard(shard):
             bar.update()
             try:
-                views_of = [load_clip(sample.video, cfg, key=sample.key, view=v)[0] for v in range(views)]
+                windows = [decode(sample.video, cfg, key=sample.key, view=v) for v in range(views)]
             except VideoDecodeError as e:
                 errors.append({"key": sample.key, "reason": str(e)})
                 continue
@@ -87,16 +90,18 @@ def load_labelled(
                     raise ValueError(f"sample {sample.key!r}: {task} label {label} outside 0..{len(names[task]) - 1}")
                 labels[task].append(label)
             keys.append(sample.key)
-            clips.extend(views_of)
+            for frames, spec in windows:
+                for box in spatial_crops(frames.shape[1], frames.shape[2], crops):
+                    clips.append(augment(frames, dataclasses.replace(spec, crop=box, flip=False), cfg))
     bar.close()
     if not keys:
         raise ValueError(f"no decodable videos in {data}/{split} ({len(errors)} failed)")
     return LabelledClips(
         keys=keys,
         clips=torch.stack(clips),
-        video=torch.arange(len(keys)).repeat_interleave(views),
+        video=torch.arange(len(keys)).repeat_interleave(views * crops),
         labels={t: torch.tensor(v) for t, v in labels.items()},
         class_names={t: names[t] for t in tasks},
-        views=views,
+        views=views * crops,
         errors=errors,
     )

@@ -31,14 +31,14 @@ GEOMETRY = (("data", "frames"), ("data", "crop_size"), ("model", "patch_size"), 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ProbeData:
     train: LabelledClips  # 1 view per video
-    val: LabelledClips  # cfg.probe.eval_views views per video
+    val: LabelledClips  # eval_views x eval_crops views per video
     decode_s: float
 
 
 def probe_data_config(cfg: Config) -> Config:
-    """Evaluation clips: the whole frame (the crop box covers it, as a centre crop of a square
-    video would), no flip. A random crop can cut the object out of view and a flip turns
-    "right" into "left": both would make labels wrong. The frames still come from (seed, key, view)."""
+    """The data config as the probe uses it, for the run folder's record: no random crop (a crop
+    can cut the object out of view; `load_labelled` cuts `spatial_crops` instead), no flip (a flip
+    turns "right" into "left"). The frames still come from (seed, key, view)."""
     data = dataclasses.replace(cfg.data, hflip_prob=0.0, crop_area=(1.0, 1.0), crop_aspect=(1.0, 1.0))
     return dataclasses.replace(cfg, data=data)
 
@@ -47,7 +47,9 @@ def load_probe_data(cfg: Config, data: str, *, tasks: list[str] | None = None, p
     t0 = time.perf_counter()
     data_cfg = probe_data_config(cfg).data
     train = load_labelled(data, "train", data_cfg, views=1, tasks=tasks, progress=progress)
-    val = load_labelled(data, "val", data_cfg, views=cfg.probe.eval_views, tasks=tasks, progress=progress)
+    val = load_labelled(
+        data, "val", data_cfg, views=cfg.probe.eval_views, crops=cfg.probe.eval_crops, tasks=tasks, progress=progress
+    )
     return ProbeData(train=train, val=val, decode_s=time.perf_counter() - t0)
 
 

@@ -65,6 +65,17 @@ def crop_box(height: int, width: int, cfg: DataConfig, rng: np.random.Generator)
     return (height - side) // 2, (width - side) // 2, side, side
 
 
+def spatial_crops(height: int, width: int, num: int) -> list[tuple[int, int, int, int]]:
+    """Evaluation crop boxes (top, left, height, width): squares of the short side, at the
+    centre (num=1), or at the start, centre and end of the long side (num=3: the multi-view
+    protocol's three spatial views). On a square video every box is the whole frame."""
+    if num not in (1, 3):
+        raise ValueError(f"probe.eval_crops={num}: want 1 (centre) or 3 (start, centre, end of the long side)")
+    side = min(height, width)
+    positions = (1,) if num == 1 else (0, 1, 2)  # in halves of the slack along the long side
+    return [((height - side) * k // 2, (width - side) * k // 2, side, side) for k in positions]
+
+
 def sample_spec(
     cfg: DataConfig, *, key: str, view: int, num_frames: int, height: int, width: int, video_fps: float = 0.0
 ) -> SampleSpec:

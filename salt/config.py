@@ -120,8 +120,18 @@ class ProbeConfig:
     lrs: list[float] = field(default_factory=lambda: [1e-3])  # heads of the grid: every (lr, wd) pair
     wds: list[float] = field(default_factory=lambda: [0.01])
     warmup_epochs: int = 0
-    eval_views: int = 1  # > 1: the multi-view protocol, softmax averaged over views of each val video
+    # The multi-view protocol: eval_views temporal windows (seeded per view, as in training) x
+    # eval_crops spatial crops (1: centre square; 3: start, centre and end of the long side) per
+    # val video, softmax averaged over all of them. 1 x 1 is the fast protocol.
+    eval_views: int = 1
+    eval_crops: int = 1
     seed: int = 0
+
+    def __post_init__(self):
+        if self.eval_views < 1:
+            raise ConfigError(f"probe.eval_views={self.eval_views}: want at least 1")
+        if self.eval_crops not in (1, 3):
+            raise ConfigError(f"probe.eval_crops={self.eval_crops}: want 1 (centre) or 3 (start, centre, end)")
 
 
 @dataclass(kw_only=True)

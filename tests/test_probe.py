@@ -15,8 +15,9 @@ from torch import nn
 
 from jobs import probe as probe_job
 from pipeline.labelled import label_of, load_labelled
-from pipeline.probe import load_encoder, load_probe_data, probe_encoders
-from salt.config import ProbeConfig, to_dict
+from pipeline.probe import load_encoder, load_probe_data, probe_data_config, probe_encoders
+from pipeline.video import spatial_crops
+from salt.config import ConfigError, ProbeConfig, to_dict
 from salt.plots import plot_loss_curves, plot_scatter_fit, r_squared
 from salt.probe import effective_rank, encode_features, top1, train_probe_grid
 from salt.train.checkpoint import save_checkpoint
@@ -190,6 +191,35 @@ def test_label_layouts():
     assert label_of({"label": "cat", "label_index": 2}, "label", key="k") == 2  # make data SRC=...
     with pytest.raises(ValueError, match="no integer label for task 'motion'"):
         label_of({"label": "cat"}, "motion", key="k")
+
+
+def test_three_spatial_crops_of_a_wide_video(tmp_path):
+    """eval_crops=3: left, centre and right squares of a wide video, per temporal window, never
+    flipped; eval_crops=1 is the centre square, the clip every earlier probe saw."""
+    from pipeline.digits import encode_mp4
+    from pipeline.shards import write_shard
+    from pipeline.video import load_clip
+
+    x = np.arange(96)[None, :]  # a 96x48 video whose red rises and blue falls from left to right
+    frames = np.broadcast_to(np.stack([40 + 2 * x, 120 + 0 * x, 200 - 2 * x], -1), (64, 48, 96, 3)).astype(np.uint8)
+    mp4 = encode_mp4(frames)
+    (tmp_path / "val").mkdir()
+    write_shard(tmp_path / "val" / "shard-000000.tar", [
+        {"__key__": "wide", "mp4": mp4, "json": json.dumps({"label": "a", "label_index": 0}).encode()}
+    ])
+    (tmp_path / "labels.json").write_text(json.dumps({"label": ["a"]}))
+    cfg = probe_data_config(tiny_config()).data
+    three = load_labelled(str(tmp_path), "val", cfg, views=2, crops=3, progress=False)
+    assert three.views == 6 and three.clips.shape == (6, 3, 16, 32, 32) and three.video.tolist() == [0] * 6
+    red = three.clips[:, 0].mean((1, 2, 3))  # red rises left to right: left < centre < right, per window
+    assert red[0] < red[1] < red[2] and red[3] < red[4] < red[5], red
+    one = load_labelled(str(tmp_path), "val", cfg, views=2, crops=1, progress=False)
+    assert torch.allclose(one.clips, three.clips[[1, 4]])
+    assert torch.equal(one.clips[0], load_clip(mp4, cfg, key="wide", view=0)[0])
+    assert spatial_crops(48, 96, 3) == [(0, 0, 48, 48), (0, 24, 48, 48), (0, 48, 48, 48)]
+    assert spatial_crops(96, 48, 1) == [(24, 0, 48, 48)]
+    with pytest.raises(ConfigError, match="probe.eval_crops=2"):
+        tiny_config("probe.eval_crops=2")
 
 
 def test_probe_refuses_data_without_val_split(tmp_path):
