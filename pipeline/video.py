@@ -70,7 +70,7 @@ def spatial_crops(height: int, width: int, num: int) -> list[tuple[int, int, int
     centre (num=1), or at the start, centre and end of the long side (num=3: the multi-view
     protocol's three spatial views). On a square video every box is the whole frame."""
     if num not in (1, 3):
-        raise ValueError(f"probe.eval_crops={num}: want 1 (centre) or 3 (start, centre, end of the long side)")
+        raise ValueError(f"{num} spatial crops: want 1 (centre) or 3 (start, centre, end of the long side)")
     side = min(height, width)
     positions = (1,) if num == 1 else (0, 1, 2)  # in halves of the slack along the long side
     return [((height - side) * k // 2, (width - side) * k // 2, side, side) for k in positions]
