@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)  # the stages ran at one thread; the probe runs alone
     specs = {"teacher": str(run / "teacher"), "student": str(run / "student"), "random": f"random:{cfg.model.student}"}
     probes = timed("probe", lambda _: probe_encoders(specs, cfg, args.data, run / "probe", progress=True), None)
+    ranks = {name: json.loads((run / "probe" / name / "probe_results.json").read_text())["features"]["effective_rank"]
+             for name in specs}
     summary = {
         "teacher_final_loss": round(t["final_loss"], 4),
         "store_samples": x["samples"],
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
         "store_bytes": x["bytes"],
         "student_final_loss": round(s["final_loss"], 4),
         "probe_top1": {name: {task: round(r["top1"], 4) for task, r in res.items()} for name, res in probes.items()},
+        "probe_effective_rank": ranks,
         "wall_s": walls,
     }
     print("\n=== demo summary ===")
@@ -61,10 +64,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"probe     ({walls['probe']} s): top-1 on val, attentive probe over frozen tokens")
     tasks = list(probes["student"])
     chance = {t: probes["student"][t]["chance"] for t in tasks}
-    print("          " + "".join(f"{t:>12s}" for t in tasks))
+    print("          " + "".join(f"{t:>12s}" for t in tasks) + f"{'RankMe':>10s}")
     for name, label in (("teacher", "teacher"), ("student", "student"), ("random", "random init")):
-        print(f"  {label:12s}" + "".join(f"{100 * probes[name][t]['top1']:11.1f}%" for t in tasks))
+        top1 = "".join(f"{100 * probes[name][t]['top1']:11.1f}%" for t in tasks)
+        print(f"  {label:12s}{top1}{ranks[name]:10.1f}")
     print(f"  {'chance':12s}" + "".join(f"{100 * chance[t]:11.1f}%" for t in tasks))
+    print("  RankMe: effective rank of the frozen tokens (1: all alike), a collapse check, not a quality score")
     if "data" in walls:
         print(f"data      ({walls['data']} s)")
     print(f"total     {sum(walls.values()):.1f} s")
