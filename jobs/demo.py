@@ -12,6 +12,7 @@ import os
 import time
 from pathlib import Path
 
+import ray
 import torch
 
 from jobs import data, extract_targets, student, teacher
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
         timed("data", data.main, ["--out", args.data])
     t = timed("teacher", teacher.main, common)
     x = timed("extract-targets", extract_targets.main, common)
+    ray.shutdown()  # the local cluster's idle workers and actors would hold ~1 GB and a little CPU through the rest
     s = timed("student", student.main, common)
     cfg = config_from(args)
     run = Path(args.run)
