@@ -17,7 +17,7 @@ import torch
 
 from jobs import data, extract_targets, student, teacher
 from jobs.cli import config_from
-from pipeline.probe import probe_encoders
+from pipeline.probe import probe_encoders, read_probe_features
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)  # the stages ran at one thread; the probe runs alone
     specs = {"teacher": str(run / "teacher"), "student": str(run / "student"), "random": f"random:{cfg.model.student}"}
     probes = timed("probe", lambda _: probe_encoders(specs, cfg, args.data, run / "probe", progress=True), None)
-    ranks = {name: json.loads((run / "probe" / name / "probe_results.json").read_text())["features"]["effective_rank"]
-             for name in specs}
+    ranks = {name: read_probe_features(run / "probe" / name)["effective_rank"] for name in specs}
     summary = {
         "teacher_final_loss": round(t["final_loss"], 4),
         "store_samples": x["samples"],

@@ -3,11 +3,10 @@ random:<size> for the untrained floor) on a labelled dataset's train/ and val/ s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from jobs.cli import config_from, parser
-from pipeline.probe import RANDOM, probe_checkpoint
+from pipeline.probe import RANDOM, probe_checkpoint, read_probe_features
 
 
 def default_out(ckpt: str) -> Path:
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         )
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"probe error: {e}") from None
-    features = json.loads((out / "probe_results.json").read_text())["features"]
+    features = read_probe_features(out)
     print(f"probe of {args.ckpt} -> {out}")
     print(f"frozen tokens: width {features['width']}, effective rank (RankMe) {features['effective_rank']}")
     print(format_table(results))

@@ -148,6 +148,11 @@ def write_probe(
     plot_loss_curves(records, out / "probe_loss.png", title=f"probe train loss: {encoder}", x="epoch", group_by="task")
 
 
+def read_probe_features(out_dir: str | Path) -> dict:
+    """{width, effective_rank} of the frozen train tokens, from a probe folder `write_probe` wrote."""
+    return json.loads((Path(out_dir) / "probe_results.json").read_text())["features"]
+
+
 def probe_checkpoint(
     spec: str, cfg: Config, data: str, out_dir: str | Path, *, tasks: list[str] | None = None,
     device: str | None = None, progress: bool = True,

@@ -147,12 +147,11 @@ class ShardedClips(IterableDataset):
         return self
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for field in self._identity:
-            if state.get(field) != mine[field]:
+        for field, mine in self._identity.items():
+            if state.get(field) != mine:
                 raise LoaderStateMismatch(
                     f"cannot resume the loader exactly: the checkpoint's loader had {field}={state.get(field)!r} "
-                    f"but this run has {field}={mine[field]!r} (start a new run folder to change it)"
+                    f"but this run has {field}={mine!r} (start a new run folder to change it)"
                 )
         self.start_batch = int(state["next_batch"])
 
