@@ -63,9 +63,9 @@ select: setup $(DATA_DEP)
 	@test -n "$(RUNS)" || { echo "make select needs RUNS=\"<student run folder> ...\""; exit 2; }
 	$(PY) -m jobs.select $(RUNS) --config $(CONFIG) --data $(DATA) $(ARGS)
 
-# The CPU-scale replication study (42 min here) -> runs/replication, REPLICATION.md.
-replicate: setup $(DEFAULT_DATA)/labels.json
-	$(PY) -m jobs.replicate --data $(DEFAULT_DATA) --command "make replicate $(ARGS)" $(ARGS)
+# The CPU-scale replication study over 3 seeds (each generates its own data) -> runs/replication, REPLICATION.md.
+replicate: setup
+	$(PY) -m jobs.replicate --command "make replicate $(ARGS)" $(ARGS)
 
 inspect: setup
 	$(PY) -m jobs.inspect_store $(STORE) $(if $(JSON),--json) $(if $(VERIFY),--verify)

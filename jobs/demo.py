@@ -1,7 +1,9 @@
 """make demo: data -> teacher -> extract-targets -> student -> probe on the embedded dataset, then a summary.
 
-The probe table puts teacher and student next to a random-init encoder of the student's
-size (the floor) on both tasks of the embedded dataset.
+Beside the V-Pixel chain runs the transfer control (pipeline/controls.py): a small encoder
+trained with the labels, extracted and distilled into a student the same way, which never
+sees a label. The probe table puts all four encoders next to a random-init encoder of the
+student's size (the floor) on both tasks of the embedded dataset.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ import torch
 
 from jobs import data, extract_targets, student, teacher
 from jobs.cli import config_from
+from pipeline.controls import train_label_teachers
 from pipeline.probe import probe_encoders, read_probe_features
+
+# The transfer control's teacher: a vit_cpu_xs trained 600 steps with the labels (motion ~0.8 on the probe).
+CONTROL_SIZE, CONTROL_STEPS = "vit_cpu_xs", 600
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,14 +44,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     if not (Path(args.data) / "labels.json").is_file():
         timed("data", data.main, ["--out", args.data])
-    t = timed("teacher", teacher.main, common)
-    x = timed("extract-targets", extract_targets.main, common)
-    ray.shutdown()  # the local cluster's idle workers and actors would hold ~1 GB and a little CPU through the rest
-    s = timed("student", student.main, common)
     cfg = config_from(args)
     run = Path(args.run)
+    control = run / "control"
+    t = timed("teacher", teacher.main, common)
+    x = timed("extract-targets", extract_targets.main, common)
+    labels = timed("control teacher", lambda _: train_label_teachers(
+        cfg, args.data, control / "labels", size=CONTROL_SIZE, steps=[CONTROL_STEPS]), None)
+    control_teacher = labels[CONTROL_STEPS]
+    timed("control targets", extract_targets.main, [*common, "--teacher", control_teacher, "--store", str(control / "targets")])
+    ray.shutdown()  # the local cluster's idle workers and actors would hold ~1 GB and a little CPU through the rest
+    s = timed("student", student.main, common)
+    cs = timed("control student", student.main, [*common, "--store", str(control / "targets"), "--out", str(control / "student")])
     torch.set_num_threads(os.cpu_count() or 1)  # the stages ran at one thread; the probe runs alone
-    specs = {"teacher": str(run / "teacher"), "student": str(run / "student"), "random": f"random:{cfg.model.student}"}
+    specs = {"teacher": str(run / "teacher"), "student": str(run / "student"), "control teacher": control_teacher,
+             "control student": str(control / "student"), "random": f"random:{cfg.model.student}"}
     probes = timed("probe", lambda _: probe_encoders(specs, cfg, args.data, run / "probe", progress=True), None)
     ranks = {name: read_probe_features(run / "probe" / name)["effective_rank"] for name in specs}
     summary = {
@@ -54,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
         "store_errors": x["errors"],
         "store_bytes": x["bytes"],
         "student_final_loss": round(s["final_loss"], 4),
+        "control_student_final_loss": round(cs["final_loss"], 4),
         "probe_top1": {name: {task: round(r["top1"], 4) for task, r in res.items()} for name, res in probes.items()},
         "probe_effective_rank": ranks,
         "wall_s": walls,
@@ -62,14 +76,18 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"teacher   final loss {summary['teacher_final_loss']:.4f}   ({walls['teacher']} s)")
     print(f"targets   {x['samples']} samples, {x['errors']} errors, {x['bytes'] / 1e6:.1f} MB   ({walls['extract-targets']} s)")
     print(f"student   final loss {summary['student_final_loss']:.4f}   ({walls['student']} s)")
+    print(f"control   label-trained {CONTROL_SIZE} teacher ({walls['control teacher']} s), its targets "
+          f"({walls['control targets']} s), its student: final loss {summary['control_student_final_loss']:.4f}"
+          f"   ({walls['control student']} s)")
     print(f"probe     ({walls['probe']} s): top-1 on val, attentive probe over frozen tokens")
     tasks = list(probes["student"])
     chance = {t: probes["student"][t]["chance"] for t in tasks}
-    print("          " + "".join(f"{t:>12s}" for t in tasks) + f"{'RankMe':>10s}")
-    for name, label in (("teacher", "teacher"), ("student", "student"), ("random", "random init")):
+    print("                  " + "".join(f"{t:>12s}" for t in tasks) + f"{'RankMe':>10s}")
+    for name in specs:
         top1 = "".join(f"{100 * probes[name][t]['top1']:11.1f}%" for t in tasks)
-        print(f"  {label:12s}{top1}{ranks[name]:10.1f}")
-    print(f"  {'chance':12s}" + "".join(f"{100 * chance[t]:11.1f}%" for t in tasks))
+        print(f"  {name if name != 'random' else 'random init':16s}{top1}{ranks[name]:10.1f}")
+    print(f"  {'chance':16s}" + "".join(f"{100 * chance[t]:11.1f}%" for t in tasks))
+    print("  control: a teacher trained with the labels, and its student, which never saw one (stage 2 on its own)")
     print("  RankMe: effective rank of the frozen tokens (1: all alike), a collapse check, not a quality score")
     if "data" in walls:
         print(f"data      ({walls['data']} s)")

@@ -1,7 +1,8 @@
-"""make replicate: the CPU-scale replication study -> $(RUN)/study.json and REPLICATION.md.
+"""make replicate: the CPU-scale replication study over seeds -> $(RUN)/study.json and REPLICATION.md.
 
-Two teachers (the student's size and a smaller one) trained briefly, their targets
-extracted, a student trained longer on each, then every checkpoint probed.
+Per seed: its own dataset; V-Pixel teachers (the student's size and a smaller one), an
+untrained teacher and a ladder of label-trained teachers, each with a student trained on
+its extracted targets; then every encoder probed. See pipeline/replication.py.
 """
 
 from __future__ import annotations
@@ -12,23 +13,30 @@ import sys
 from pipeline.replication import Study, run_study, write_report
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
 def main(argv: list[str] | None = None) -> dict:
     defaults = Study()
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--data", default="data/moving-digits")
     p.add_argument("--run", default="runs/replication")
     p.add_argument("--report", default="REPLICATION.md")
     p.add_argument("--config", default=defaults.config)
+    p.add_argument("--seeds", type=_ints, default=defaults.seeds, help="comma-separated, e.g. 0,1,2")
     p.add_argument("--teacher-steps", type=int, default=defaults.teacher_steps)
+    p.add_argument("--ladder-steps", type=_ints, default=defaults.ladder_steps, help="comma-separated")
     p.add_argument("--student-steps", type=int, default=defaults.student_steps)
     p.add_argument("--snapshot-every", type=int, default=defaults.snapshot_every)
+    p.add_argument("--workers", type=int, default=defaults.workers)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--command", default=None, help=argparse.SUPPRESS)  # what the report says produced it
-    p.add_argument("overrides", nargs="*", help="config overrides for both arms, e.g. probe.epochs=10")
+    p.add_argument("overrides", nargs="*", help="config overrides for every arm, e.g. probe.epochs=10")
     args = p.parse_args(argv)
-    study = Study(config=args.config, teacher_steps=args.teacher_steps, student_steps=args.student_steps,
-                  snapshot_every=args.snapshot_every, overrides=args.overrides)
-    result = run_study(study, data=args.data, out=args.run, progress=not args.no_progress)
+    study = Study(config=args.config, seeds=args.seeds, teacher_steps=args.teacher_steps, ladder_steps=args.ladder_steps,
+                  student_steps=args.student_steps, snapshot_every=args.snapshot_every, workers=args.workers,
+                  overrides=args.overrides)
+    result = run_study(study, out=args.run, progress=not args.no_progress)
     command = args.command or "python -m jobs.replicate " + " ".join(sys.argv[1:] if argv is None else argv)
     print(write_report(result, args.report, command=command, out=args.run))
     return result

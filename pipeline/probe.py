@@ -18,7 +18,7 @@ from pipeline.labelled import LabelledClips, load_labelled
 from salt.config import Config, from_dict
 from salt.models.vit import VideoViT, vit_size
 from salt.plots import plot_loss_curves
-from salt.probe import effective_rank, encode_features, train_probe_grid
+from salt.probe import effective_rank, encode_features, train_probe_grid, whitening
 from salt.runinfo import write_run_info
 from salt.train.checkpoint import has_checkpoint, load_module_weights, read_meta
 from salt.train.teacher import build_encoder
@@ -104,7 +104,10 @@ def probe_encoder(
     train_x = encode_features(encoder, loaded.train.clips, batch_size=cfg.probe.batch_size)  # [N, tokens, D]
     val_x = encode_features(encoder, loaded.val.clips, batch_size=cfg.probe.batch_size)  # [M * views, tokens, D]
     encode_s = time.perf_counter() - t0
-    feature_stats = {"width": train_x.shape[-1], "effective_rank": round(effective_rank(train_x), 2)}  # train split
+    feature_stats = {"width": train_x.shape[-1], "effective_rank": round(effective_rank(train_x), 2)}  # train split, as encoded
+    if cfg.probe.whiten:
+        whiten = whitening(train_x)
+        train_x, val_x = whiten(train_x), whiten(val_x)
     results = {}
     for task, names in loaded.train.class_names.items():
         t0 = time.perf_counter()

@@ -1,205 +1,355 @@
-"""A CPU-scale replication of the paper's claims on the embedded dataset.
+"""A CPU-scale replication of the paper's claims on the embedded dataset, over seeds.
 
-Two arms share everything but the teacher's size: a teacher of the student's size
-("same") and a smaller one ("small"). Each arm trains its teacher briefly, extracts its
-targets, and trains a student for longer on them (compute split toward the student, as
-in the paper). Then every teacher, every student checkpoint (snapshots along the runs)
-and a random-init encoder of the student's size are probed, and the report compares
-teacher vs student per task, fits student loss against probe accuracy (R^2), and
-compares the arms. The two arms train side by side, one process and one core each.
+Per seed (the dataset is generated anew with that seed, and the seed also sets every
+model's initialisation, sampling and the probe), six arms each train a teacher, extract
+its targets through the Ray job and train a student of the same size on them:
+
+- `vpixel-same`, `vpixel-small`: V-Pixel teachers (the method's stage 1) of the
+  student's size and a smaller one;
+- `untrained`: a randomly initialised teacher (what stage 2 gets from no stage 1);
+- `labels-<steps>`: the teacher-quality ladder, one encoder trained with the labels of
+  the train split and saved at a few step counts, weak to strong
+  (`pipeline.controls`). The top rung is the transfer control: a teacher known to
+  carry the tasks, so its student measures stage 2 on its own.
+
+Then every teacher, every student, snapshots of the V-Pixel and top-rung students and
+a random-init encoder of the student's size (the floor, on that seed's data) are
+probed. The report gives mean +- sd over seeds, whether a student beats its teacher,
+how much of the top rung's margin over the floor its student keeps, student quality
+against teacher quality along the ladder, and the R^2 of probe accuracy on student loss.
+Independent runs go through a pool of worker processes, one torch thread each.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import multiprocessing
+import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from pipeline.controls import save_untrained_teacher, train_label_teachers
+from pipeline.digits import write_moving_digits
 from pipeline.extract import extract_targets, init_ray
+from pipeline.probe import probe_encoders
 from pipeline.runs import run_student, run_teacher
-from pipeline.selection import checkpoint_points, final_points, loss_vs_accuracy, select_runs
-from salt.config import Config, load_config, to_dict
+from pipeline.selection import checkpoint_points, loss_vs_accuracy
+from salt.config import Config, from_dict, load_config, to_dict
 from salt.runinfo import write_run_info
+
+FLOOR = "floor"
 
 
 @dataclasses.dataclass(kw_only=True)
 class Study:
     config: str = "jobs/configs/tiny.yaml"
-    teachers: dict[str, str] = dataclasses.field(default_factory=lambda: {"same": "vit_cpu_s", "small": "vit_cpu_xs"})
-    # about 1:4 teacher:student steps (the paper's best split is 40k:200k)
-    teacher_steps: int = 780
-    student_steps: int = 3000
-    snapshot_every: int = 375
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    student: str = "vit_cpu_s"
+    vpixel: dict[str, str] = dataclasses.field(default_factory=lambda: {"same": "vit_cpu_s", "small": "vit_cpu_xs"})
+    # V-Pixel teachers stay at chance from 500 to 5,000 steps here (REPLICATION.md), so they get few
+    teacher_steps: int = 400
+    ladder_teacher: str = "vit_cpu_xs"
+    # a label-trained vit_cpu_xs reads motion at ~0.5 after 300 steps and ~0.8 after 600 (the top rung)
+    ladder_steps: list[int] = dataclasses.field(default_factory=lambda: [300, 600])
+    student_steps: int = 600
+    snapshot_every: int = 300
+    num_train: int = 512
+    num_val: int = 256
+    # Motion only by default: on this data no encoder reads the digit (appearance), not even one
+    # trained with its labels (REPLICATION.md), so probing it would double the probe time for nothing.
+    tasks: list[str] = dataclasses.field(default_factory=lambda: ["motion"])
+    workers: int = 2
     overrides: list[str] = dataclasses.field(default_factory=list)
 
-    def arm_config(self, teacher: str) -> Config:
+    def arms(self) -> list[str]:
+        return [f"vpixel-{name}" for name in self.vpixel] + ["untrained"] + [f"labels-{s}" for s in sorted(self.ladder_steps)]
+
+    @property
+    def top_rung(self) -> str:
+        return f"labels-{max(self.ladder_steps)}"
+
+    def seed_config(self, seed: int) -> Config:
         return load_config(self.config, [
             *self.overrides,
-            f"model.teacher={teacher}",
+            f"model.student={self.student}",
             f"teacher.optim.steps={self.teacher_steps}",
             f"student.optim.steps={self.student_steps}",
-            f"student.snapshot_every={self.snapshot_every}",
+            f"teacher.seed={seed}", f"student.seed={seed}", f"probe.seed={seed}", f"data.seed={seed}",
         ])
 
 
-def _in_process(stage: str, cfg_dict: dict, *args) -> dict:
-    """One training run in a worker process (one torch thread: the two arms share the cores)."""
-    from salt.config import from_dict
-
-    cfg = from_dict(Config, cfg_dict)
-    torch.set_num_threads(1)
-    run = run_teacher if stage == "teacher" else run_student
-    return run(cfg, *args, progress=False)
+def _in_worker(fn: Callable, *args, **kwargs):
+    torch.set_num_threads(1)  # the workers share the cores
+    return fn(*args, **kwargs)
 
 
-def _side_by_side(jobs: dict[str, tuple]) -> dict[str, dict]:
-    with ProcessPoolExecutor(max_workers=len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {name: pool.submit(_in_process, *job) for name, job in jobs.items()}
+def _in_pool(jobs: dict[str, tuple], workers: int) -> dict:
+    """name -> (fn, args...) run in `workers` spawned processes; name -> result."""
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(_in_worker, *job) for name, job in jobs.items()}
         return {name: f.result() for name, f in futures.items()}
 
 
-def run_study(study: Study, *, data: str, out: str | Path, progress: bool = True) -> dict:
+def _write_data(out: str, seed: int, num_train: int, num_val: int) -> dict:
+    return write_moving_digits(out, seed=seed, num_train=num_train, num_val=num_val, progress=False)
+
+
+def _vpixel_teacher(cfg_dict: dict, size: str, data: str, out: str) -> dict:
+    cfg = from_dict(Config, cfg_dict)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, teacher=size))
+    return run_teacher(cfg, data, out, progress=False)
+
+
+def _label_teachers(cfg_dict: dict, data: str, out: str, size: str, steps: list[int], seed: int) -> dict:
+    return train_label_teachers(from_dict(Config, cfg_dict), data, out, size=size, steps=steps, seed=seed, progress=False)
+
+
+def _student(cfg_dict: dict, data: str, store: str, out: str, snapshot_every: int) -> dict:
+    cfg = from_dict(Config, cfg_dict)
+    cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, snapshot_every=snapshot_every))
+    return run_student(cfg, data, store, out, progress=False)
+
+
+def _probe(cfg_dict: dict, specs: dict[str, str], data: str, out: str, tasks: list[str]) -> dict:
+    return probe_encoders(specs, from_dict(Config, cfg_dict), data, out, tasks=tasks, progress=False)
+
+
+def _halves(specs: dict[str, str], parts: int) -> list[dict[str, str]]:
+    items = list(specs.items())
+    return [dict(items[i::parts]) for i in range(parts) if items[i::parts]]
+
+
+def run_study(study: Study, *, out: str | Path, progress: bool = True) -> dict:
     out = Path(out)
-    configs = {arm: study.arm_config(size) for arm, size in study.teachers.items()}
+    seeds = {s: out / f"seed-{s}" for s in study.seeds}
+    cfgs = {s: to_dict(study.seed_config(s)) for s in study.seeds}
+    data = {s: str(root / "data") for s, root in seeds.items()}
     walls: dict[str, float] = {}
-    t0 = time.perf_counter()
-    teachers = _side_by_side({arm: ("teacher", to_dict(cfg), data, str(out / arm / "teacher")) for arm, cfg in configs.items()})
-    walls["teachers"] = time.perf_counter() - t0
+
+    def phase(name: str, jobs: dict[str, tuple]) -> dict:
+        t0 = time.perf_counter()
+        if progress:
+            print(f"[replicate] {name}: {len(jobs)} runs", flush=True)
+        result = _in_pool(jobs, study.workers) if jobs else {}
+        walls[name] = time.perf_counter() - t0
+        return result
+
+    phase("data", {str(s): (_write_data, data[s], s, study.num_train, study.num_val)
+                   for s in study.seeds if not Path(data[s], "labels.json").is_file()})
+    teacher_dirs = {(s, arm): str(root / arm / "teacher") for s, root in seeds.items() for arm in study.arms()}
+    jobs: dict[str, tuple] = {}
+    for s, root in seeds.items():
+        for name, size in study.vpixel.items():
+            jobs[f"{s}/vpixel-{name}"] = (_vpixel_teacher, cfgs[s], size, data[s], teacher_dirs[(s, f"vpixel-{name}")])
+        jobs[f"{s}/labels"] = (_label_teachers, cfgs[s], data[s], str(root / "labels"), study.ladder_teacher, study.ladder_steps, s)
+    teachers = phase("teachers", jobs)
+    for s, root in seeds.items():
+        save_untrained_teacher(study.seed_config(s), teacher_dirs[(s, "untrained")], size=study.ladder_teacher, seed=s)
+        for step, folder in teachers[f"{s}/labels"].items():
+            teacher_dirs[(s, f"labels-{step}")] = folder
+
+    import ray
 
     t0 = time.perf_counter()
+    ours = not ray.is_initialized()
     init_ray()
-    for arm, cfg in configs.items():
-        extract_targets(cfg, data=data, teacher_dir=str(out / arm / "teacher"), store=str(out / arm / "targets"), progress=progress)
+    for (s, arm), teacher in teacher_dirs.items():
+        extract_targets(study.seed_config(s), data=data[s], teacher_dir=teacher, store=str(seeds[s] / arm / "targets"),
+                        progress=progress)
+    if ours:
+        ray.shutdown()  # its idle workers would hold memory and a little CPU through the students
     walls["extract"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    students = _side_by_side({arm: ("student", to_dict(cfg), data, str(out / arm / "targets"), str(out / arm / "student"))
-                              for arm, cfg in configs.items()})
-    walls["students"] = time.perf_counter() - t0
+    tracked = [a for a in study.arms() if a in ("vpixel-same", study.top_rung)]  # arms whose snapshots are probed
+    students = phase("students", {
+        f"{s}/{arm}": (_student, cfgs[s], data[s], str(seeds[s] / arm / "targets"), str(seeds[s] / arm / "student"),
+                       study.snapshot_every if arm in tracked else 0)
+        for s in study.seeds for arm in study.arms()
+    })
 
-    t0 = time.perf_counter()
-    probe_cfg = next(iter(configs.values()))
-    extra = {f"teacher-{arm}": str(out / arm / "teacher") for arm in configs}
-    extra["random"] = f"random:{probe_cfg.model.student}"
-    selected = select_runs({arm: str(out / arm / "student") for arm in configs}, probe_cfg, data, out / "selection",
-                           progress=progress, extra=extra)
-    per_arm = {arm: loss_vs_accuracy(checkpoint_points(out / arm / "student", arm), selected["probes"], out / arm / "selection",
-                                     title=f"student loss vs probe accuracy, {arm} teacher")
-               for arm in configs}
-    walls["probes"] = time.perf_counter() - t0
+    points = {s: [p for arm in tracked for p in checkpoint_points(seeds[s] / arm / "student", arm)] for s in study.seeds}
+    specs: dict[int, dict[str, str]] = {}
+    for s, root in seeds.items():
+        specs[s] = {FLOOR: f"random:{study.student}"}
+        for arm in study.arms():
+            specs[s][f"teacher/{arm}"] = teacher_dirs[(s, arm)]
+            specs[s][f"student/{arm}"] = str(root / arm / "student")
+        specs[s] |= {p["name"]: p["spec"] for p in points[s] if not p["final"]}
+    parts = max(1, study.workers // len(study.seeds)) if len(study.seeds) < study.workers else 1
+    probe_jobs = {f"{s}/{i}": (_probe, cfgs[s], part, data[s], str(seeds[s] / "probe"), study.tasks)
+                  for s in study.seeds for i, part in enumerate(_halves(specs[s], parts))}
+    probed = phase("probes", probe_jobs)
+    probes: dict[int, dict[str, dict]] = {s: {} for s in study.seeds}
+    for name, result in probed.items():
+        probes[int(name.split("/")[0])] |= result
+    for s in study.seeds:  # a final checkpoint is its student's result
+        for p in points[s]:
+            if p["final"]:
+                probes[s][p["name"]] = probes[s][f"student/{p['run']}"]
+    pooled = [p | {"name": f"s{s}-{p['name']}", "seed": s} for s in study.seeds for p in points[s]]
+    selection = loss_vs_accuracy(pooled, {f"s{s}-{n}": r for s in study.seeds for n, r in probes[s].items()},
+                                 out / "selection", title="student loss vs probe accuracy, all seeds")
     result = {
         "study": dataclasses.asdict(study),
-        "data": data,
-        "student_size": probe_cfg.model.student,
-        "teachers": teachers,
+        "teachers": {k: v for k, v in teachers.items() if "vpixel" in k},
         "students": students,
-        "probes": selected["probes"],
-        "selection": selected["selection"],
-        "selection_per_arm": per_arm,
+        "probes": {str(s): r for s, r in probes.items()},
+        "selection": selection,
         "wall_s": {k: round(v, 1) for k, v in walls.items()},
     }
-    write_run_info(out, probe_cfg, data=data, study=dataclasses.asdict(study))
+    write_run_info(out, study.seed_config(study.seeds[0]), study=json.dumps(dataclasses.asdict(study)))
     (out / "study.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     return result
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}"
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def _fit(task_report: dict) -> str:
-    return f"{task_report['r2']:.3f} ({task_report['slope']:+.2f}, {task_report['points']} points)"
+def _cell(xs: list[float]) -> str:
+    m, sd = _mean_sd(xs)
+    return f"{100 * m:.1f} ± {100 * sd:.1f}"
+
+
+def _top1(result: dict, name: str, task: str) -> list[float]:
+    return [r[name][task]["top1"] for r in result["probes"].values()]
+
+
+def _margin_kept(result: dict, arm: str, task: str) -> list[float]:
+    """Per seed: (student - floor) / (teacher - floor), the share of the teacher's margin its student keeps."""
+    out = []
+    for r in result["probes"].values():
+        floor = r[FLOOR][task]["top1"]
+        gap = r[f"teacher/{arm}"][task]["top1"] - floor
+        out.append((r[f"student/{arm}"][task]["top1"] - floor) / gap if gap > 0 else float("nan"))
+    return out
 
 
 def write_report(result: dict, path: str | Path, *, command: str, out: str | Path) -> str:
-    """REPLICATION.md from a study's result: what was run, and the figures it produced."""
+    """REPLICATION.md from a study's result: what was run, the figures, and what they say."""
     import yaml
 
     info = Path(out) / "run_info.yaml"  # the code that ran the study, even if the report is rewritten later
     commit = yaml.safe_load(info.read_text())["git_commit"] if info.is_file() else "unknown"
-    study, probes, arms = result["study"], result["probes"], list(result["study"]["teachers"])
-    tasks = sorted(next(iter(probes.values())))
-    final = final_points(result["selection"]["points"])
-    chance = {t: next(iter(probes.values()))[t]["chance"] for t in tasks}
+    study = result["study"]
+    arms = Study(**{k: v for k, v in study.items()}).arms()
+    first = next(iter(result["probes"].values()))
+    tasks = sorted(first[FLOOR])
+    seeds = ", ".join(str(s) for s in study["seeds"])
+    n = len(study["seeds"])
     lines = [
         "# Replication at CPU scale",
         "",
         f"Produced by `{command.strip()}` on {time.strftime('%Y-%m-%d')}, commit `{commit}`, in "
         f"{sum(result['wall_s'].values()) / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in result['wall_s'].items())}).",
-        f"Data: `{result['data']}` (moving digits: `appearance` = which digit, 10 classes; `motion` = direction, 4 classes).",
-        f"Config: `{study['config']}`{' ' + ' '.join(study['overrides']) if study['overrides'] else ''}. Teachers: "
-        + ", ".join(f"{arm} = `{size}`" for arm, size in study["teachers"].items())
-        + f", {study['teacher_steps']} steps each; students `{result['student_size']}`"
-        f" on each teacher's targets, {study['student_steps']} steps (snapshots every {study['snapshot_every']}).",
-        "Probe: attentive probe on frozen tokens, train split, top-1 on the val split (fast protocol, 1 clip, 1 view);"
-        " 'floor' is a randomly initialised encoder of the student's size, 'chance' the majority class.",
+        f"Seeds {seeds}: each seed generates its own moving-digits dataset ({study['num_train']} train / "
+        f"{study['num_val']} val clips; `appearance` = which digit, 10 classes; `motion` = direction, 4 classes) and sets "
+        "every initialisation, sample and probe. Figures are mean ± sd over the seeds.",
+        f"Config: `{study['config']}`{' ' + ' '.join(study['overrides']) if study['overrides'] else ''}. Students: "
+        f"`{study['student']}`, {study['student_steps']} steps on their teacher's stored targets. V-Pixel teachers: "
+        + ", ".join(f"{k} = `{v}`" for k, v in study["vpixel"].items()) + f", {study['teacher_steps']} steps. "
+        f"Ladder: one `{study['ladder_teacher']}` trained with the train split's labels (both tasks), saved at "
+        + ", ".join(str(s) for s in sorted(study["ladder_steps"])) + " steps; `untrained` is its random init.",
+        f"Probe: attentive probe on frozen tokens, train split, top-1 on the val split (fast protocol), tasks: "
+        f"{', '.join(study['tasks']) or 'all'}. 'floor' is a random-init `{study['student']}` (init seed = the seed), "
+        "probed on the same data as everything else of its seed.",
         "",
-        "## Teacher vs student, probe top-1 (%)",
+        "## Teachers and their students, probe top-1 (%)",
         "",
-        "| encoder | " + " | ".join(tasks) + " | training loss |",
+        "| encoder | " + " | ".join(tasks) + " | final training loss |",
         "|---|" + "---|" * (len(tasks) + 1),
-        "| chance | " + " | ".join(_pct(chance[t]) for t in tasks) + " | |",
-        "| floor (random init) | " + " | ".join(_pct(probes["random"][t]["top1"]) for t in tasks) + " | |",
+        "| chance (majority class) | " + " | ".join(f"{100 * first[FLOOR][t]['chance']:.1f}" for t in tasks) + " | |",
+        "| floor (random init) | " + " | ".join(_cell(_top1(result, FLOOR, t)) for t in tasks) + " | |",
     ]
     for arm in arms:
-        teacher_loss = result["teachers"][arm]["final_loss"]
-        student_loss = result["students"][arm]["final_loss"]
-        lines.append(f"| teacher ({arm}, `{study['teachers'][arm]}`) | "
-                     + " | ".join(_pct(probes[f"teacher-{arm}"][t]["top1"]) for t in tasks) + f" | {teacher_loss:.4f} (pixels) |")
-        lines.append(f"| student of the {arm} teacher | "
-                     + " | ".join(_pct(probes[final[arm]][t]["top1"]) for t in tasks) + f" | {student_loss:.4f} (latents) |")
+        s_loss = _mean_sd([result["students"][f"{s}/{arm}"]["final_loss"] for s in study["seeds"]])
+        t_loss = ""
+        if arm.startswith("vpixel-"):
+            m, sd = _mean_sd([result["teachers"][f"{s}/{arm}"]["final_loss"] for s in study["seeds"]])
+            t_loss = f"{m:.4f} ± {sd:.4f} (pixels)"
+        lines.append(f"| teacher {arm} | " + " | ".join(_cell(_top1(result, f"teacher/{arm}", t)) for t in tasks) + f" | {t_loss} |")
+        lines.append(f"| student of {arm} | " + " | ".join(_cell(_top1(result, f"student/{arm}", t)) for t in tasks)
+                     + f" | {s_loss[0]:.4f} ± {s_loss[1]:.4f} (latents) |")
+    ladder = ["untrained"] + [f"labels-{s}" for s in sorted(study["ladder_steps"])]
+    lines += [
+        "",
+        "## Teacher-quality ladder: does the student follow its teacher, and surpass a weak one?",
+        "",
+        "Per rung, mean ± sd over seeds of probe top-1 (%); 'student - teacher' is per seed, then averaged.",
+        "",
+        "| rung | " + " | ".join(f"teacher {t} | student {t} | student - teacher {t}" for t in tasks) + " |",
+        "|---|" + "---|" * (3 * len(tasks)),
+    ]
+    for arm in ladder:
+        cells = []
+        for t in tasks:
+            te, st = _top1(result, f"teacher/{arm}", t), _top1(result, f"student/{arm}", t)
+            cells += [_cell(te), _cell(st), _cell([b - a for a, b in zip(te, st)])]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Transfer control: how much of the top rung's margin over the floor its student keeps",
+        "",
+        "(student - floor) / (teacher - floor), per seed; undefined where the teacher is not above the floor.",
+        "",
+        "| task | " + " | ".join(f"seed {s}" for s in study["seeds"]) + " | mean |",
+        "|---|" + "---|" * (n + 1),
+    ]
+    top = f"labels-{max(study['ladder_steps'])}"
+    for t in tasks:
+        kept = _margin_kept(result, top, t)
+        valid = [k for k in kept if not math.isnan(k)]
+        mean = f"{statistics.fmean(valid):.2f}" if valid else "n/a"
+        lines.append(f"| {t} | " + " | ".join("n/a" if math.isnan(k) else f"{k:.2f}" for k in kept) + f" | {mean} |")
+    sel = result["selection"]
     lines += [
         "",
         "## Does the student's training loss predict its probe accuracy?",
         "",
-        "Points: every snapshot and final checkpoint of the students; loss = mean training loss of the"
-        " steps before the checkpoint. Paper: R^2 = 0.951 (ViT-L teacher, many student checkpoints).",
+        f"Points: snapshots every {study['snapshot_every']} steps and final checkpoints of the vpixel-same and top-rung "
+        "students, all seeds pooled. Paper: R^2 = 0.951 (ViT-L teacher, many checkpoints of its students).",
         "",
-        "| points | " + " | ".join(f"R^2 {t} (slope: top-1 per unit loss)" for t in tasks) + " |",
-        "|---|" + "---|" * len(tasks),
-        "| both arms pooled | " + " | ".join(_fit(result["selection"]["tasks"][t]) for t in tasks) + " |",
+        "| task | R^2 | slope (top-1 per unit loss) | points | lowest-loss checkpoint | best-probed checkpoint |",
+        "|---|---|---|---|---|---|",
     ]
-    for arm in arms:
-        lines.append(f"| {arm} teacher's student | "
-                     + " | ".join(_fit(result["selection_per_arm"][arm]["tasks"][t]) for t in tasks) + " |")
-    lines += ["", "| checkpoint | loss | " + " | ".join(f"top-1 {t}" for t in tasks) + " |", "|---|---|" + "---|" * len(tasks)]
-    for p in result["selection"]["points"]:
-        lines.append(f"| {p['name']} | {p['loss']:.4f} | " + " | ".join(_pct(p[f'top1_{t}']) for t in tasks) + " |")
-    lines += ["", f"Plots: `{Path(out) / 'selection'}/selection_<task>.png` (pooled), `<arm>/selection/` (per arm).", ""]
-    lines += ["## What happened", ""] + [f"- {s}" for s in _findings(result, tasks, final, arms)]
+    for t in tasks:
+        r = sel["tasks"][t]
+        lines.append(f"| {t} | {r['r2']:.3f} | {r['slope']:+.2f} | {r['points']} | {r['lowest_loss']} | {r['best_probe']} |")
+    lines += ["", f"Plots: `{Path(out) / 'selection'}/selection_<task>.png`.", "", "## What the numbers say", ""]
+    lines += [f"- {s}" for s in _findings(result, tasks, arms)]
     text = "\n".join(lines) + "\n"
     Path(path).write_text(text)
     return text
 
 
-def _findings(result: dict, tasks: list[str], final: dict[str, str], arms: list[str]) -> list[str]:
-    """Plain statements read off the numbers, whichever way they came out."""
-    probes, out = result["probes"], []
-    n_val = next(iter(probes["random"].values()))["num_val"]
-    noise = {t: 2 * (probes["random"][t]["chance"] * (1 - probes["random"][t]["chance"]) / n_val) ** 0.5 for t in tasks}
-    for t in tasks:
-        above = [name for name, r in probes.items() if r[t]["top1"] - r[t]["chance"] > noise[t]]
-        out.append(f"{t}: with {n_val} val videos, two standard errors of a top-1 near chance are "
-                   f"{_pct(noise[t])} points; above chance by more than that: {', '.join(sorted(above)) or 'no encoder'}.")
+def _findings(result: dict, tasks: list[str], arms: list[str]) -> list[str]:
+    """Plain statements read off the numbers, whichever way they came out. 'Beats by more than
+    two standard errors': the per-seed differences' mean exceeds 2 sd / sqrt(seeds)."""
+    out = []
+    n = len(result["probes"])
+
+    def diff(a: str, b: str, t: str) -> tuple[float, float]:
+        d = [x - y for x, y in zip(_top1(result, a, t), _top1(result, b, t))]
+        m, sd = _mean_sd(d)
+        return m, sd / n**0.5
+
+    for arm in [a for a in arms if a.startswith("vpixel-")]:
+        for t in tasks:
+            m, se = diff(f"teacher/{arm}", FLOOR, t)
+            verdict = "beats" if m > 2 * se and m > 0 else "does not beat"
+            out.append(f"{t}: the {arm} teacher {verdict} the random-init floor by more than two standard errors "
+                       f"({100 * m:+.1f} ± {100 * se:.1f} points).")
+            m, se = diff(f"student/{arm}", f"teacher/{arm}", t)
+            out.append(f"{t}: the student of {arm} vs its teacher: {100 * m:+.1f} ± {100 * se:.1f} points.")
     for arm in arms:
-        for t in tasks:
-            s, te, floor = probes[final[arm]][t]["top1"], probes[f"teacher-{arm}"][t]["top1"], probes["random"][t]["top1"]
-            verdict = "beats" if s > te else ("ties" if s == te else "trails")
-            out.append(f"{t}: the student of the {arm} teacher {verdict} its teacher ({_pct(s)} vs {_pct(te)}); floor {_pct(floor)}.")
-    if len(arms) == 2:
-        a, b = arms
-        for t in tasks:
-            sa, sb = probes[final[a]][t]["top1"], probes[final[b]][t]["top1"]
-            out.append(f"{t}: student of the {a} teacher {_pct(sa)} vs of the {b} teacher {_pct(sb)}.")
-    for t in tasks:
-        r2 = result["selection"]["tasks"][t]["r2"]
-        slope = result["selection"]["tasks"][t]["slope"]
-        direction = "lower loss, higher accuracy" if slope < 0 else "lower loss, lower accuracy"
-        out.append(f"{t}: pooled R^2 of top-1 on student loss {r2:.3f} ({direction}; paper 0.951, lower loss higher accuracy); lowest-loss checkpoint "
-                   f"{result['selection']['tasks'][t]['lowest_loss']}, best-probed {result['selection']['tasks'][t]['best_probe']}.")
+        if arm.startswith("labels-") or arm == "untrained":
+            for t in tasks:
+                m, se = diff(f"student/{arm}", FLOOR, t)
+                out.append(f"{t}: the student of {arm} vs the floor: {100 * m:+.1f} ± {100 * se:.1f} points.")
     return out

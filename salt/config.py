@@ -46,6 +46,11 @@ class ModelConfig:
     attention: str = "auto"  # auto | sdpa | xformers
     # stage 1 targets: per-tubelet normalised pixels (METHOD.md); false: the clip's pixels as they are
     pixel_norm: bool = True
+    pixel_loss: str = "l1"  # stage 1 distance: l1 | mse (the paper names both; stage 2 is always L1)
+
+    def __post_init__(self):
+        if self.pixel_loss not in ("l1", "mse"):
+            raise ConfigError(f"model.pixel_loss={self.pixel_loss!r}: want one of l1, mse")
 
 
 @dataclass(kw_only=True)
@@ -66,7 +71,9 @@ def _default_generators() -> list[BlockMaskConfig]:
 @dataclass(kw_only=True)
 class MaskConfig:
     generators: list[BlockMaskConfig] = field(default_factory=_default_generators)
-    fresh_per_epoch: bool = False  # stage 2 only: draw new masks each pass over a stored view
+    # stage 2 only: draw new masks each pass over a stored view (the store holds every token, so
+    # they cost nothing); false reuses epoch 0's masks. Measured on the transfer control: REPLICATION.md
+    fresh_per_epoch: bool = True
 
 
 @dataclass(kw_only=True)
@@ -125,6 +132,9 @@ class ProbeConfig:
     # val video, softmax averaged over all of them. 1 x 1 is the fast protocol.
     eval_views: int = 1
     eval_crops: int = 1
+    # ZCA-whiten the frozen tokens with train-split statistics before the probe (salt.probe.whitening):
+    # tokens can hold a task in low-variance directions the probe does not find otherwise
+    whiten: bool = False
     seed: int = 0
 
     def __post_init__(self):

@@ -1,8 +1,9 @@
-"""The two L1 objectives, and the pieces both need.
+"""The masked-prediction distances, and the targets of both stages.
 
-Each sample's loss is the mean absolute error over its own target tokens (and dims),
-then averaged over samples: padding never weighs in, and a sample's loss does not
-depend on which other samples share its batch.
+Each sample's loss is the mean distance over its own target tokens (and dims), then
+averaged over samples: padding never weighs in, and a sample's loss does not depend on
+which other samples share its batch. Stage 2 is always L1 (the paper's latent loss); stage 1
+takes L1 or MSE (`model.pixel_loss`: the paper names both for its pixel objective).
 """
 
 from __future__ import annotations
@@ -16,10 +17,22 @@ def gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(tokens, 1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
 
 
+def _per_sample_mean(err: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    err = err * valid  # [B, K]
+    return (err.sum(1) / valid.sum(1).clamp_min(1)).mean()
+
+
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """pred, target [B, K, D]; valid [B, K] -> scalar mean over samples of per-sample MAE."""
-    err = (pred.float() - target.float()).abs().mean(-1) * valid  # [B, K]
-    return (err.sum(1) / valid.sum(1).clamp_min(1)).mean()
+    return _per_sample_mean((pred.float() - target.float()).abs().mean(-1), valid)
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """As masked_l1, with the squared error (VideoMAE's pixel objective)."""
+    return _per_sample_mean((pred.float() - target.float()).square().mean(-1), valid)
+
+
+MASKED_DISTANCES = {"l1": masked_l1, "mse": masked_mse}
 
 
 def patchify(clips: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ the comparison is between settings, not seeds).
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,30 @@ def effective_rank(features: torch.Tensor) -> float:
     singular = torch.linalg.eigvalsh(x.T @ x).clamp_min(0).sqrt()
     p = singular / singular.sum() + 1e-7
     return float(torch.exp(-(p * p.log()).sum()))
+
+
+def whitening(train: torch.Tensor, *, rel_eps: float = 1e-4) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ZCA whitening fitted on frozen train tokens [N, tokens, D]; returns the map to apply to
+    any split's tokens [..., D] (centred on the train mean, unit variance along every principal
+    direction, rotated back to the original axes).
+
+    Why: a frozen encoder's tokens can carry a task in directions that hold a tiny share of
+    their variance (a small V-Pixel teacher's tokens spend ~99% of it on a few per-clip colour
+    directions), and the probe's LayerNorm and lr cannot find them in a few epochs. Whitening
+    is linear and fitted on the train split only, so it reads what the tokens hold without
+    adding to it. Eigenvalues are floored at rel_eps x the largest, so directions that hold
+    nothing stay small instead of amplifying rounding noise.
+    """
+    flat = train.reshape(-1, train.shape[-1]).double()
+    mean = flat.mean(0)
+    eigvals, eigvecs = torch.linalg.eigh(torch.cov((flat - mean).T))
+    scale = (eigvals.clamp_min(0) + rel_eps * eigvals.max()).rsqrt()
+    matrix = (eigvecs * scale) @ eigvecs.T  # [D, D]
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        return ((x.double() - mean.to(x.device)) @ matrix.to(x.device)).to(x.dtype)
+
+    return apply
 
 
 def grid_settings(cfg: ProbeConfig) -> list[tuple[float, float]]:

@@ -68,3 +68,21 @@ def test_no_weight_decay_on_biases_and_1d_params():
     decay, no_decay = opt.param_groups
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_pixel_loss_choice_reaches_the_teacher_step():
+    """model.pixel_loss picks stage 1's distance: MSE squares the per-element error, and padding
+    never counts; an unknown name is a config error naming the allowed ones."""
+    from salt.config import ConfigError
+    from salt.losses import masked_mse
+    from salt.train.teacher import build_teacher_state
+    from tests.conftest import tiny_config
+
+    pred, target = torch.zeros(2, 3, 4), torch.full((2, 3, 4), 2.0)
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    target[0, 2] = 100.0  # padding: must not weigh in
+    assert masked_l1(pred, target, valid).item() == 2.0 and masked_mse(pred, target, valid).item() == 4.0
+    assert build_teacher_state(tiny_config("model.pixel_loss=mse")).distance is masked_mse
+    assert build_teacher_state(tiny_config()).distance is masked_l1
+    with pytest.raises(ConfigError, match="model.pixel_loss='huber': want one of l1, mse"):
+        tiny_config("model.pixel_loss=huber")

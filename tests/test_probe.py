@@ -290,3 +290,26 @@ def test_r_squared_and_scatter_fit(tmp_path):
     assert r_squared([0, 1, 2], [1, 3, 5]) == pytest.approx(1.0)
     png = plot_scatter_fit(xs, ys, [f"s{i}" for i in range(12)], tmp_path / "fit.png", xlabel="student loss", ylabel="top-1")
     assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_whitening_reads_a_task_hidden_in_a_low_variance_direction():
+    """Tokens whose variance is nearly all in a nuisance direction, with the label in a direction
+    holding 4e-4 of it: whitening brings both to unit scale (directions holding nothing stay small)
+    and lets the probe read the label; `probe.whiten` is off by default (the protocol is the
+    attentive probe on raw tokens)."""
+    from salt.probe import whitening
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (96,), generator=g)
+    x = torch.randn(96, 8, 6, generator=g) * 0.01
+    x[..., :3] += 30 * torch.randn(96, 1, 3, generator=g)  # a per-clip "colour" that says nothing
+    x[..., 3] += 0.6 * (2 * y[:, None].float() - 1)  # the label, at a tiny share of the variance
+    white = whitening(x[:64])
+    var = torch.cov(white(x[:64]).reshape(-1, 6).double().T).diagonal()
+    assert var[:3].min() > 0.99 and var[3] > 0.5 and var.max() <= 1 + 1e-6, var
+    assert var[4:].max() < 0.01  # 1e-4 of noise is below the floor: not blown up
+    cfg = ProbeConfig(heads=2, depth=1, epochs=10, lrs=[1e-3])
+    raw = train_probe_grid(x[:64], y[:64], x[64:], y[64:], num_classes=2, probe_cfg=cfg, encoder_heads=2)
+    whitened = train_probe_grid(white(x[:64]), y[:64], white(x[64:]), y[64:], num_classes=2, probe_cfg=cfg, encoder_heads=2)
+    assert whitened["top1"] >= 0.9 and whitened["top1"] > raw["top1"] + 0.2, (raw["top1"], whitened["top1"])
+    assert ProbeConfig().whiten is False

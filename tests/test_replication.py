@@ -1,25 +1,46 @@
-"""The replication study end to end at toy scale: both arms, snapshots, probes, the report."""
+"""The replication study end to end at toy scale: seeds with their own data, every arm, the ladder,
+snapshots, probes and the report; and the transfer-control arithmetic."""
 
 from __future__ import annotations
 
 import json
+import math
 
-from pipeline.replication import Study, run_study, write_report
-from tests.conftest import FAST
+from pipeline.replication import FLOOR, Study, _margin_kept, run_study, write_report
+from tests.conftest import FAST, tree_digest
 
 
-def test_study_runs_both_arms_and_reports_what_it_measured(digits, ray_local, tmp_path) -> None:
-    study = Study(teacher_steps=2, student_steps=4, snapshot_every=2,
-                  overrides=[*FAST, "probe.epochs=1", "teacher.optim.warmup_steps=1", "student.optim.warmup_steps=1"])
+def test_study_runs_every_arm_per_seed_and_reports(ray_local, tmp_path) -> None:
+    study = Study(seeds=[0, 1], teacher_steps=2, ladder_steps=[2, 4], student_steps=4, snapshot_every=2,
+                  num_train=8, num_val=8, overrides=[*FAST, "probe.epochs=1"])
+    assert study.arms() == ["vpixel-same", "vpixel-small", "untrained", "labels-2", "labels-4"]
     out = tmp_path / "study"
-    result = run_study(study, data=digits, out=out, progress=False)
-    assert set(result["teachers"]) == set(result["students"]) == {"same", "small"}
-    assert json.loads((out / "small" / "targets" / "store.json").read_text())["teacher"]["size"] == "vit_cpu_xs"
-    points = result["selection"]["points"]
-    assert sorted(p["name"] for p in points) == ["same-step2", "same-step4", "small-step2", "small-step4"]
-    assert [p["name"] for p in points if p["final"]] == ["same-step4", "small-step4"]
-    assert set(result["probes"]) == {p["name"] for p in points} | {"teacher-same", "teacher-small", "random"}
+    result = run_study(study, out=out, progress=False)
+    # each seed generated its own data
+    assert tree_digest(str(out / "seed-0" / "data")) != tree_digest(str(out / "seed-1" / "data"))
+    assert set(result["students"]) == {f"{s}/{arm}" for s in (0, 1) for arm in study.arms()}
+    store = json.loads((out / "seed-1" / "labels-4" / "targets" / "store.json").read_text())
+    assert store["teacher"]["size"] == "vit_cpu_xs" and store["teacher"]["step"] == 4
+    small = json.loads((out / "seed-0" / "vpixel-small" / "targets" / "store.json").read_text())
+    assert small["teacher"]["size"] == "vit_cpu_xs"
+    probes = result["probes"]["0"]
+    expected = {FLOOR} | {f"{role}/{arm}" for role in ("teacher", "student") for arm in study.arms()}
+    assert expected <= set(probes)
+    # snapshots of the V-Pixel and top-rung students are the R^2 points, over both seeds
+    names = sorted(p["name"] for p in result["selection"]["points"])
+    assert names == sorted(f"s{s}-{arm}-step{k}" for s in (0, 1) for arm in ("vpixel-same", "labels-4") for k in (2, 4))
     text = write_report(result, tmp_path / "REPLICATION.md", command="pytest", out=out)
-    student = result["probes"]["same-step4"]["motion"]["top1"]
-    assert f"| student of the same teacher | " in text and f"{100 * student:.1f}" in text
+    assert "## Teacher-quality ladder" in text and "| labels-4 |" in text and "| untrained |" in text
+    student = [result["probes"][s]["student/labels-4"]["motion"]["top1"] for s in ("0", "1")]
+    assert f"{100 * sum(student) / 2:.1f} ± " in text
     assert (out / "selection" / "selection_motion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_margin_kept_is_the_students_share_of_the_teachers_lead_over_the_floor():
+    def seed(floor, teacher, student):
+        top1 = lambda x: {"motion": {"top1": x}}  # noqa: E731
+        return {FLOOR: top1(floor), "teacher/labels-9": top1(teacher), "student/labels-9": top1(student)}
+
+    result = {"probes": {"0": seed(0.4, 0.8, 0.7), "1": seed(0.3, 0.5, 0.2), "2": seed(0.5, 0.5, 0.6)}}
+    kept = _margin_kept(result, "labels-9", "motion")
+    assert math.isclose(kept[0], 0.75) and math.isclose(kept[1], -0.5) and math.isnan(kept[2])

@@ -45,10 +45,15 @@ def autocast(device: torch.device, bf16: bool):
     return contextlib.nullcontext()  # CPU trains in fp32: bf16 matmuls there are slow and lossy
 
 
+Distance = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def masked_prediction_loss(
-    encoder: nn.Module, predictor: nn.Module, clips: torch.Tensor, masks: list[MaskBatch], targets: torch.Tensor
+    encoder: nn.Module, predictor: nn.Module, clips: torch.Tensor, masks: list[MaskBatch], targets: torch.Tensor,
+    distance: Distance = masked_l1,
 ) -> torch.Tensor:
-    """Mean over the sample's masks of the L1 between predictions and targets at masked tokens.
+    """Mean over the sample's masks of the distance (L1 unless told) between predictions and
+    targets at masked tokens.
 
     clips [B, 3, T, H, W]; targets [B, N, D] for every token of the grid.
     """
@@ -56,19 +61,19 @@ def masked_prediction_loss(
     for m in masks:
         context = encoder(clips, m.ctx_idx, m.ctx_valid)  # [B, Kc, De]
         pred = predictor(context, m.ctx_idx, m.ctx_valid, m.tgt_idx, m.tgt_valid)  # [B, Kt, D]
-        losses.append(masked_l1(pred, gather_tokens(targets, m.tgt_idx), m.tgt_valid))
+        losses.append(distance(pred, gather_tokens(targets, m.tgt_idx), m.tgt_valid))
     return torch.stack(losses).mean()
 
 
 class MaskedPrediction(nn.Module):
     """Encoder + predictor as one module, so DDP sees one forward (both masks) per backward."""
 
-    def __init__(self, encoder: nn.Module, predictor: nn.Module):
+    def __init__(self, encoder: nn.Module, predictor: nn.Module, distance: Distance = masked_l1):
         super().__init__()
-        self.encoder, self.predictor = encoder, predictor
+        self.encoder, self.predictor, self.distance = encoder, predictor, distance
 
     def forward(self, clips: torch.Tensor, masks: list[MaskBatch], targets: torch.Tensor) -> torch.Tensor:
-        return masked_prediction_loss(self.encoder, self.predictor, clips, masks, targets)
+        return masked_prediction_loss(self.encoder, self.predictor, clips, masks, targets, self.distance)
 
 
 @dataclass
@@ -77,10 +82,11 @@ class TrainState:
     predictor: nn.Module
     optimizer: torch.optim.Optimizer
     step: int = 0
+    distance: Distance = masked_l1
     model: nn.Module = field(init=False)  # what train_step calls: MaskedPrediction, DDP-wrapped under torchrun
 
     def __post_init__(self):
-        self.model = MaskedPrediction(self.encoder, self.predictor)
+        self.model = MaskedPrediction(self.encoder, self.predictor, self.distance)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"encoder": self.encoder, "predictor": self.predictor}

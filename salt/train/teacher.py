@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 import torch
 
 from salt.config import Config, to_dict
-from salt.losses import pixel_targets
+from salt.losses import MASKED_DISTANCES, pixel_targets
 from salt.models.predictor import Predictor
 from salt.models.vit import VideoViT
 from salt.optim import make_optimizer
@@ -44,7 +44,8 @@ def build_teacher_state(cfg: Config) -> TrainState:
     torch.manual_seed(cfg.teacher.seed)
     encoder = build_encoder(cfg, cfg.model.teacher)
     predictor = build_predictor(cfg, encoder, 3 * cfg.model.tubelet * cfg.model.patch_size**2)
-    return TrainState(encoder, predictor, make_optimizer([encoder, predictor], cfg.teacher.optim))
+    optimizer = make_optimizer([encoder, predictor], cfg.teacher.optim)
+    return TrainState(encoder, predictor, optimizer, distance=MASKED_DISTANCES[cfg.model.pixel_loss])
 
 
 def train_teacher(

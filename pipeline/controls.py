@@ -1,0 +1,79 @@
+"""Teachers whose knowledge is known: the controls that measure stage 2 apart from stage 1.
+
+- `train_label_teachers`: an encoder trained with the labels of the train split
+  (`salt.supervised`), saved as teacher run folders at a few step counts: the transfer
+  control (a teacher known to carry the tasks) and the rungs of a teacher-quality ladder.
+- `save_untrained_teacher`: a randomly initialised encoder saved as a teacher: the
+  "student of an untrained teacher" arm.
+
+Each folder holds what `make extract-targets` reads (`checkpoint.safetensors` +
+`checkpoint.json` with role "teacher"), so these teachers go through the same
+extraction and stage 2 as a V-Pixel teacher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from pipeline.labelled import load_labelled
+from pipeline.probe import probe_data_config
+from salt.config import Config, to_dict
+from salt.runinfo import write_run_info
+from salt.supervised import train_with_labels
+from salt.train.checkpoint import has_checkpoint, save_snapshot
+from salt.train.teacher import build_encoder
+
+
+def _teacher_meta(cfg: Config, size: str, width: int, step: int, trained_with: str) -> dict:
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, teacher=size))
+    return {"role": "teacher", "encoder": {"size": size, "width": width}, "config": to_dict(cfg), "step": step,
+            "trained_with": trained_with}
+
+
+def label_teacher_dir(out_root: str | Path, step: int) -> Path:
+    return Path(out_root) / f"step-{step:06d}"
+
+
+def train_label_teachers(
+    cfg: Config, data: str, out_root: str | Path, *, size: str, steps: list[int], seed: int = 0,
+    tasks: list[str] | None = None, lr: float = 1e-3, batch_size: int = 16, progress: bool = True,
+) -> dict[int, str]:
+    """Trains one `size` encoder (init seed `seed`) on the train split's labels of `tasks` (None:
+    every task of labels.json) and saves it at each step count of `steps` as a teacher run folder; {step: folder}.
+
+    The clips are the probe's (1 temporal window, the whole frame, no flip), so the label
+    teacher and the probe read clips alike. Folders already saved are kept (a rerun trains
+    nothing when every one exists)."""
+    steps = sorted(set(steps))
+    folders = {s: str(label_teacher_dir(out_root, s)) for s in steps}
+    if all(has_checkpoint(f) for f in folders.values()):
+        return folders
+    train = load_labelled(data, "train", probe_data_config(cfg).data, views=1, tasks=tasks, progress=progress)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = build_encoder(cfg, size)
+    tasks = ", ".join(sorted(train.labels))
+
+    def save(step: int, trained: torch.nn.Module) -> None:
+        save_snapshot(folders[step], trained, _teacher_meta(cfg, size, trained.width, step, f"labels ({tasks}), seed {seed}"))
+        write_run_info(folders[step], cfg, data=data)
+
+    train_with_labels(
+        encoder, train.clips, train.labels, {t: len(n) for t, n in train.class_names.items()},
+        steps=steps[-1], batch_size=batch_size, lr=lr, seed=seed, save_at=steps, on_save=save, progress=progress,
+    )
+    return folders
+
+
+def save_untrained_teacher(cfg: Config, out: str | Path, *, size: str, seed: int = 0) -> str:
+    """A randomly initialised `size` encoder (init seed `seed`) saved as a teacher run folder."""
+    if not has_checkpoint(out):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder = build_encoder(cfg, size).eval()
+        save_snapshot(out, encoder, _teacher_meta(cfg, size, encoder.width, 0, f"nothing (random init, seed {seed})"))
+        write_run_info(out, cfg)
+    return str(out)

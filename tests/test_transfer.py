@@ -1,0 +1,56 @@
+"""The transfer control: a teacher known to carry motion (trained with labels) goes through
+extraction and stage 2; its student, which never sees a label, must keep at least half of
+the teacher's margin over a random-init encoder (README, "Evaluation": the transfer control)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.controls import save_untrained_teacher, train_label_teachers
+from pipeline.extract import extract_targets
+from pipeline.probe import probe_encoders
+from pipeline.runs import run_student
+from salt.train.checkpoint import read_meta
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def transfer_digits(tmp_path_factory) -> str:
+    from pipeline.digits import write_moving_digits
+
+    out = str(tmp_path_factory.mktemp("transfer-digits"))
+    write_moving_digits(out, seed=5, num_train=160, num_val=80, samples_per_shard=80, progress=False)
+    return out
+
+
+def test_student_of_a_label_teacher_keeps_half_its_margin(transfer_digits, ray_local, tmp_path):
+    cfg = tiny_config("model.student=vit_cpu_xs", "student.optim.steps=800", "student.optim.batch_size=16", "student.optim.warmup_steps=30",
+                      "student.log_every=50", "extract.batch_size=16", "probe.epochs=12")
+    folders = train_label_teachers(cfg, transfer_digits, tmp_path / "labels", size="vit_cpu_xs", steps=[300, 600],
+                                   tasks=["motion"], progress=False)
+    teacher = folders[600]
+    meta = read_meta(teacher)
+    assert meta["role"] == "teacher" and meta["step"] == 600 and meta["encoder"]["size"] == "vit_cpu_xs"
+    assert read_meta(folders[300])["step"] == 300  # a lower rung of the same run
+    store = str(tmp_path / "targets")
+    extract_targets(cfg, data=transfer_digits, teacher_dir=teacher, store=store, progress=False)
+    assert json.loads((tmp_path / "targets" / "store.json").read_text())["teacher"]["step"] == 600
+    run_student(cfg, transfer_digits, store, tmp_path / "student", progress=False)
+    specs = {"teacher": teacher, "student": str(tmp_path / "student"), "floor": f"random:{cfg.model.student}"}
+    r = {k: v["motion"]["top1"] for k, v in
+         probe_encoders(specs, cfg, transfer_digits, tmp_path / "probe", tasks=["motion"], progress=False).items()}
+    margin = r["teacher"] - r["floor"]
+    assert margin >= 0.2, r  # the control is a control: the teacher carries motion
+    assert r["student"] - r["floor"] >= 0.5 * margin, r
+
+
+def test_untrained_teacher_is_a_seeded_random_init(tmp_path):
+    cfg = tiny_config()
+    a = save_untrained_teacher(cfg, tmp_path / "a", size="vit_cpu_xs", seed=3)
+    b = save_untrained_teacher(cfg, tmp_path / "b", size="vit_cpu_xs", seed=3)
+    c = save_untrained_teacher(cfg, tmp_path / "c", size="vit_cpu_xs", seed=4)
+    weights = lambda d: (tmp_path / d / "checkpoint.safetensors").read_bytes()  # noqa: E731
+    assert weights("a") == weights("b") != weights("c")
+    assert read_meta(a)["role"] == "teacher" and read_meta(a)["step"] == 0
