@@ -32,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from pipeline.controls import save_untrained_teacher, train_label_teachers
@@ -41,6 +42,7 @@ from pipeline.probe import probe_encoders
 from pipeline.runs import run_student, run_teacher
 from pipeline.selection import checkpoint_points, loss_vs_accuracy
 from salt.config import Config, from_dict, load_config, to_dict
+from salt.plots import r_squared
 from salt.runinfo import write_run_info
 
 FLOOR = "floor"
@@ -52,7 +54,8 @@ class Study:
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     student: str = "vit_cpu_s"
     vpixel: dict[str, str] = dataclasses.field(default_factory=lambda: {"same": "vit_cpu_s", "small": "vit_cpu_xs"})
-    # V-Pixel teachers stay at chance from 500 to 5,000 steps here (REPLICATION.md), so they get few
+    # V-Pixel teachers stay at chance from 500 to 5,000 steps here (README, "What the probe can read
+    # here"), so they get few
     teacher_steps: int = 400
     ladder_teacher: str = "vit_cpu_xs"
     # a label-trained vit_cpu_xs reads motion at ~0.5 after 300 steps and ~0.8 after 600 (the top rung)
@@ -320,12 +323,27 @@ def write_report(result: dict, path: str | Path, *, command: str, out: str | Pat
     ]
     for t in tasks:
         r = sel["tasks"][t]
-        lines.append(f"| {t} | {r['r2']:.3f} | {r['slope']:+.2f} | {r['points']} | {r['lowest_loss']} | {r['best_probe']} |")
+        lines.append(f"| {t}, both arms pooled | {r['r2']:.3f} | {r['slope']:+.2f} | {r['points']} | {r['lowest_loss']} | {r['best_probe']} |")
+        for arm, fit in _fits_per_arm(sel["points"], t).items():
+            lines.append(f"| {t}, {arm} students | {fit['r2']:.3f} | {fit['slope']:+.2f} | {fit['points']} | | |")
     lines += ["", f"Plots: `{Path(out) / 'selection'}/selection_<task>.png`.", "", "## What the numbers say", ""]
     lines += [f"- {s}" for s in _findings(result, tasks, arms)]
     text = "\n".join(lines) + "\n"
     Path(path).write_text(text)
     return text
+
+
+def _fits_per_arm(points: list[dict], task: str) -> dict[str, dict]:
+    """R^2 and slope of top-1 on loss over one arm's checkpoints (all seeds): the paper's setting,
+    students of one kind of teacher, which pooling arms with different loss scales hides."""
+    out = {}
+    for arm in sorted({p["run"] for p in points}):
+        xs = [p["loss"] for p in points if p["run"] == arm]
+        ys = [p[f"top1_{task}"] for p in points if p["run"] == arm]
+        out[arm] = {"r2": r_squared(xs, ys) if len(xs) >= 3 else float("nan"),
+                    "slope": float(np.polyfit(xs, ys, 1)[0]) if len(xs) >= 2 and np.ptp(xs) > 0 else float("nan"),
+                    "points": len(xs)}
+    return out
 
 
 def _findings(result: dict, tasks: list[str], arms: list[str]) -> list[str]:
@@ -352,4 +370,16 @@ def _findings(result: dict, tasks: list[str], arms: list[str]) -> list[str]:
             for t in tasks:
                 m, se = diff(f"student/{arm}", FLOOR, t)
                 out.append(f"{t}: the student of {arm} vs the floor: {100 * m:+.1f} ± {100 * se:.1f} points.")
+    ladder = [a for a in arms if a == "untrained" or a.startswith("labels-")]
+    for t in tasks:
+        teach = " -> ".join(f"{100 * statistics.fmean(_top1(result, f'teacher/{a}', t)):.1f}" for a in ladder)
+        stud = " -> ".join(f"{100 * statistics.fmean(_top1(result, f'student/{a}', t)):.1f}" for a in ladder)
+        above = [a for a in ladder if (lambda m, se: m > 2 * se and m > 0)(*diff(f"student/{a}", f"teacher/{a}", t))]
+        out.append(f"{t}: along the ladder ({', '.join(ladder)}) teachers read {teach} and their students {stud}; "
+                   f"a student beats its teacher by more than two standard errors on: {', '.join(above) or 'no rung'}.")
+    for t in tasks:
+        for arm, fit in _fits_per_arm(result["selection"]["points"], t).items():
+            direction = "lower loss, higher accuracy" if fit["slope"] < 0 else "lower loss, lower accuracy"
+            out.append(f"{t}: over the {arm} students' checkpoints, R^2 of top-1 on loss {fit['r2']:.3f} ({direction}; "
+                       "paper 0.951, lower loss higher accuracy).")
     return out

@@ -13,23 +13,27 @@ from pipeline.extract import extract_targets
 from pipeline.probe import probe_encoders
 from pipeline.runs import run_student
 from salt.train.checkpoint import read_meta
-from tests.conftest import tiny_config
+from salt.config import load_config
+from tests.conftest import TINY, tiny_config
 
 
 @pytest.fixture(scope="module")
 def transfer_digits(tmp_path_factory) -> str:
+    """The embedded dataset as `make data` writes it (512 train / 256 val clips): on 160 clips
+    a student kept 19% (400 steps) and 37% (800 steps) of the margin, too little data to carry it."""
     from pipeline.digits import write_moving_digits
 
     out = str(tmp_path_factory.mktemp("transfer-digits"))
-    write_moving_digits(out, seed=5, num_train=160, num_val=80, samples_per_shard=80, progress=False)
+    write_moving_digits(out, progress=False)
     return out
 
 
 def test_student_of_a_label_teacher_keeps_half_its_margin(transfer_digits, ray_local, tmp_path):
-    cfg = tiny_config("model.student=vit_cpu_xs", "student.optim.steps=800", "student.optim.batch_size=16", "student.optim.warmup_steps=30",
-                      "student.log_every=50", "extract.batch_size=16", "probe.epochs=12")
+    """The slowest test of the suite (~5 min): the control needs the demo's data and 800 student
+    steps; measured with this setting: teacher 0.836, student 0.754, floor 0.395 (81% kept)."""
+    cfg = load_config(TINY, ["student.optim.steps=800"])
     folders = train_label_teachers(cfg, transfer_digits, tmp_path / "labels", size="vit_cpu_xs", steps=[300, 600],
-                                   tasks=["motion"], progress=False)
+                                   progress=False)
     teacher = folders[600]
     meta = read_meta(teacher)
     assert meta["role"] == "teacher" and meta["step"] == 600 and meta["encoder"]["size"] == "vit_cpu_xs"
