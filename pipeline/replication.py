@@ -1,8 +1,8 @@
 """A CPU-scale replication of the paper's claims on the embedded dataset, over seeds.
 
 Per seed (the dataset is generated anew with that seed, and the seed also sets every
-model's initialisation, sampling and the probe), six arms each train a teacher, extract
-its targets through the Ray job and train a student of the same size on them:
+model's initialisation, sampling and the probe), every arm trains a teacher, extracts
+its targets through the Ray job and trains a student of one size on them:
 
 - `vpixel-same`, `vpixel-small`: V-Pixel teachers (the method's stage 1) of the
   student's size and a smaller one;
@@ -58,14 +58,15 @@ class Study:
     # here"), so they get few
     teacher_steps: int = 400
     ladder_teacher: str = "vit_cpu_xs"
-    # a label-trained vit_cpu_xs reads motion at ~0.5 after 300 steps and ~0.8 after 600 (the top rung)
+    # trained with both tasks' labels, a vit_cpu_xs still reads motion at chance after 300 steps and at
+    # ~0.8 after 600 (the top rung, the transfer control; REPLICATION.md)
     ladder_steps: list[int] = dataclasses.field(default_factory=lambda: [300, 600])
     student_steps: int = 600
     snapshot_every: int = 300
     num_train: int = 512
     num_val: int = 256
     # Motion only by default: on this data no encoder reads the digit (appearance), not even one
-    # trained with its labels (REPLICATION.md), so probing it would double the probe time for nothing.
+    # trained with its labels (README, "What the probe can read here"), so it would double the probe time.
     tasks: list[str] = dataclasses.field(default_factory=lambda: ["motion"])
     workers: int = 2
     overrides: list[str] = dataclasses.field(default_factory=list)
