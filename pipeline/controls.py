@@ -27,10 +27,14 @@ from salt.train.checkpoint import has_checkpoint, save_snapshot
 from salt.train.teacher import build_encoder
 
 
-def _teacher_meta(cfg: Config, size: str, width: int, step: int, trained_with: str) -> dict:
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, teacher=size))
-    return {"role": "teacher", "encoder": {"size": size, "width": width}, "config": to_dict(cfg), "step": step,
-            "trained_with": trained_with}
+def _as_teacher(cfg: Config, size: str) -> Config:
+    """The config a teacher of `size` records (its run_info and checkpoint say what it is)."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, teacher=size))
+
+
+def _teacher_meta(cfg: Config, width: int, step: int, trained_with: str) -> dict:
+    return {"role": "teacher", "encoder": {"size": cfg.model.teacher, "width": width}, "config": to_dict(cfg),
+            "step": step, "trained_with": trained_with}
 
 
 def label_teacher_dir(out_root: str | Path, step: int) -> Path:
@@ -48,6 +52,7 @@ def train_label_teachers(
     teacher and the probe read clips alike. Folders already saved are kept (a rerun trains
     nothing when every one exists)."""
     steps = sorted(set(steps))
+    cfg = _as_teacher(cfg, size)
     folders = {s: str(label_teacher_dir(out_root, s)) for s in steps}
     if all(has_checkpoint(f) for f in folders.values()):
         return folders
@@ -58,7 +63,7 @@ def train_label_teachers(
     tasks = ", ".join(sorted(train.labels))
 
     def save(step: int, trained: torch.nn.Module) -> None:
-        save_snapshot(folders[step], trained, _teacher_meta(cfg, size, trained.width, step, f"labels ({tasks}), seed {seed}"))
+        save_snapshot(folders[step], trained, _teacher_meta(cfg, trained.width, step, f"labels ({tasks}), seed {seed}"))
         write_run_info(folders[step], cfg, data=data)
 
     train_with_labels(
@@ -71,9 +76,10 @@ def train_label_teachers(
 def save_untrained_teacher(cfg: Config, out: str | Path, *, size: str, seed: int = 0) -> str:
     """A randomly initialised `size` encoder (init seed `seed`) saved as a teacher run folder."""
     if not has_checkpoint(out):
+        cfg = _as_teacher(cfg, size)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             encoder = build_encoder(cfg, size).eval()
-        save_snapshot(out, encoder, _teacher_meta(cfg, size, encoder.width, 0, f"nothing (random init, seed {seed})"))
+        save_snapshot(out, encoder, _teacher_meta(cfg, encoder.width, 0, f"nothing (random init, seed {seed})"))
         write_run_info(out, cfg)
     return str(out)

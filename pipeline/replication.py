@@ -242,7 +242,7 @@ def write_report(result: dict, path: str | Path, *, command: str, out: str | Pat
     info = Path(out) / "run_info.yaml"  # the code that ran the study, even if the report is rewritten later
     commit = yaml.safe_load(info.read_text())["git_commit"] if info.is_file() else "unknown"
     study = result["study"]
-    arms = Study(**{k: v for k, v in study.items()}).arms()
+    arms = Study(**study).arms()
     first = next(iter(result["probes"].values()))
     tasks = sorted(first[FLOOR])
     seeds = ", ".join(str(s) for s in study["seeds"])
