@@ -60,10 +60,10 @@ def train_label_teachers(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = build_encoder(cfg, size)
-    tasks = ", ".join(sorted(train.labels))
+    trained_with = f"labels ({', '.join(sorted(train.labels))}), seed {seed}"
 
     def save(step: int, trained: torch.nn.Module) -> None:
-        save_snapshot(folders[step], trained, _teacher_meta(cfg, trained.width, step, f"labels ({tasks}), seed {seed}"))
+        save_snapshot(folders[step], trained, _teacher_meta(cfg, trained.width, step, trained_with))
         write_run_info(folders[step], cfg, data=data)
 
     train_with_labels(

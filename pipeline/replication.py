@@ -185,7 +185,7 @@ def run_study(study: Study, *, out: str | Path, progress: bool = True) -> dict:
             specs[s][f"teacher/{arm}"] = teacher_dirs[(s, arm)]
             specs[s][f"student/{arm}"] = str(root / arm / "student")
         specs[s] |= {p["name"]: p["spec"] for p in points[s] if not p["final"]}
-    parts = max(1, study.workers // len(study.seeds)) if len(study.seeds) < study.workers else 1
+    parts = max(1, study.workers // len(study.seeds))  # split a seed's encoders only when workers outnumber seeds
     probe_jobs = {f"{s}/{i}": (_probe, cfgs[s], part, data[s], str(seeds[s] / "probe"), study.tasks)
                   for s in study.seeds for i, part in enumerate(_halves(specs[s], parts))}
     probed = phase("probes", probe_jobs)
