@@ -2,9 +2,12 @@
 
 Each generator unions `num_blocks` rectangles of `int(H*W*scale)` spatial tokens that
 span `temporal_scale` of the time axis; masked tokens are the targets, the rest the
-context. The reference code draws one block size per batch and truncates every sample
-to the batch minimum, which drops late-frame tokens; here each sample keeps its own
-mask and batches are padded instead (`valid` marks real entries).
+context. As in V-JEPA, one block shape is drawn per generator and shared by all of
+its blocks (a shape per block would mask more: ~83.6% instead of ~81.7% for the
+long-range generator on 8x14x14). The reference code draws that shape once per batch
+and truncates every sample to the batch minimum, which drops late-frame tokens; here
+each sample draws its own shape, keeps its own mask, and batches are padded instead
+(`valid` marks real entries). An empty context redraws the positions, not the shape.
 """
 
 from __future__ import annotations
@@ -44,10 +47,12 @@ def block_shape(gen: BlockMaskConfig, grid: tuple[int, int, int], rng: np.random
 
 def sample_mask(gen: BlockMaskConfig, grid: tuple[int, int, int], rng: np.random.Generator) -> Mask:
     t, h, w = grid
+    bt, bh, bw = block_shape(gen, grid, rng)
+    if (bt, bh, bw) == (t, h, w):  # every draw would leave no context: redrawing positions cannot end
+        raise ValueError(f"mask generator {gen} covers the whole {t}x{h}x{w} token grid with one block")
     while True:
         covered = np.zeros(grid, dtype=bool)
         for _ in range(gen.num_blocks):
-            bt, bh, bw = block_shape(gen, grid, rng)
             t0 = rng.integers(0, t - bt + 1)
             y0 = rng.integers(0, h - bh + 1)
             x0 = rng.integers(0, w - bw + 1)
