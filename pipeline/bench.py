@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,7 @@ from pipeline.video import augment, clip_hash, decode
 from salt.config import Config, DataConfig, load_config
 from salt.flops import forward_flops, train_flops
 from salt.runinfo import git_commit
+from salt.train.checkpoint import load_checkpoint
 from salt.train.loop import train_step
 from salt.train.student import build_student_state, cached_targets, online_targets
 from salt.train.teacher import load_frozen_teacher
@@ -218,6 +220,39 @@ def student_rows(cfg, data: str, stores: dict[str, str], teacher, work: Path) ->
         rows.append(row(f"student_loss_{name}_vs_fp16", lossy["final_loss"], "loss", fp16["final_loss"],
                               "final loss (mean of last 10 of 40 steps), same student, seed and batches"))
     return rows
+
+
+def held_out_mask_loss(cfg: Config, data: str, store: str, run_dir: Path, batches: int) -> float:
+    """A trained student's loss on the first `batches` of the store's samples under masks drawn
+    for a far epoch (1000), so neither a fresh-mask nor a fixed-mask run has trained on them."""
+    target_store = TargetStore(store)
+    state = build_student_state(cfg, target_store.teacher_width)
+    load_checkpoint(run_dir, state.modules(), state.optimizer)
+    state.model.eval()
+    eval_cfg = replace(cfg, masking=replace(cfg.masking, fresh_per_epoch=True))
+    dataset = ShardedClips(eval_cfg, list_shards(data), batch_size=cfg.student.optim.batch_size, store=store)
+    first = 1000 * dataset.batches_per_epoch
+    with torch.no_grad():
+        losses = [
+            state.model(b["clips"], b["masks"], cached_targets(b)).item()
+            for b in (dataset.batch(g) for g in range(first, first + batches))
+        ]
+    return float(np.mean(losses))
+
+
+def mask_freshness_rows(data: str, store: str, work: Path, steps: int = 200, eval_batches: int = 8) -> list[dict]:
+    """Stage 2 with masks drawn fresh every epoch vs epoch 0's masks every epoch: same store,
+    seed and sample order; scored on masks neither run trained on."""
+    losses = {}
+    for name, fresh in (("fresh", True), ("fixed", False)):
+        run_cfg = bench_config(f"student.optim.steps={steps}", "data.num_workers=1", f"masking.fresh_per_epoch={str(fresh).lower()}")
+        run_student(run_cfg, data, store, work / f"masks-{name}", progress=False)
+        losses[name] = held_out_mask_loss(run_cfg, data, store, work / f"masks-{name}", eval_batches)
+    return [
+        row("held_out_mask_loss_fixed_vs_fresh", losses["fixed"], "loss", losses["fresh"],
+            f"student loss on unseen masks after {steps} steps with epoch 0's masks reused (bound: fresh masks each epoch), "
+            f"{eval_batches} batches"),
+    ]
 
 
 def write_report(rows: list[dict], out: Path, wall_s: float) -> None:

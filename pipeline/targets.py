@@ -232,7 +232,11 @@ def rebuild_tables(store: str | Path) -> tuple[pa.Table, pa.Table]:
 
 
 def compatibility(cfg: Config) -> dict:
-    """What a store and the run reading it must agree on, as recorded in store.json."""
+    """What a store and the run reading it must agree on, as recorded in store.json.
+
+    Only what the stored targets depend on: the clips (geometry, sampling, crop,
+    normalisation). Masks are not in it: every token is stored, so any masking
+    config trains on any store. The teacher, views and dtype are the store's own."""
     d = to_dict(cfg)
     data = d["data"]
     return {
@@ -245,7 +249,6 @@ def compatibility(cfg: Config) -> dict:
             "tubelet": d["model"]["tubelet"],
         },
         "preprocessing": {k: data[k] for k in ("seed", "crop_area", "crop_aspect", "hflip_prob", "mean", "std")},
-        "masking": {"generators": d["masking"]["generators"]},
     }
 
 

@@ -13,6 +13,7 @@ import torch
 import zarr
 
 from pipeline.extract import extract_targets
+from pipeline.runs import run_student
 from pipeline.shards import list_shards
 from pipeline.stream import ClipHashMismatch, ShardedClips, make_loader
 from pipeline.targets import StoreMismatchError, TargetStore, check_compatible, committed_shards, shard_dir
@@ -124,6 +125,18 @@ def test_student_refuses_a_store_for_other_clips(store_fp32):
         check_compatible(store.meta, tiny_config("data.seed=5"), store_fp32)
     with pytest.raises(StoreMismatchError, match=r"geometry\.crop_size=32 but this run has geometry\.crop_size=64"):
         check_compatible(store.meta, tiny_config("data.crop_size=64"), store_fp32)
+
+
+def test_any_masking_config_trains_on_any_store(store_fp32, digits, tmp_path):
+    """Masks are drawn by the student, not stored: a mask sweep reuses one store."""
+    other_masks = tiny_config(
+        "masking.generators=[{num_blocks: 3, spatial_scale: 0.3}, {num_blocks: 1, spatial_scale: 0.5}]",
+        "masking.fresh_per_epoch=false",
+        "student.optim.steps=2",
+    )
+    assert TargetStore(store_fp32).meta.get("masking") is None
+    summary = run_student(other_masks, digits, store_fp32, tmp_path / "student", progress=False)
+    assert summary["step"] == 2 and np.isfinite(summary["final_loss"])
 
 
 def test_clip_hash_mismatch_stops_stage_2(store_fp32, digits, tmp_path):
