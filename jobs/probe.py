@@ -26,7 +26,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     p = parser(__doc__)
-    p.add_argument("--ckpt", required=True, help="run folder with checkpoint.json, or random:<size>")
+    p.add_argument("--ckpt", required=True, help="run folder with checkpoint.safetensors, or random:<size>")
     p.add_argument("--task", action="append", default=None, help="task of labels.json (repeatable; default: all)")
     p.add_argument("--out", default=None, help="output folder (default: <ckpt>/probe, runs/probe-random-<size>)")
     args = p.parse_args(argv)  # --run is not used: --ckpt and --out say where

@@ -61,7 +61,7 @@ def check_spec(spec: str, cfg: Config) -> dict | None:
         return None
     if not has_checkpoint(spec):
         raise FileNotFoundError(
-            f"{spec}: no checkpoint.json + checkpoint.safetensors (want a teacher or student run folder, or random:<size>)"
+            f"{spec}: no checkpoint.safetensors (want a teacher or student run folder, or random:<size>)"
         )
     meta = read_meta(spec)
     ckpt_cfg = from_dict(Config, meta["config"])

@@ -242,7 +242,7 @@ def test_load_encoder_from_checkpoint_and_geometry_check(tiny_checkpoint):
     with pytest.raises(ValueError, match="data.crop_size=64 but checkpoint"):
         load_encoder(run, tiny_config("data.crop_size=64"))
     # every encoder is checked before the (slow) decoding starts: DATA is never read here
-    with pytest.raises(FileNotFoundError, match="no checkpoint.json"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint.safetensors"):
         probe_encoders({"ok": run, "typo": run + "x"}, tiny_config(), "/nonexistent", "/nonexistent")
 
 

@@ -22,21 +22,37 @@ from pipeline.extract import extract_targets
 from pipeline.shards import index_shard, list_shards
 from pipeline.stream import ShardedClips
 from pipeline.targets import CorruptStoreError, committed_shards, verify_store
+from salt.train.checkpoint import load_tensors, read_meta
 from salt.train.teacher import load_frozen_teacher
 from tests.conftest import FAST, ROOT, tiny_config, tree_digest
 from tests.test_pipeline import assert_same_store
 from tests.test_store_integrity import extract_cli
 
 
-def pids_mentioning(text: str) -> list[int]:
-    pids = []
+def descendants(root: int) -> dict[int, str]:
+    """pid -> command line of every live process below `root`: what a test started, and nothing
+    else on the machine (a neighbour's extraction job has the same command lines)."""
+    children: dict[int, list[int]] = {}
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                pids.append(int(proc.name))
-        except OSError:
+            if proc.name.isdigit():
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(proc.name))
+        except (OSError, IndexError, ValueError):
             pass
-    return pids
+    found, todo = {}, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        try:
+            found[pid] = (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        todo += children.get(pid, [])
+    return found
+
+
+def teacher_actors(proc: subprocess.Popen) -> list[int]:
+    return [pid for pid, cmd in descendants(proc.pid).items() if "TeacherForward" in cmd]
 
 
 def wait_for(predicate, timeout_s: float = 120.0) -> bool:
@@ -51,12 +67,14 @@ def wait_for(predicate, timeout_s: float = 120.0) -> bool:
 def test_sigkill_of_the_teacher_actor_mid_job(six_shards, teacher_dir, clean_six, tmp_path):
     store = tmp_path / "store"
     proc = subprocess.Popen(extract_cli(six_shards, teacher_dir, str(store)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert wait_for(lambda: pids_mentioning("TeacherForward") and list((store / "targets").glob("*.zarr/shard.json")))
-    victims = pids_mentioning("TeacherForward")
+    committed = lambda: list((store / "targets").glob("*.zarr/shard.json"))
+    assert wait_for(lambda: teacher_actors(proc) and committed())
+    victims, done_before = teacher_actors(proc), len(committed())
     for pid in victims:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)  # raises if the actor had already gone
+    assert victims and 1 <= done_before < 6 and proc.poll() is None, "the kill must land mid-job"
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and victims
+    assert proc.returncode == 0
     assert '"shards_extracted_now": 6' in out
     assert_same_store(clean_six, str(store))
 
@@ -64,7 +82,8 @@ def test_sigkill_of_the_teacher_actor_mid_job(six_shards, teacher_dir, clean_six
 def test_sigkill_of_a_student_run_then_resume(store_fp32, digits, tmp_path):
     """Killed at a random step (after a checkpoint or between two), the resumed run sees every
     batch once and ends with the loss trajectory of an uninterrupted run."""
-    steps = ["student.optim.steps=6", "student.checkpoint_every=2"]
+    total = 16
+    steps = [f"student.optim.steps={total}", "student.checkpoint_every=2"]
 
     def cli(run: Path) -> list[str]:
         return [sys.executable, "-m", "jobs.student", "--data", digits, "--run", str(run), "--store", store_fp32, "--no-progress", *FAST, *steps]
@@ -73,13 +92,48 @@ def test_sigkill_of_a_student_run_then_resume(store_fp32, digits, tmp_path):
     subprocess.run(cli(whole), cwd=ROOT, check=True, capture_output=True, timeout=300)
     metrics = killed / "student" / "metrics.jsonl"
     proc = subprocess.Popen(cli(killed), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3)
+    logged = lambda: len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+    assert wait_for(lambda: logged() >= 3)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL and logged() < total, "the kill must land mid-run"
     subprocess.run(cli(killed), cwd=ROOT, check=True, capture_output=True, timeout=300)
     read = lambda run: [json.loads(l) for l in (run / "student" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["batch"] for r in read(killed)] == list(range(6))  # nothing skipped, nothing repeated
+    assert [r["batch"] for r in read(killed)] == list(range(total))  # nothing skipped, nothing repeated
     assert [r["loss"] for r in read(killed)] == [r["loss"] for r in read(whole)]
+
+
+KILL_AFTER_SECOND_WEIGHTS = """
+import os, runpy, signal, sys
+real_replace, commits = os.replace, []
+def replace(src, dst):
+    real_replace(src, dst)
+    if str(dst).endswith(os.path.join("student", "checkpoint.safetensors")):
+        commits.append(dst)
+        if len(commits) == 2:  # the step-4 save has replaced its weights; nothing after that runs
+            os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+sys.argv = ["jobs.student", *sys.argv[1:]]
+runpy.run_module("jobs.student", run_name="__main__")
+"""
+
+
+def test_a_kill_between_the_writes_of_a_checkpoint_resumes_to_the_exact_batch(store_fp32, digits, tmp_path):
+    """A save writes weights and then their readable metadata; killed in between, the run must
+    resume at the batch after the saved weights, not replay from the previous checkpoint's."""
+    args = ["--data", digits, "--store", store_fp32, "--no-progress", *FAST, "student.optim.steps=6", "student.checkpoint_every=2"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run([sys.executable, "-m", "jobs.student", "--run", str(whole), *args], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    crashed = subprocess.run([sys.executable, "-c", KILL_AFTER_SECOND_WEIGHTS, "--run", str(killed), *args], cwd=ROOT, capture_output=True, timeout=300)
+    assert crashed.returncode == -signal.SIGKILL
+    run = killed / "student"
+    assert json.loads((run / "checkpoint.json").read_text())["step"] == 2  # the readable copy is one save behind
+    assert read_meta(run)["step"] == 4 and read_meta(run)["loader"]["next_batch"] == 4
+    subprocess.run([sys.executable, "-m", "jobs.student", "--run", str(killed), *args], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    read = lambda r: [json.loads(l) for l in (r / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["batch"] for r in read(killed)] == list(range(6))
+    assert [r["loss"] for r in read(killed)] == [r["loss"] for r in read(whole)]
+    a, b = load_tensors(whole / "student"), load_tensors(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_full_disk_during_a_shard_write_leaves_nothing_partial(digits, teacher_dir, ray_local, store_fp32, tmp_path, monkeypatch):

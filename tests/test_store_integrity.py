@@ -65,15 +65,18 @@ def test_extraction_through_a_separately_started_ray_cluster(six_shards, teacher
         assert run.returncode == 0, run.stderr[-2000:]
         assert f':{port}"' in run.stdout.split('"ray_address"')[1]  # it joined that cluster rather than starting its own
     finally:
-        kill_processes_mentioning(str(temp))  # `ray stop` would also stop this test session's own Ray
+        stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
     assert_same_store(clean_six, str(store))
 
 
-def kill_processes_mentioning(text: str) -> None:
+def stop_cluster(temp: Path) -> None:
+    """Kill the processes of the cluster this test started: `ray start` detaches them, so they are
+    not its descendants, but every one names the test's private temp dir (made by mkdtemp) on its
+    command line. `ray stop` would also stop this session's own Ray and any neighbour's."""
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+            if proc.name.isdigit() and str(temp) in (proc / "cmdline").read_bytes().decode(errors="replace"):
                 os.kill(int(proc.name), signal.SIGKILL)
         except (OSError, ProcessLookupError):
             pass

@@ -1,9 +1,12 @@
 """Checkpoints without pickle: tensors in safetensors, everything else in JSON.
 
 `checkpoint.safetensors` holds `encoder.*`, `predictor.*` and `optim.<param>.<state>`
-tensors; `checkpoint.json` the step, loader position, optimizer hyper-parameters and
-model description. Both are written to temporary names and renamed, the JSON last, so
-a crash mid-save leaves the previous checkpoint usable.
+tensors and, in its header, the metadata: step, loader position, optimizer
+hyper-parameters and model description. That one file is the checkpoint: it is written
+under a temporary name and renamed into place, so weights and the step they belong to
+change together, and a crash at any point leaves either the previous checkpoint or the
+new one, never new weights with an old position. `checkpoint.json` is a readable copy of
+the metadata written afterwards; readers take the header, so a stale copy is harmless.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 WEIGHTS = "checkpoint.safetensors"
 META = "checkpoint.json"
+HEADER_KEY = "salt.meta"  # the metadata's key in the safetensors header (string values only)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -37,8 +41,13 @@ def save_checkpoint(
         for k, v in state.items():
             tensors[f"optim.{pid}.{k}"] = torch.as_tensor(v).contiguous().cpu()
     groups = [{k: v for k, v in g.items()} for g in optim_state["param_groups"]]
-    _atomic_write(run_dir / WEIGHTS, lambda p: save_file(tensors, str(p)))
-    _atomic_write(run_dir / META, lambda p: p.write_text(json.dumps(meta | {"optimizer_groups": groups}, indent=1)))
+    _commit(run_dir, tensors, meta | {"optimizer_groups": groups})
+
+
+def _commit(out: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    text = json.dumps(meta, indent=1)
+    _atomic_write(out / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={HEADER_KEY: text}))  # the commit
+    _atomic_write(out / META, lambda p: p.write_text(text))
 
 
 def save_snapshot(snapshot_dir: str | Path, encoder: nn.Module, meta: dict) -> None:
@@ -46,15 +55,23 @@ def save_snapshot(snapshot_dir: str | Path, encoder: nn.Module, meta: dict) -> N
     out = Path(snapshot_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {f"encoder.{k}": v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
-    _atomic_write(out / WEIGHTS, lambda p: save_file(tensors, str(p)))
-    _atomic_write(out / META, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    _commit(out, tensors, meta)
 
 
 def has_checkpoint(run_dir: str | Path) -> bool:
-    return (Path(run_dir) / META).is_file() and (Path(run_dir) / WEIGHTS).is_file()
+    return (Path(run_dir) / WEIGHTS).is_file()
 
 
 def read_meta(run_dir: str | Path) -> dict:
+    """The metadata committed with the weights (the header; checkpoint.json only for files without one)."""
+    path = Path(run_dir) / WEIGHTS
+    try:
+        with safe_open(str(path), "pt") as f:
+            header = (f.metadata() or {}).get(HEADER_KEY)
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a safetensors checkpoint ({e}); pickled checkpoints are refused") from None
+    if header is not None:
+        return json.loads(header)
     return json.loads((Path(run_dir) / META).read_text())
 
 
