@@ -12,12 +12,15 @@ exactly the batches an uninterrupted run would have produced. Every batch carrie
 `loader_state`, the position after it: checkpoints save it, `load_state_dict` resumes.
 
 Views. Stage 1 uses view = epoch, a fresh crop per pass. Stage 2 cycles through the
-views the store holds, view = epoch % views_per_clip, and reads the matching row.
+views the store holds for the clip, view = stored[epoch % len(stored)], which is
+epoch % views_per_clip when every view was extracted; a clip whose other views failed
+to decode (the store's errors table) reuses the views it has, with one warning.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Iterator
 
 import numpy as np
@@ -31,6 +34,7 @@ from salt.config import Config
 from salt.masking import collate_masks, sample_masks, sample_rng
 from salt.models.vit import token_grid
 
+log = logging.getLogger(__name__)
 
 class ClipHashMismatch(RuntimeError):
     pass
@@ -99,7 +103,20 @@ class ShardedClips(IterableDataset):
             for s in shards:
                 target_store.check_identity(shard_name(s))
             # only samples the teacher saw: the store's errors table holds the rest
-            self.keys = [sorted({k for k, v in m}) for m in self.manifests]
+            self.stored_views: list[dict[str, list[int]]] = []
+            for m in self.manifests:
+                views: dict[str, list[int]] = {}
+                for k, v in sorted(m):
+                    views.setdefault(k, []).append(v)
+                self.stored_views.append(views)
+            self.keys = [sorted(v) for v in self.stored_views]
+            partial = sum(len(v) < self.views_per_clip for views in self.stored_views for v in views.values())
+            if partial:
+                log.warning(
+                    "%d clip(s) of store %s have fewer than %d stored views (the others failed to decode at "
+                    "extraction, see its errors table); they cycle through the views they have",
+                    partial, store, self.views_per_clip,
+                )
         self.samples_per_epoch = sum(len(k) for k in self.keys) // world_size
         self.batches_per_epoch = self.samples_per_epoch // batch_size
         if self.batches_per_epoch == 0:
@@ -155,11 +172,14 @@ class ShardedClips(IterableDataset):
                 )
         self.start_batch = int(state["next_batch"])
 
-    def view_for(self, epoch: int) -> int:
-        return epoch if self.store_path is None else epoch % self.views_per_clip
+    def view_for(self, shard: int, key: str, epoch: int) -> int:
+        if self.store_path is None:
+            return epoch
+        stored = self.stored_views[shard][key]
+        return stored[epoch % len(stored)]
 
     def load_sample(self, shard: int, key: str, epoch: int) -> dict:
-        view = self.view_for(epoch)
+        view = self.view_for(shard, key, epoch)
         path = self.shards[shard]
         member = video_member(self.indexes[shard].get(key, {}))
         video = read_member(path, member) if member else b""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,18 @@ from pipeline.extract import extract_targets
 from pipeline.runs import run_student
 from pipeline.shards import list_shards
 from pipeline.stream import ClipHashMismatch, ShardedClips, make_loader
-from pipeline.targets import StoreMismatchError, TargetStore, check_compatible, committed_shards, shard_dir
+from pipeline.targets import (
+    ExtractedRow,
+    StorageFormat,
+    StoreMismatchError,
+    TargetStore,
+    check_compatible,
+    commit_shard,
+    committed_shards,
+    rebuild_tables,
+    shard_dir,
+    verify_store,
+)
 from salt.train.loop import masked_prediction_loss
 from salt.train.student import build_student_state, cached_targets, online_targets, train_student
 from salt.train.teacher import load_frozen_teacher
@@ -251,3 +263,36 @@ def test_two_views_per_clip_are_stored_and_both_used(digits, teacher_dir, ray_lo
     dataset = ShardedClips(cfg, list_shards(digits), batch_size=4, store=store)
     assert dataset.batches_per_epoch == 4
     assert set(dataset.batch(0)["views"]) == {0} and set(dataset.batch(4)["views"]) == {1}
+
+
+def drop_view(store: str, shard: str, key: str, view: int) -> None:
+    """Re-commit a shard as extraction would have, had (key, view) failed to decode."""
+    target_store = TargetStore(store)
+    kept = []
+    for (k, v), r in sorted(target_store.manifest(shard).items(), key=lambda item: item[1]["row"]):
+        if (k, v) != (key, view):
+            kept.append(ExtractedRow(k, v, r["clip_hash"], tuple(r["frame_indices"]), tuple(r["crop"]), r["flip"],
+                                     target_store.latents(shard, r["row"])))
+    shutil.rmtree(shard_dir(store, shard))
+    commit_shard(store, shard, kept, [(key, view, "VideoDecodeError: view failed")],
+                 fmt=StorageFormat(dtype="float16"), store_id=target_store.meta["store_id"])
+    rebuild_tables(store)
+
+
+def test_a_clip_with_a_failed_view_reuses_its_stored_view(digits, teacher_dir, ray_local, tmp_path, caplog):
+    """views_per_clip=2 where one clip's view 1 failed and view 0 did not: every epoch still trains."""
+    store = str(tmp_path / "views")
+    cfg = tiny_config("extract.views_per_clip=2")
+    extract_targets(cfg, data=digits, teacher_dir=teacher_dir, store=store, progress=False)
+    drop_view(store, "shard-000000", "train-000003", 1)
+    assert verify_store(store) == []
+    with caplog.at_level(logging.WARNING):
+        dataset = ShardedClips(cfg, list_shards(digits), batch_size=4, store=store)
+    assert "1 clip(s) of store" in caplog.text and "fewer than 2 stored views" in caplog.text
+    views = {}
+    for g in range(3 * dataset.batches_per_epoch):  # epochs 0, 1, 2: views 0, 1, 0
+        batch = dataset.batch(g)
+        for k, v in zip(batch["keys"], batch["views"]):
+            views.setdefault(k, []).append(v)
+    assert views["train-000003"] == [0, 0, 0]
+    assert all(v == [0, 1, 0] for k, v in views.items() if k != "train-000003") and len(views) == 16
