@@ -106,7 +106,7 @@ def student_step_speedup(cfg: Config, batch: dict, teacher: torch.nn.Module, ste
     state = build_student_state(cfg, teacher.width)
     with torch.no_grad():
         batch = batch | {"targets": teacher(batch["clips"])}
-    online = online_targets(teacher)
+    online = online_targets(teacher, bf16=cfg.student.bf16)  # same precision as the student's step on CUDA
 
     def step(make_targets) -> float:
         t0 = time.perf_counter()

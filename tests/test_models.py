@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from salt.models.attention import resolve_backend
+from salt.models import attention as attention_module
+from salt.models.attention import attention, packed_attention, resolve_backend, sdpa_block_diagonal
 from salt.models.predictor import Predictor
 from salt.models.vit import Rope3d, VideoViT
 
@@ -68,3 +69,62 @@ def test_attention_backend_falls_back_to_sdpa_on_cpu():
         resolve_backend("xformers", "cpu")
     with pytest.raises(ValueError, match="model.attention='flash'"):
         resolve_backend("flash", "cpu")
+
+
+def padded_batch(lengths: list[int], heads: int = 2, head_dim: int = 8) -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(0)
+    n = max(lengths)
+    valid = torch.arange(n)[None] < torch.tensor(lengths)[:, None]
+    q, k, v = (torch.randn(len(lengths), heads, n, head_dim, requires_grad=True) for _ in range(3))
+    return q, k, v, valid
+
+
+def test_packed_variable_length_attention_equals_the_padded_path():
+    """The packing xformers' block-diagonal kernel is fed (real tokens only, samples kept apart) gives the
+    padded SDPA path's outputs and gradients at every real token. xformers has no CPU kernel, so the
+    packed sequence goes through the SDPA reference of the same block-diagonal contract."""
+    q, k, v, valid = padded_batch([5, 17, 11, 1])
+    padded = attention(q, k, v, valid, backend="sdpa")
+    packed = packed_attention(q, k, v, valid, kernel=sdpa_block_diagonal)
+    real = valid[:, None, :, None].expand_as(padded)
+    torch.testing.assert_close(packed[real], padded[real], rtol=1e-5, atol=1e-6)
+    assert torch.all(packed[~real] == 0)
+    weights = torch.randn_like(padded) * real  # a loss that, like training, reads real tokens only
+    grads_padded = torch.autograd.grad((padded * weights).sum(), (q, k, v))
+    grads_packed = torch.autograd.grad((packed * weights).sum(), (q, k, v))
+    for a, b in zip(grads_padded, grads_packed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_training_takes_the_packed_path_where_xformers_works(monkeypatch):
+    """With xformers reported working, every masked forward of encoder and predictor goes through the
+    packed path (counted), and the loss and gradients equal the SDPA run's."""
+    from salt.config import MaskConfig
+    from salt.masking import collate_masks, sample_masks
+    from salt.train.loop import masked_prediction_loss
+
+    grid = (2, 4, 4)
+    masks = collate_masks([sample_masks(MaskConfig().generators, grid, seed=0, key=f"k{i}", view=0) for i in range(3)])
+    clips, targets = torch.randn(3, 3, 4, 32, 32), torch.randn(3, 32, 16)
+
+    def loss_and_grads(backend: str):
+        torch.manual_seed(0)
+        encoder = VideoViT("vit_cpu_xs", frames=4, crop_size=32, patch_size=8, tubelet=2, attention_backend=backend)
+        predictor = Predictor(encoder_width=64, out_dim=16, grid=grid, width=32, depth=2, heads=2, attention_backend=backend)
+        loss = masked_prediction_loss(encoder, predictor, clips, masks, targets)
+        return loss, torch.autograd.grad(loss, [*encoder.parameters(), *predictor.parameters()])
+
+    reference = loss_and_grads("sdpa")
+    calls = []
+
+    def kernel(*args):
+        calls.append(args[-1])
+        return sdpa_block_diagonal(*args)
+
+    monkeypatch.setattr(attention_module, "xformers_works", lambda device_type: True)
+    monkeypatch.setattr(attention_module, "xformers_block_diagonal", kernel)
+    packed = loss_and_grads("auto")
+    assert len(calls) == 2 * (3 + 2)  # two masks x (encoder depth 3 + predictor depth 2)
+    torch.testing.assert_close(packed[0], reference[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(packed[1], reference[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -17,7 +17,7 @@ from salt.config import Config, to_dict
 from salt.losses import latent_targets
 from salt.optim import make_optimizer
 from salt.train.checkpoint import has_checkpoint, read_meta
-from salt.train.loop import TrainState, fit
+from salt.train.loop import TrainState, autocast, fit
 from salt.train.teacher import build_encoder, build_predictor
 
 
@@ -32,10 +32,13 @@ def cached_targets(batch: dict) -> torch.Tensor:
     return latent_targets(batch["targets"])
 
 
-def online_targets(teacher: nn.Module) -> Callable[[dict], torch.Tensor]:
+def online_targets(teacher: nn.Module, bf16: bool = False) -> Callable[[dict], torch.Tensor]:
+    """Targets from a live teacher, under the student's autocast (bf16 on CUDA when the run uses it),
+    so a cached-vs-online comparison times both sides at the same precision."""
+
     def make(batch: dict) -> torch.Tensor:
-        with torch.no_grad():
-            return latent_targets(teacher(batch["clips"]))
+        with torch.no_grad(), autocast(batch["clips"].device, bf16):
+            return latent_targets(teacher(batch["clips"]).float())
 
     return make
 
