@@ -5,6 +5,8 @@ CONFIG  ?= jobs/configs/tiny.yaml
 RUN     ?= runs/demo
 ARGS    ?=
 STORE   ?= $(RUN)/targets
+# the frozen teacher make extract-targets runs: a run folder, hf-videomae:<folder> or hf-vjepa2:<folder>
+TEACHER ?= $(RUN)/teacher
 # CPU build by default (it lies on the CI machine's disk); GPU users: see README.
 TORCH   ?= torch==2.13.0
 DEFAULT_DATA := data/moving-digits
@@ -18,17 +20,36 @@ NPROC   ?= 1
 TRAIN    = $(if $(filter 1,$(NPROC)),$(PY) -m,$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m)
 TRAIN_SEP = $(if $(filter 1,$(NPROC)),,--)
 
-.PHONY: setup data teacher extract-targets student sweep probe select replicate inspect plan bench demo test clean
+.PHONY: setup lock data teacher extract-targets student sweep probe select replicate inspect plan bench demo test clean
 .DEFAULT_GOAL := demo
 
 setup: .venv/.installed
 
+# torch first (TORCH may name another index for a CUDA build), then the project under the lock:
+# every package pip resolves there, torch's own dependencies included, comes at its locked version.
 .venv/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
+
+# constraints.txt is the lock: every package `make setup` installs (runtime + dev extra, not
+# xformers) pinned exactly, resolved by pip-compile (pip-tools) for this Python and platform.
+# `make lock` keeps the current pins where they still resolve; LOCK_ARGS=--upgrade takes the
+# newest of everything, LOCK_ARGS="-P zarr" one package. pip-tools lives in its own venv, never
+# in .venv. The torch pin loses its local label (+cpu) so a CUDA build of the same version fits.
+LOCK_TORCH ?= torch==2.13.0
+LOCK_ARGS  ?=
+LOCK_VENV  := .venv/lock-tools
+lock:
+	test -x $(LOCK_VENV)/bin/pip-compile || { python3 -m venv $(LOCK_VENV) && \
+	    $(LOCK_VENV)/bin/python -m pip install -q pip==26.3 pip-tools==7.6.2; }
+	echo "$(LOCK_TORCH)" > $(LOCK_VENV)/torch-pin.txt
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet --extra dev --strip-extras \
+	    --allow-unsafe --no-emit-index-url --no-emit-find-links -c $(LOCK_VENV)/torch-pin.txt \
+	    $(LOCK_ARGS) -o constraints.txt pyproject.toml
+	sed -i.bak -E 's/^(torch==[^+ ]+)\+[^ ]+/\1/' constraints.txt && rm constraints.txt.bak
 
 # The embedded dataset is built on first use when DATA is the default.
 $(DEFAULT_DATA)/labels.json: | setup
@@ -43,7 +64,7 @@ teacher: setup $(DATA_DEP)
 	$(TRAIN) jobs.teacher $(TRAIN_SEP) $(COMMON) $(ARGS)
 
 extract-targets: setup $(DATA_DEP)
-	$(PY) -m jobs.extract_targets $(COMMON) $(ARGS)
+	$(PY) -m jobs.extract_targets $(COMMON) --teacher $(TEACHER) $(ARGS)
 
 student: setup $(DATA_DEP)
 	$(TRAIN) jobs.student $(TRAIN_SEP) $(COMMON) $(ARGS)

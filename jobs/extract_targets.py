@@ -14,7 +14,10 @@ from pipeline.extract import extract_targets
 
 def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__)
-    p.add_argument("--teacher", default=None, help="teacher run folder (default: $(RUN)/teacher)")
+    p.add_argument(
+        "--teacher", default=None,
+        help="teacher spec: a run folder (default: $(RUN)/teacher), hf-videomae:<folder> or hf-vjepa2:<folder>",
+    )
     p.add_argument("--store", default=None, help="output store (default: $(RUN)/targets)")
     p.add_argument("--split", default="train")
     args = p.parse_args(argv)
@@ -22,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = extract_targets(
         cfg,
         data=args.data,
-        teacher_dir=args.teacher or str(Path(args.run) / "teacher"),
+        teacher=args.teacher or str(Path(args.run) / "teacher"),
         store=args.store or str(Path(args.run) / "targets"),
         split=args.split,
         progress=not args.no_progress,

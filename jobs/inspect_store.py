@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from pipeline.targets import summarize, verify_store
+from pipeline.targets import PROJECTION, summarize, verify_store
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> dict:
     fmt = s["storage"]
     print(f"bytes       {s['bytes']:,} ({s['bytes'] / max(s['samples'], 1) / 1e6:.3f} MB per sample)")
     print(f"storage     {fmt['dtype']}, keepbits {fmt['keepbits'] or 'off'}, codec {fmt['codec']}")
-    print(f"teacher     {t['size']} width {t['width']} step {t['step']} sha256 {t['sha256'][:16]}...")
+    own = f"{t['size']} step {t['step']}, " if "size" in t else ""  # stores of this project's run folders
+    print(f"teacher     {t.get('adapter', 'salt-run')} {t.get('model_class', 'VideoViT')} {own}width {t['width']}, "
+          f"weights sha256 {t['sha256'][:16]}..., config sha256 {t.get('config_sha256', '?')[:16]}...")
+    p = t.get("projection")
+    print(f"projection  {p['kind']} {p['from_width']} -> {p['dim']} (seed {p['seed']}, {PROJECTION})" if p else "projection  none")
     print(f"shards      {s['shards_committed']}/{s['shards_expected']} committed" + (f", missing {s['missing_shards']}" if s["missing_shards"] else ""))
     print(f"decoder     {s['decoder']}")
     print(f"errors      {s['errors']}")

@@ -32,10 +32,10 @@ from pipeline.video import augment, clip_hash, decode
 from salt.config import Config, DataConfig, load_config
 from salt.flops import forward_flops, train_flops
 from salt.runinfo import git_commit
-from salt.train.checkpoint import load_checkpoint
+from salt.checkpoint import load_checkpoint
 from salt.train.loop import train_step
 from salt.train.student import build_student_state, cached_targets, online_targets
-from salt.train.teacher import load_frozen_teacher
+from salt.models.teachers import load_teacher
 
 COMMAND = "make bench"
 CONFIG = "jobs/configs/tiny.yaml"
@@ -157,6 +157,8 @@ FORMATS = {  # name: overrides; fp32 is the reference every ratio is taken again
     "fp16_zstd": ["extract.dtype=float16", "extract.codec=zstd"],
     "fp16_br7_blosc": ["extract.dtype=float16", "extract.keepbits=7", "extract.codec=blosc"],
     "fp16_br5_blosc": ["extract.dtype=float16", "extract.keepbits=5", "extract.codec=blosc"],
+    # the bench teacher (vit_cpu_s) is 96 wide: a fixed orthogonal projection to half of it
+    "fp16_proj48": ["extract.dtype=float16", "extract.projection=orthogonal", "extract.projection_dim=48"],
 }
 
 
@@ -166,10 +168,10 @@ def extraction_rows(cfg, data: str, teacher_dir: str, work: Path) -> tuple[list[
     stores, summaries = {}, {}
     for name, overrides in FORMATS.items():
         stores[name] = str(work / f"store-{name}")
-        summaries[name] = extract_targets(bench_config(*overrides), data=data, teacher_dir=teacher_dir, store=stores[name], progress=False)
+        summaries[name] = extract_targets(bench_config(*overrides), data=data, teacher=teacher_dir, store=stores[name], progress=False)
     samples = summaries["fp16"]["samples"]
     torch.set_num_threads(cfg.extract.actor_torch_threads)  # what one actor gets
-    teacher = load_frozen_teacher(teacher_dir, cfg)
+    teacher = load_teacher(teacher_dir, cfg)
     dataset = ShardedClips(cfg, list_shards(data), batch_size=cfg.extract.batch_size)
     t0 = time.perf_counter()
     clips = [dataset.batch(g)["clips"] for g in range(samples // cfg.extract.batch_size)]
@@ -215,10 +217,11 @@ def student_rows(cfg, data: str, stores: dict[str, str], teacher, work: Path) ->
     fp16 = short_student(data, stores["fp16"], work / "student-fp16")
     rows.append(row("data_wait_fraction", fp16["data_wait_fraction"], "fraction", 0.10,
                           "time waiting on the loader / step time, 40 student steps, 1 loader worker"))
-    for name in (n for n in stores if "br" in n):
+    for name in (n for n in stores if "br" in n or "proj" in n):
         lossy = short_student(data, stores[name], work / f"student-{name}")
+        what = "targets projected 96 -> 48 wide (their own task)" if "proj" in name else "same targets, rounded"
         rows.append(row(f"student_loss_{name}_vs_fp16", lossy["final_loss"], "loss", fp16["final_loss"],
-                              "final loss (mean of last 10 of 40 steps), same student, seed and batches"))
+                              f"final loss (mean of last 10 of 40 steps), same student, seed and batches; {what}"))
     return rows
 
 

@@ -20,11 +20,11 @@ import torch
 
 from pipeline.labelled import load_labelled
 from pipeline.probe import probe_data_config
+from salt.checkpoint import has_checkpoint, save_snapshot
 from salt.config import Config, to_dict
+from salt.models.factory import build_encoder
 from salt.runinfo import write_run_info
 from salt.supervised import train_with_labels
-from salt.train.checkpoint import has_checkpoint, save_snapshot
-from salt.train.teacher import build_encoder
 
 
 def _as_teacher(cfg: Config, size: str) -> Config:

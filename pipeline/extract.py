@@ -18,16 +18,17 @@ import os
 import time
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
+from safetensors.torch import save
 
 from pipeline import fs
 from pipeline.shards import iter_shard, list_shards, shard_name
 from pipeline.stream import grid_of
 from pipeline.targets import (
+    PROJECTION,
     ExtractedRow,
     StorageFormat,
     StoreMismatchError,
@@ -41,9 +42,8 @@ from pipeline.targets import (
 from pipeline.video import VideoDecodeError, decode, augment, clip_hash, decoder_version
 from salt.config import Config, DataConfig, to_dict, from_dict
 from salt.runinfo import git_commit, package_versions, run_info_files
-from salt.train.checkpoint import WEIGHTS, read_meta
-from salt.train.loop import autocast
-from salt.train.teacher import load_frozen_teacher
+from salt.models.teachers import FrozenTeacher, load_teacher
+from salt.devices import autocast
 
 
 def decode_shard(row: dict, *, data_cfg: dict, views: int) -> Iterator[dict]:
@@ -83,13 +83,14 @@ def decode_shard(row: dict, *, data_cfg: dict, views: int) -> Iterator[dict]:
 
 
 class TeacherForward:
-    """Actor: holds the frozen teacher; clips in, latents (in the storage dtype) out."""
+    """Actor: holds the frozen teacher (any adapter, projected if the config says so);
+    clips in, latents (in the storage dtype) out."""
 
-    def __init__(self, teacher_dir: str, cfg: dict, torch_threads: int):
+    def __init__(self, teacher: str, cfg: dict, torch_threads: int):
         torch.set_num_threads(torch_threads)
         self.cfg = from_dict(Config, cfg)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.teacher = load_frozen_teacher(teacher_dir, self.cfg, self.device)
+        self.teacher = load_teacher(teacher, self.cfg, self.device)
 
     def __call__(self, batch: dict) -> dict:
         ok = batch["error"] == ""
@@ -104,21 +105,13 @@ class TeacherForward:
         return out
 
 
-def provenance(cfg: Config, *, data: str, split: str, teacher_dir: str, shards: list[str]) -> dict:
-    meta = read_meta(teacher_dir)
+def provenance(cfg: Config, *, data: str, split: str, teacher: FrozenTeacher, shards: list[str]) -> dict:
     grid = grid_of(cfg)
     compat = compatibility(cfg)
     compat["geometry"] |= {"grid": list(grid), "num_tokens": int(np.prod(grid))}
     return {
         "format": "salt-target-store/1",
-        "teacher": {
-            "checkpoint": str(Path(teacher_dir).resolve() / WEIGHTS),
-            "sha256": fs.sha256(str(Path(teacher_dir) / WEIGHTS)),
-            "size": meta["encoder"]["size"],
-            "width": meta["encoder"]["width"],
-            "step": meta["step"],
-            "model": meta["config"]["model"],
-        },
+        "teacher": teacher.identity(),
         **compat,
         "storage": StorageFormat.of(cfg.extract).describe(),
         "views_per_clip": cfg.extract.views_per_clip,
@@ -176,17 +169,22 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 
 def extract_targets(
-    cfg: Config, *, data: str, teacher_dir: str, store: str, split: str = "train", progress: bool = True
+    cfg: Config, *, data: str, teacher: str, store: str, split: str = "train", progress: bool = True
 ) -> dict:
-    """Run (or resume) extraction; returns a summary of what this call did."""
+    """Run (or resume) extraction with the teacher a spec names (a run folder, hf-videomae:<folder>,
+    hf-vjepa2:<folder>); returns a summary of what this call did."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
     t0 = time.perf_counter()
     store_path = str(store).rstrip("/")
     shards = list_shards(data, split)
-    store_id = open_store(store_path, provenance(cfg, data=data, split=split, teacher_dir=teacher_dir, shards=shards))
-    for name, text in run_info_files(cfg, teacher=str(teacher_dir), data=str(data)).items():
+    frozen = load_teacher(teacher, cfg)  # a bad spec, folder or grid fails here, before any work
+    store_id = open_store(store_path, provenance(cfg, data=data, split=split, teacher=frozen, shards=shards))
+    if frozen.projection is not None:  # the matrix itself, so a reader needs neither the seed rule nor the teacher
+        fs.write_bytes(fs.join(store_path, PROJECTION), save({"projection": frozen.projection.contiguous()}))
+    del frozen
+    for name, text in run_info_files(cfg, teacher=str(teacher), data=str(data)).items():
         fs.write_bytes(fs.join(store_path, name), text.encode())
     remove_partial_shards(store_path)
     done = set(committed_shards(store_path))
@@ -205,7 +203,7 @@ def extract_targets(
         )
         ds = ds.map_batches(
             TeacherForward,
-            fn_constructor_kwargs={"teacher_dir": str(teacher_dir), "cfg": to_dict(cfg), "torch_threads": cfg.extract.actor_torch_threads},
+            fn_constructor_kwargs={"teacher": str(teacher), "cfg": to_dict(cfg), "torch_threads": cfg.extract.actor_torch_threads},
             compute=ActorPoolStrategy(size=cfg.extract.num_actors),
             batch_size=cfg.extract.batch_size,
             batch_format="numpy",

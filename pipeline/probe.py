@@ -20,8 +20,8 @@ from salt.models.vit import VideoViT, vit_size
 from salt.plots import plot_loss_curves
 from salt.probe import effective_rank, encode_features, train_probe_grid, whitening
 from salt.runinfo import write_run_info
-from salt.train.checkpoint import has_checkpoint, load_module_weights, read_meta
-from salt.train.teacher import build_encoder
+from salt.checkpoint import has_checkpoint, load_module_weights, read_meta
+from salt.models.factory import build_encoder
 
 RANDOM = "random:"
 # Fields that decide the token grid: a checkpoint can only be probed on clips of its own geometry.

@@ -164,7 +164,7 @@ def run_study(study: Study, *, out: str | Path, progress: bool = True) -> dict:
     ours = not ray.is_initialized()
     init_ray()
     for (s, arm), teacher in teacher_dirs.items():
-        extract_targets(study.seed_config(s), data=data[s], teacher_dir=teacher, store=str(seeds[s] / arm / "targets"),
+        extract_targets(study.seed_config(s), data=data[s], teacher=teacher, store=str(seeds[s] / arm / "targets"),
                         progress=progress)
     if ours:
         ray.shutdown()  # its idle workers would hold memory and a little CPU through the students

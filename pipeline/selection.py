@@ -16,7 +16,7 @@ import numpy as np
 
 from salt.config import Config
 from salt.plots import plot_scatter_fit, r_squared
-from salt.train.checkpoint import has_checkpoint, read_meta
+from salt.checkpoint import has_checkpoint, read_meta
 
 
 def checkpoint_points(run_dir: str | Path, name: str) -> list[dict]:

@@ -3,6 +3,7 @@
 Layout of a store folder:
 
     store.json                      provenance (teacher, geometry, preprocessing, dtype, sources)
+    projection.safetensors          the teacher-width projection matrix, when extract.projection is set
     targets/shard-000000.zarr/      committed shard: Zarr array [rows, tokens, width] plus
         manifest.parquet            key, view, row, clip hash, sample spec of each row
         errors.parquet              key, view, reason of each sample that could not be extracted
@@ -15,6 +16,7 @@ reader (or a resumed job) sees either all of a shard or nothing of it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 import zlib
@@ -25,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
+from safetensors.torch import load as safetensors_load
 
 from pipeline import fs
 from salt.config import Config, to_dict
@@ -43,6 +46,7 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("view", pa.int32()), ("shard", pa.string()), ("reason", pa.string())])
+PROJECTION = "projection.safetensors"
 DTYPES = ("float32", "float16")
 CODECS = ("none", "zstd", "blosc")
 MANTISSA_BITS = {"float32": 23, "float16": 10}
@@ -317,6 +321,7 @@ def verify_store(path: str | Path) -> list[str]:
         store = TargetStore(path)
     except (OSError, ValueError) as e:
         return [f"store.json: {e}"]
+    problems += projection_problems(path, store.meta.get("teacher", {}).get("projection"))
     expected = {s["name"] for s in store.meta["source"]["shards"]}
     problems += [f"shard {s}: missing (not committed)" for s in sorted(expected - set(store.shards))]
     problems += [f"shard {s}: not a source shard of this store" for s in sorted(set(store.shards) - expected)]
@@ -344,6 +349,19 @@ def verify_store(path: str | Path) -> list[str]:
             except Exception as e:
                 problems.append(f"shard {shard}: key {entry['key']!r} view {entry['view']}: {type(e).__name__}: {e}")
     return problems
+
+
+def projection_problems(path: str, recorded: dict | None) -> list[str]:
+    """The stored projection matrix must be the one store.json describes (shape and digest)."""
+    if not recorded:
+        return []
+    file = fs.join(path, PROJECTION)
+    if not fs.exists(file):
+        return [f"{PROJECTION}: missing, but store.json records a {recorded['kind']} projection"]
+    matrix = safetensors_load(fs.read_bytes(file))["projection"]
+    if list(matrix.shape) != [recorded["from_width"], recorded["dim"]] or hashlib.sha256(matrix.numpy().tobytes()).hexdigest() != recorded["sha256"]:
+        return [f"{PROJECTION}: differs from the projection store.json records (shape {list(matrix.shape)})"]
+    return []
 
 
 def store_bytes(path: str) -> int:

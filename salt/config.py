@@ -114,6 +114,21 @@ class ExtractConfig:
     actor_num_cpus: float = 1.0
     actor_torch_threads: int = 1
     decode_num_cpus: float = 1.0
+    # a fixed seeded random projection of the teacher's tokens to projection_dim (for very wide
+    # teachers: store and student head shrink by width / projection_dim); recorded in store.json
+    projection: str = "none"  # none | orthogonal | gaussian
+    projection_dim: int = 0
+    projection_seed: int = 0
+
+    def __post_init__(self):
+        kinds = ("none", "orthogonal", "gaussian")
+        if self.projection not in kinds:
+            raise ConfigError(f"extract.projection={self.projection!r}: expected one of {kinds}")
+        if (self.projection == "none") != (self.projection_dim == 0):
+            raise ConfigError(
+                f"extract.projection={self.projection!r} with extract.projection_dim={self.projection_dim}: "
+                "set a positive projection_dim exactly when a projection is chosen"
+            )
 
 
 @dataclass(kw_only=True)

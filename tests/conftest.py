@@ -84,7 +84,7 @@ def teacher_dir(digits, tmp_path_factory) -> str:
 def extract_fp32(data: str, teacher_dir: str, store: str) -> str:
     from pipeline.extract import extract_targets
 
-    extract_targets(tiny_config("extract.dtype=float32"), data=data, teacher_dir=teacher_dir, store=store, progress=False)
+    extract_targets(tiny_config("extract.dtype=float32"), data=data, teacher=teacher_dir, store=store, progress=False)
     return store
 
 

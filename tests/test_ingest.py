@@ -127,7 +127,7 @@ def test_made_shards_train_extract_and_student(video_folder, tmp_path, teacher_d
     run = tmp_path / "run"
     args = ["--data", str(data), "--run", str(run), "--no-progress", "teacher.optim.batch_size=3", "student.optim.batch_size=3"]
     teacher.main(args + ["data.num_workers=0", "teacher.optim.steps=2"])
-    summary = extract_targets(tiny_config(), data=str(data), teacher_dir=str(run / "teacher"), store=str(run / "targets"), progress=False)
+    summary = extract_targets(tiny_config(), data=str(data), teacher=str(run / "teacher"), store=str(run / "targets"), progress=False)
     assert summary["samples"] == 3 and summary["errors"] == 0
     assert student.main(args + ["data.num_workers=0", "student.optim.steps=2"])["step"] == 2
 
@@ -164,7 +164,7 @@ def test_bad_sample_at_extraction_time_is_recorded_not_fatal(digits, teacher_dir
             {"__key__": "novideo", "json": b"{}"},
         ],
     )
-    summary = extract_targets(tiny_config(), data=str(data), teacher_dir=teacher_dir, store=str(tmp_path / "s"), progress=False)
+    summary = extract_targets(tiny_config(), data=str(data), teacher=teacher_dir, store=str(tmp_path / "s"), progress=False)
     assert summary["samples"] == 1 and summary["errors"] == 2
     reasons = {r["key"]: r["reason"] for r in pq.read_table(tmp_path / "s" / "errors.parquet").to_pylist()}
     assert reasons["novideo"] == "sample has no video member" and "broken" in reasons

@@ -31,7 +31,7 @@ from pipeline.targets import (
 )
 from salt.train.loop import masked_prediction_loss
 from salt.train.student import build_student_state, cached_targets, online_targets, train_student
-from salt.train.teacher import load_frozen_teacher
+from salt.models.teachers import load_teacher
 from tests.conftest import tiny_config
 
 
@@ -70,20 +70,20 @@ def test_store_describes_itself(store_fp32, digits):
 
 def test_extraction_twice_gives_identical_stores(store_fp32, digits, teacher_dir, tmp_path):
     again = str(tmp_path / "again")
-    extract_targets(tiny_config("extract.dtype=float32"), data=digits, teacher_dir=teacher_dir, store=again, progress=False)
+    extract_targets(tiny_config("extract.dtype=float32"), data=digits, teacher=teacher_dir, store=again, progress=False)
     assert_same_store(store_fp32, again)
 
 
 def test_rerun_skips_committed_shards_and_resumes_missing_ones(store_fp32, digits, teacher_dir, tmp_path):
     cfg = tiny_config("extract.dtype=float32")
-    summary = extract_targets(cfg, data=digits, teacher_dir=teacher_dir, store=store_fp32, progress=False)
+    summary = extract_targets(cfg, data=digits, teacher=teacher_dir, store=store_fp32, progress=False)
     assert summary["teacher_forward_samples"] == 0 and summary["shards_extracted_now"] == 0
     # a job killed after one shard: one committed shard plus a half-written temporary folder
     partial = tmp_path / "partial"
     shutil.copytree(store_fp32, partial)
     shutil.rmtree(Path(shard_dir(partial, "shard-000001")))
     (partial / "targets" / ".shard-000001.zarr.tmp-deadbeef").mkdir()
-    summary = extract_targets(cfg, data=digits, teacher_dir=teacher_dir, store=str(partial), progress=False)
+    summary = extract_targets(cfg, data=digits, teacher=teacher_dir, store=str(partial), progress=False)
     assert summary["shards_extracted_now"] == 1 and summary["teacher_forward_samples"] == 8
     assert not list((partial / "targets").glob(".*tmp-*"))
     assert_same_store(store_fp32, str(partial))
@@ -91,7 +91,7 @@ def test_rerun_skips_committed_shards_and_resumes_missing_ones(store_fp32, digit
 
 def test_store_of_another_job_is_refused(store_fp32, digits, teacher_dir):
     with pytest.raises(StoreMismatchError, match=r"storage\.dtype: store has 'float32', this job has 'float16'"):
-        extract_targets(tiny_config("extract.dtype=float16"), data=digits, teacher_dir=teacher_dir, store=store_fp32, progress=False)
+        extract_targets(tiny_config("extract.dtype=float16"), data=digits, teacher=teacher_dir, store=store_fp32, progress=False)
 
 
 def relative_token_error(stored: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
@@ -103,7 +103,7 @@ def test_cached_targets_equal_online_teacher(store_fp32, digits, teacher_dir):
     """Every stored token of every sample equals the live teacher's (fp32 store), and so does the loss."""
     cfg = tiny_config()
     dataset = ShardedClips(cfg, list_shards(digits), batch_size=4, store=store_fp32)
-    teacher = load_frozen_teacher(teacher_dir, cfg)
+    teacher = load_teacher(teacher_dir, cfg)
     seen = set()
     for g in range(dataset.batches_per_epoch):
         batch = dataset.batch(g)
@@ -134,7 +134,7 @@ def test_student_trains_with_the_teacher_checkpoint_deleted(digits, teacher_dir,
     teacher_copy = tmp_path / "run" / "teacher"
     shutil.copytree(teacher_dir, teacher_copy)
     store = tmp_path / "run" / "targets"
-    extract_targets(tiny_config(), data=digits, teacher_dir=str(teacher_copy), store=str(store), progress=False)
+    extract_targets(tiny_config(), data=digits, teacher=str(teacher_copy), store=str(store), progress=False)
     shutil.rmtree(teacher_copy)  # stage 2 must not need it
     summary = student.main(["--data", digits, "--run", str(tmp_path / "run"), "--no-progress", *tiny_config_args()])
     assert summary["step"] == 4 and np.isfinite(summary["final_loss"])
@@ -247,7 +247,7 @@ def test_inspect_reports_the_store(store_fp32, capsys):
 def test_two_views_per_clip_are_stored_and_both_used(digits, teacher_dir, ray_local, tmp_path):
     store = str(tmp_path / "views")
     cfg = tiny_config("extract.views_per_clip=2")
-    summary = extract_targets(cfg, data=digits, teacher_dir=teacher_dir, store=store, progress=False)
+    summary = extract_targets(cfg, data=digits, teacher=teacher_dir, store=store, progress=False)
     assert summary["samples"] == 32
     rows = pq.read_table(Path(store) / "manifest.parquet").to_pylist()
     by_key: dict[str, list[dict]] = {}
@@ -283,7 +283,7 @@ def test_a_clip_with_a_failed_view_reuses_its_stored_view(digits, teacher_dir, r
     """views_per_clip=2 where one clip's view 1 failed and view 0 did not: every epoch still trains."""
     store = str(tmp_path / "views")
     cfg = tiny_config("extract.views_per_clip=2")
-    extract_targets(cfg, data=digits, teacher_dir=teacher_dir, store=store, progress=False)
+    extract_targets(cfg, data=digits, teacher=teacher_dir, store=store, progress=False)
     drop_view(store, "shard-000000", "train-000003", 1)
     assert verify_store(store) == []
     with caplog.at_level(logging.WARNING):

@@ -20,8 +20,8 @@ from salt.config import ConfigError, ProbeConfig, to_dict
 from salt.plots import plot_loss_curves, plot_scatter_fit, r_squared
 from salt.probe import effective_rank, encode_features, top1, train_probe_grid
 from salt.supervised import train_with_labels
-from salt.train.checkpoint import save_checkpoint
-from salt.train.teacher import build_encoder
+from salt.checkpoint import save_checkpoint
+from salt.models.factory import build_encoder
 from tests.conftest import tiny_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

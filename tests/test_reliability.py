@@ -22,8 +22,8 @@ from pipeline.extract import extract_targets
 from pipeline.shards import index_shard, list_shards
 from pipeline.stream import ShardedClips
 from pipeline.targets import CorruptStoreError, committed_shards, verify_store
-from salt.train.checkpoint import load_tensors, read_meta
-from salt.train.teacher import load_frozen_teacher
+from salt.checkpoint import load_tensors, read_meta
+from salt.models.teachers import load_teacher
 from tests.conftest import FAST, ROOT, tiny_config, tree_digest
 from tests.test_pipeline import assert_same_store
 from tests.test_store_integrity import extract_cli
@@ -151,17 +151,17 @@ def test_full_disk_during_a_shard_write_leaves_nothing_partial(digits, teacher_d
 
     monkeypatch.setattr(targets, "_write_shard", disk_full_on_second_shard)
     with pytest.raises(OSError, match="No space left on device"):
-        extract_targets(tiny_config("extract.dtype=float32"), data=digits, teacher_dir=teacher_dir, store=str(store), progress=False)
+        extract_targets(tiny_config("extract.dtype=float32"), data=digits, teacher=teacher_dir, store=str(store), progress=False)
     assert len(committed_shards(store)) == 1
     assert sorted(p.name for p in (store / "targets").iterdir()) == [f"{committed_shards(store)[0]}.zarr"]
     monkeypatch.setattr(targets, "_write_shard", real)
-    extract_targets(tiny_config("extract.dtype=float32"), data=digits, teacher_dir=teacher_dir, store=str(store), progress=False)
+    extract_targets(tiny_config("extract.dtype=float32"), data=digits, teacher=teacher_dir, store=str(store), progress=False)
     assert_same_store(store_fp32, str(store))
 
 
 def test_store_json_from_another_store_is_caught(store_fp32, digits, teacher_dir, ray_local, tmp_path):
     other = tmp_path / "other"
-    extract_targets(tiny_config("extract.dtype=float32"), data=digits, teacher_dir=teacher_dir, store=str(other), progress=False)
+    extract_targets(tiny_config("extract.dtype=float32"), data=digits, teacher=teacher_dir, store=str(other), progress=False)
     shutil.copy(Path(store_fp32) / "store.json", other / "store.json")
     problems = verify_store(other)
     assert len(problems) == 2 and all("was written for store" in p for p in problems)
@@ -180,7 +180,7 @@ def test_pickled_checkpoint_is_refused_and_never_run(teacher_dir, tmp_path):
 
     torch.save({"encoder.patch_embed.weight": Payload()}, run / "checkpoint.safetensors")
     with pytest.raises(ValueError, match=r"checkpoint.safetensors is not a safetensors checkpoint .*pickled checkpoints are refused"):
-        load_frozen_teacher(run, tiny_config())
+        load_teacher(run, tiny_config())
     assert not marker.exists()
 
 

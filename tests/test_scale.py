@@ -14,7 +14,7 @@ from pipeline.runs import run_student
 from pipeline.shards import list_shards
 from pipeline.stream import LoaderStateMismatch, ShardedClips, buffer_shuffle
 from salt.masking import sample_rng
-from salt.train.checkpoint import read_meta
+from salt.checkpoint import read_meta
 from tests.conftest import FAST, ROOT, tiny_config
 
 

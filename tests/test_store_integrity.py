@@ -104,7 +104,7 @@ def test_retried_rows_are_written_once(tmp_path, ray_local):
 def test_lossy_formats_are_smaller_and_close(store_fp32, digits, teacher_dir, tmp_path):
     store = str(tmp_path / "lossy")
     cfg = tiny_config("extract.keepbits=7", "extract.codec=blosc")
-    extract_targets(cfg, data=digits, teacher_dir=teacher_dir, store=store, progress=False)
+    extract_targets(cfg, data=digits, teacher=teacher_dir, store=store, progress=False)
     assert TargetStore(store).meta["storage"] | {} == {**TargetStore(store).meta["storage"], "keepbits": 7, "codec": "blosc"}
     exact, lossy = store_contents(store_fp32), store_contents(store)
     for shard in exact:
@@ -113,7 +113,7 @@ def test_lossy_formats_are_smaller_and_close(store_fp32, digits, teacher_dir, tm
     chunk_bytes = lambda s: sum(f.stat().st_size for sh in TargetStore(s).shards for f in (Path(shard_dir(s, sh)) / "c").rglob("*") if f.is_file())
     assert chunk_bytes(store) < 0.5 * chunk_bytes(store_fp32) * 0.8
     with pytest.raises(ValueError, match=r"extract.keepbits=12: expected 0 \(off\) to 9 for float16"):
-        extract_targets(tiny_config("extract.keepbits=12"), data=digits, teacher_dir=teacher_dir, store=str(tmp_path / "x"), progress=False)
+        extract_targets(tiny_config("extract.keepbits=12"), data=digits, teacher=teacher_dir, store=str(tmp_path / "x"), progress=False)
 
 
 def damaged_copy(store: str, tmp_path: Path) -> Path:

@@ -12,7 +12,7 @@ from pipeline.controls import save_untrained_teacher, train_label_teachers
 from pipeline.extract import extract_targets
 from pipeline.probe import probe_encoders
 from pipeline.runs import run_student
-from salt.train.checkpoint import read_meta
+from salt.checkpoint import read_meta
 from salt.config import load_config
 from tests.conftest import TINY, tiny_config
 
@@ -39,7 +39,7 @@ def test_student_of_a_label_teacher_keeps_half_its_margin(transfer_digits, ray_l
     assert meta["role"] == "teacher" and meta["step"] == 600 and meta["encoder"]["size"] == "vit_cpu_xs"
     assert read_meta(folders[300])["step"] == 300  # a lower rung of the same run
     store = str(tmp_path / "targets")
-    extract_targets(cfg, data=transfer_digits, teacher_dir=teacher, store=store, progress=False)
+    extract_targets(cfg, data=transfer_digits, teacher=teacher, store=store, progress=False)
     assert json.loads((tmp_path / "targets" / "store.json").read_text())["teacher"]["step"] == 600
     run_student(cfg, transfer_digits, store, tmp_path / "student", progress=False)
     specs = {"teacher": teacher, "student": str(tmp_path / "student"), "floor": f"random:{cfg.model.student}"}

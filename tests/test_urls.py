@@ -21,7 +21,7 @@ from tests.test_pipeline import assert_same_store
 def test_file_urls_through_extraction_and_stage_2(digits, teacher_dir, ray_local, store_fp32, tmp_path):
     data_url = f"file://{digits}"
     store_url = f"file://{tmp_path}/store"
-    summary = extract_targets(tiny_config("extract.dtype=float32"), data=data_url, teacher_dir=teacher_dir, store=store_url, progress=False)
+    summary = extract_targets(tiny_config("extract.dtype=float32"), data=data_url, teacher=teacher_dir, store=store_url, progress=False)
     assert summary["samples"] == 16
     assert_same_store(store_fp32, str(tmp_path / "store"))
     meta = TargetStore(store_url).meta

@@ -7,7 +7,6 @@ each stage passes a `make_targets(batch) -> [B, N, D]`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
@@ -22,27 +21,18 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from salt.config import TrainConfig
+from salt.devices import autocast, default_device
 from salt.losses import gather_tokens, masked_l1
 from salt.masking import MaskBatch
 from salt.optim import apply_schedule
 from salt.plots import plot_loss_curves
-from salt.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, save_snapshot
+from salt.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, save_snapshot
 from salt.train.distributed import current, mean_across_ranks
 
 
 # A snapshot's loss is the mean training loss of the steps just before it: one batch is too noisy
 # to rank checkpoints by.
 SNAPSHOT_LOSS_WINDOW = 50
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast(device: torch.device, bf16: bool):
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()  # CPU trains in fp32: bf16 matmuls there are slow and lossy
 
 
 Distance = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

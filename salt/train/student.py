@@ -16,9 +16,10 @@ from torch import nn
 from salt.config import Config, to_dict
 from salt.losses import latent_targets
 from salt.optim import make_optimizer
-from salt.train.checkpoint import has_checkpoint, read_meta
-from salt.train.loop import TrainState, autocast, fit
-from salt.train.teacher import build_encoder, build_predictor
+from salt.checkpoint import has_checkpoint, read_meta
+from salt.devices import autocast
+from salt.train.loop import TrainState, fit
+from salt.models.factory import build_encoder, build_predictor
 
 
 def build_student_state(cfg: Config, teacher_width: int) -> TrainState:
@@ -54,7 +55,7 @@ def check_same_teacher(run_dir: str | Path, store_meta: dict) -> None:
         return
     had = read_meta(run_dir).get("teacher", {})
     now = store_meta["teacher"]
-    for field in ("width", "sha256"):
+    for field in ("width", "sha256", "projection"):
         if had.get(field) != now.get(field):
             raise TeacherMismatchError(
                 f"run folder {run_dir} was trained on targets of a teacher with {field}={had.get(field)!r}, "

@@ -10,34 +10,9 @@ import torch
 
 from salt.config import Config, to_dict
 from salt.losses import MASKED_DISTANCES, pixel_targets
-from salt.models.predictor import Predictor
-from salt.models.vit import VideoViT
+from salt.models.factory import build_encoder, build_predictor
 from salt.optim import make_optimizer
-from salt.train.checkpoint import load_module_weights, read_meta
 from salt.train.loop import TrainState, fit
-
-
-def build_encoder(cfg: Config, size: str) -> VideoViT:
-    return VideoViT(
-        size,
-        frames=cfg.data.frames,
-        crop_size=cfg.data.crop_size,
-        patch_size=cfg.model.patch_size,
-        tubelet=cfg.model.tubelet,
-        attention_backend=cfg.model.attention,
-    )
-
-
-def build_predictor(cfg: Config, encoder: VideoViT, out_dim: int) -> Predictor:
-    return Predictor(
-        encoder_width=encoder.width,
-        out_dim=out_dim,
-        grid=encoder.grid,
-        width=cfg.model.predictor_width,
-        depth=cfg.model.predictor_depth,
-        heads=cfg.model.predictor_heads,
-        attention_backend=cfg.model.attention,
-    )
 
 
 def build_teacher_state(cfg: Config) -> TrainState:
@@ -70,13 +45,3 @@ def train_teacher(
         stop_after=stop_after,
         progress=progress,
     )
-
-
-def load_frozen_teacher(teacher_dir: str | Path, cfg: Config, device: torch.device | str = "cpu") -> VideoViT:
-    """The trained encoder in eval mode with gradients off. Extraction uses it; stage 2 never does."""
-    meta = read_meta(teacher_dir)
-    if meta.get("role") != "teacher":
-        raise ValueError(f"{teacher_dir} holds a {meta.get('role')!r} checkpoint, not a teacher")
-    encoder = build_encoder(cfg, meta["encoder"]["size"])
-    encoder.load_state_dict(load_module_weights(teacher_dir, "encoder"))
-    return encoder.to(device).eval().requires_grad_(False)

@@ -1,0 +1,140 @@
+"""Hugging Face video encoders as frozen teachers (transformers, imported only when used).
+
+Both adapters read a local `save_pretrained` folder: safetensors weights only (a folder
+with only pickled weights is refused: unpickling runs code), never the network
+(`local_files_only`). Input convention of both models: [B, T, C, H, W], RGB, normalised
+with the folder's preprocessor mean/std (ImageNet's when the folder has no preprocessor
+config). Our clips are [B, C, T, H, W] normalised with data.mean/std: the adapter undoes
+ours, applies theirs (skipped when they are equal) and moves the channel axis.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from salt.config import Config
+from salt.models.teachers import FrozenTeacher, TeacherSpecError, check_grid
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+PREPROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")
+
+
+def checked_folder(adapter: str, folder: str) -> tuple[Path, list[Path]]:
+    """The folder and its safetensors files, or an error that says what to do."""
+    path = Path(folder)
+    if not path.is_dir():
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", folder) and not path.exists():
+            raise TeacherSpecError(
+                f"{adapter}:{folder}: no such folder. It looks like a hub name, and nothing is downloaded at run time: on a "
+                f"machine with internet run `huggingface-cli download {folder} --local-dir <dir>`, copy <dir> here and "
+                f"pass {adapter}:<dir>"
+            )
+        raise TeacherSpecError(f"{adapter}:{folder}: no such folder (want a transformers save_pretrained folder)")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for pattern in PICKLED for p in path.glob(pattern))
+        if pickled:
+            raise TeacherSpecError(
+                f"{adapter}:{folder} holds only pickled weights ({', '.join(pickled)}), which are never loaded here "
+                f"(unpickling can run code). Convert them once, on a machine you trust: python -c \"from transformers import "
+                f"AutoModel; AutoModel.from_pretrained('{folder}').save_pretrained('{folder}', safe_serialization=True)\""
+            )
+        raise TeacherSpecError(f"{adapter}:{folder}: no *.safetensors weights")
+    if not (path / "config.json").is_file():
+        raise TeacherSpecError(f"{adapter}:{folder}: no config.json (want a transformers save_pretrained folder)")
+    return path, weights
+
+
+def preprocessor_stats(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    for name in PREPROCESSOR_FILES:
+        if (folder / name).is_file():
+            pre = json.loads((folder / name).read_text())
+            if "image_mean" in pre and "image_std" in pre:
+                return tuple(pre["image_mean"]), tuple(pre["image_std"])
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+class HFVideoTeacher(FrozenTeacher):
+    """A transformers video encoder; subclasses name the class and the config keys it reads."""
+
+    model_type: str  # config.json's model_type this adapter accepts
+    frames_key: str  # config.json keys of the input frames and (square) size
+    size_key: str
+    input_name: str  # forward()'s argument for the video
+    call_kwargs: dict
+
+    def __init__(self, folder: str, cfg: Config):
+        super().__init__()
+        self.folder, self.weights = checked_folder(self.adapter, folder)
+        config = json.loads((self.folder / "config.json").read_text())
+        if config.get("model_type") != self.model_type:
+            raise TeacherSpecError(
+                f"{self.adapter}:{folder} holds a {config.get('model_type')!r} model, not {self.model_type!r}"
+            )
+        self.config = config
+        self.grid, self.native_width = self.model_grid(), int(config["hidden_size"])
+        check_grid(f"{self.adapter}:{folder}", self.grid, cfg)  # before the (slow) weights load
+        self.check_pixels(cfg)
+        self.model = self.load(str(self.folder))
+        mean, std = preprocessor_stats(self.folder)
+        self.renormalise = (tuple(cfg.data.mean), tuple(cfg.data.std)) != (mean, std)
+        shape = (1, 3, 1, 1, 1)
+        self.register_buffer("ours", torch.tensor([cfg.data.mean, cfg.data.std]).view(2, *shape), persistent=False)
+        self.register_buffer("theirs", torch.tensor([mean, std]).view(2, *shape), persistent=False)
+        self.input_convention = f"[B, T, C, H, W], RGB, normalised with mean {list(mean)} std {list(std)}"
+
+    def to_model_input(self, clips: torch.Tensor) -> torch.Tensor:
+        if self.renormalise:
+            pixels = clips * self.ours[1] + self.ours[0]
+            clips = (pixels - self.theirs[0]) / self.theirs[1]
+        return clips.transpose(1, 2)  # [B, C, T, H, W] -> [B, T, C, H, W]
+
+    def load(self, folder: str):
+        import transformers
+
+        return getattr(transformers, self.model_class).from_pretrained(folder, local_files_only=True, use_safetensors=True)
+
+    def model_grid(self) -> tuple[int, int, int]:
+        c = self.config
+        side = c[self.size_key] // c["patch_size"]
+        return c[self.frames_key] // c["tubelet_size"], side, side
+
+    def tokens(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.model(**{self.input_name: self.to_model_input(clips)}, **self.call_kwargs).last_hidden_state
+
+    def check_pixels(self, cfg: Config) -> None:
+        frames, size = self.config[self.frames_key], self.config[self.size_key]
+        if (cfg.data.frames, cfg.data.crop_size) != (frames, size):
+            raise TeacherSpecError(
+                f"{self.adapter}:{self.folder} takes {frames} frames of {size}x{size} pixels, but this config gives "
+                f"data.frames={cfg.data.frames}, data.crop_size={cfg.data.crop_size}: set them to the model's"
+            )
+
+    def weight_files(self) -> list[Path]:
+        return self.weights
+
+    def model_config(self) -> dict:
+        return {k: v for k, v in self.config.items() if k != "transformers_version"}
+
+
+class VideoMAETeacher(HFVideoTeacher):
+    """VideoMAE's encoder: the last hidden state (no pooling, no classifier)."""
+
+    adapter, model_class, model_type = "hf-videomae", "VideoMAEModel", "videomae"
+    frames_key, size_key, input_name, call_kwargs = "num_frames", "image_size", "pixel_values", {}
+
+
+class VJEPA2Teacher(HFVideoTeacher):
+    """V-JEPA 2's encoder (its final layer norm included); the predictor is never run."""
+
+    adapter, model_class, model_type = "hf-vjepa2", "VJEPA2Model", "vjepa2"
+    frames_key, size_key, input_name, call_kwargs = "frames_per_clip", "crop_size", "pixel_values_videos", {"skip_predictor": True}
+
+
+ADAPTERS = {cls.adapter: cls for cls in (VideoMAETeacher, VJEPA2Teacher)}

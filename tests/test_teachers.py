@@ -1,0 +1,136 @@
+"""Any frozen teacher: tiny random-weight VideoMAE and V-JEPA 2 models saved locally, extracted
+through the Ray job, checked token by token against the live adapter, and trained on with the
+teacher's folder gone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.extract import extract_targets
+from pipeline.runs import run_student
+from pipeline.shards import list_shards
+from pipeline.stream import ShardedClips
+from pipeline.targets import PROJECTION, TargetStore, verify_store
+from salt.models.teachers import TeacherSpecError, file_sha256, load_teacher, projection_matrix
+from salt.train.student import TeacherMismatchError
+from tests.conftest import tiny_config
+from tests.test_pipeline import relative_token_error
+
+# the tiny config's geometry: 16 frames of 32x32, tubelet 2, patch 8 -> grid 8x4x4
+TINY_VIDEOMAE = dict(image_size=32, patch_size=8, num_frames=16, tubelet_size=2, hidden_size=48,
+                     num_hidden_layers=2, num_attention_heads=2, intermediate_size=96)
+TINY_VJEPA2 = dict(crop_size=32, patch_size=8, frames_per_clip=16, tubelet_size=2, hidden_size=48, num_attention_heads=2,
+                   num_hidden_layers=2, pred_hidden_size=32, pred_num_attention_heads=2, pred_num_hidden_layers=1)
+
+
+def save_tiny(kind: str, folder: Path, **changes) -> str:
+    from transformers import VideoMAEConfig, VideoMAEModel, VJEPA2Config, VJEPA2Model
+
+    torch.manual_seed(0)
+    if kind == "hf-videomae":
+        model = VideoMAEModel(VideoMAEConfig(**(TINY_VIDEOMAE | changes)))
+    else:
+        model = VJEPA2Model(VJEPA2Config(**(TINY_VJEPA2 | changes)))
+    model.save_pretrained(str(folder))
+    return f"{kind}:{folder}"
+
+
+@pytest.fixture(scope="module")
+def hf_stores(digits, ray_local, tmp_path_factory) -> dict:
+    """Per adapter: the teacher folder (a copy that the test may delete) and its fp32 store."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for kind in ("hf-videomae", "hf-vjepa2"):
+        spec = save_tiny(kind, root / kind)
+        store = str(root / f"{kind}-store")
+        extract_targets(tiny_config("extract.dtype=float32"), data=digits, teacher=spec, store=store, progress=False)
+        out[kind] = (spec, store)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["hf-videomae", "hf-vjepa2"])
+def test_hf_teacher_store_equals_live_tokens_and_trains_without_the_teacher(kind, hf_stores, digits, tmp_path):
+    spec, store = hf_stores[kind]
+    folder = Path(spec.split(":", 1)[1])
+    teacher = TargetStore(store).meta["teacher"]
+    assert teacher["adapter"] == kind and teacher["model_class"] in ("VideoMAEModel", "VJEPA2Model")
+    assert teacher["sha256"] == file_sha256(folder / "model.safetensors") and teacher["width"] == 48
+    assert teacher["grid"] == [8, 4, 4] and len(teacher["config_sha256"]) == 64 and teacher["projection"] is None
+    cfg = tiny_config()
+    live = load_teacher(spec, cfg)
+    dataset = ShardedClips(cfg, list_shards(digits), batch_size=4, store=store)
+    for g in range(dataset.batches_per_epoch):  # every stored token of every sample
+        batch = dataset.batch(g)
+        with torch.no_grad():
+            assert relative_token_error(batch["targets"], live(batch["clips"])).max() <= 1e-5
+    moved = tmp_path / "gone"
+    shutil.move(str(folder), moved)  # stage 2 must not need the teacher
+    try:
+        summary = run_student(tiny_config("student.optim.steps=2"), digits, store, tmp_path / "student", progress=False)
+    finally:
+        shutil.move(str(moved), folder)
+    assert summary["step"] == 2 and np.isfinite(summary["final_loss"])
+
+
+def test_a_student_refuses_a_store_of_another_adapter(hf_stores, digits, tmp_path):
+    run = tmp_path / "student"
+    run_student(tiny_config("student.optim.steps=1"), digits, hf_stores["hf-videomae"][1], run, progress=False)
+    with pytest.raises(TeacherMismatchError, match="sha256"):
+        run_student(tiny_config("student.optim.steps=2"), digits, hf_stores["hf-vjepa2"][1], run, progress=False)
+
+
+def test_projection_is_stored_recorded_and_applied(hf_stores, digits, ray_local, tmp_path):
+    spec = hf_stores["hf-videomae"][0]
+    cfg = tiny_config("extract.dtype=float32", "extract.projection=orthogonal", "extract.projection_dim=16", "extract.projection_seed=3")
+    store = str(tmp_path / "projected")
+    extract_targets(cfg, data=digits, teacher=spec, store=store, progress=False)
+    recorded = TargetStore(store).meta["teacher"]
+    assert recorded["width"] == 16 and recorded["native_width"] == 48
+    assert recorded["projection"] | {"sha256": ""} == {"kind": "orthogonal", "dim": 16, "seed": 3, "from_width": 48, "sha256": ""}
+    matrix = load_file(str(Path(store) / PROJECTION))["projection"]
+    assert torch.equal(matrix, projection_matrix("orthogonal", 48, 16, 3))
+    torch.testing.assert_close(matrix.T @ matrix, torch.eye(16), atol=1e-5, rtol=0)
+    assert verify_store(store) == []
+    batch = ShardedClips(cfg, list_shards(digits), batch_size=4, store=store).batch(0)
+    with torch.no_grad():
+        full = load_teacher(spec, tiny_config())(batch["clips"])
+    assert relative_token_error(batch["targets"], full @ matrix).max() <= 1e-5
+    (Path(store) / PROJECTION).write_bytes((Path(store) / PROJECTION).read_bytes()[:-4] + b"\0\0\0\0")
+    assert any("differs from the projection" in p for p in verify_store(store))
+
+
+def test_bad_teachers_fail_before_any_work(tmp_path, digits):
+    store = tmp_path / "never"
+    wide = save_tiny("hf-videomae", tmp_path / "wide", image_size=64)  # grid 8x8x8
+    with pytest.raises(TeacherSpecError, match=r"token grid 8x8x8 but this config's is 8x4x4 .*data.crop_size=32 / model.patch_size=8"):
+        extract_targets(tiny_config(), data=digits, teacher=wide, store=str(store), progress=False)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps({"model_type": "videomae"}))
+    (pickled / "pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(TeacherSpecError, match=r"holds only pickled weights \(pytorch_model.bin\).*save_pretrained"):
+        extract_targets(tiny_config(), data=digits, teacher=f"hf-videomae:{pickled}", store=str(store), progress=False)
+    with pytest.raises(TeacherSpecError, match=r"looks like a hub name.*huggingface-cli download MCG-NJU/videomae-base"):
+        extract_targets(tiny_config(), data=digits, teacher="hf-videomae:MCG-NJU/videomae-base", store=str(store), progress=False)
+    with pytest.raises(TeacherSpecError, match=r"holds a 'videomae' model, not 'vjepa2'"):
+        load_teacher(f"hf-vjepa2:{tmp_path / 'wide'}", tiny_config("data.crop_size=64"))
+    with pytest.raises(TeacherSpecError, match="unknown adapter 'hf-clip'"):
+        load_teacher("hf-clip:/x", tiny_config())
+    assert not store.exists()
+
+
+def test_adapter_converts_our_normalisation_to_the_models(tmp_path):
+    spec = save_tiny("hf-vjepa2", tmp_path / "m")
+    (tmp_path / "m" / "video_preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    cfg = tiny_config()
+    teacher = load_teacher(spec, cfg)
+    pixels = torch.rand(2, 3, 16, 32, 32)  # [B, C, T, H, W] in [0, 1]
+    ours = (pixels - torch.tensor(cfg.data.mean).view(1, 3, 1, 1, 1)) / torch.tensor(cfg.data.std).view(1, 3, 1, 1, 1)
+    torch.testing.assert_close(teacher.to_model_input(ours), ((pixels - 0.5) / 0.5).transpose(1, 2), atol=1e-5, rtol=0)
