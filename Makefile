@@ -36,6 +36,7 @@ setup: .venv/.installed
 
 # constraints.txt is the lock: every package `make setup` installs (runtime + dev extra, not
 # xformers) pinned exactly, resolved by pip-compile (pip-tools) for this Python and platform.
+# Run it on the CI machine: its CPU torch wheel lies on disk (PyPI's would lock CUDA packages).
 # `make lock` keeps the current pins where they still resolve; LOCK_ARGS=--upgrade takes the
 # newest of everything, LOCK_ARGS="-P zarr" one package. pip-tools lives in its own venv, never
 # in .venv. The torch pin loses its local label (+cpu) so a CUDA build of the same version fits.
