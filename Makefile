@@ -83,7 +83,7 @@ probe: setup $(DATA_DEP)
 # RUNS: student run folders; every snapshot and final checkpoint is probed, R^2 of accuracy on loss.
 select: setup $(DATA_DEP)
 	@test -n "$(RUNS)" || { echo "make select needs RUNS=\"<student run folder> ...\""; exit 2; }
-	$(PY) -m jobs.select $(RUNS) --config $(CONFIG) --data $(DATA) $(ARGS)
+	$(PY) -m jobs.select --runs $(RUNS) --config $(CONFIG) --data $(DATA) $(ARGS)
 
 # The CPU-scale replication study over 3 seeds (each generates its own data) -> runs/replication, REPLICATION.md.
 replicate: setup

@@ -7,11 +7,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from jobs.cli import entry
 from pipeline import bench
-from pipeline.extract import init_ray
-from pipeline.shards import list_shards
-from pipeline.stream import ShardedClips
-from salt.train.teacher import train_teacher
+from pipeline.cluster import init_ray
+from pipeline.runs import run_teacher
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -24,9 +23,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = bench.decode_throughput()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        teacher_cfg = bench.bench_config("teacher.optim.steps=2", "data.num_workers=0")
-        shards = list_shards(args.data)
-        train_teacher(teacher_cfg, work / "teacher", lambda state: ShardedClips(teacher_cfg, shards, batch_size=4).at(state), progress=False)
+        teacher_cfg = bench.bench_config("teacher.optim.steps=2", "teacher.optim.batch_size=4", "data.num_workers=0")
+        run_teacher(teacher_cfg, args.data, work / "teacher", progress=False)  # as make teacher starts it
         init_ray()
         extract, made = bench.extraction_rows(cfg, args.data, str(work / "teacher"), work)
         rows += extract + bench.student_rows(cfg, args.data, made["stores"], made["teacher"], work)
@@ -39,4 +37,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs.cli import entry
 from pipeline.digits import write_moving_digits
 from pipeline.ingest import build_shards
 
@@ -39,4 +40,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

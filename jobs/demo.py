@@ -20,7 +20,7 @@ import ray
 import torch
 
 from jobs import data, extract_targets, student, teacher
-from jobs.cli import config_from
+from jobs.cli import config_from, entry
 from pipeline.controls import train_label_teachers
 from pipeline.probe import probe_encoders, read_probe_features
 
@@ -105,4 +105,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

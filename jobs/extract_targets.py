@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.cli import config_from, parser, print_summary
+from jobs.cli import config_from, entry, parser, print_summary
 from pipeline.extract import extract_targets
 
 
@@ -35,4 +35,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

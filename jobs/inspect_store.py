@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from jobs.cli import entry
 from pipeline.targets import PROJECTION, summarize, verify_store
 
 
@@ -46,4 +47,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import sys
 
+from jobs.cli import entry
 from salt.config import ConfigError
 from salt.flops import Plan, inputs_from_overrides, plan, table10
 
@@ -83,4 +84,4 @@ def format_table10(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

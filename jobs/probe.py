@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.cli import config_from, parser
+from jobs.cli import config_from, entry, parser
 from pipeline.probe import RANDOM, probe_checkpoint, read_probe_features
 
 
@@ -46,4 +46,4 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

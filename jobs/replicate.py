@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs.cli import entry
 from pipeline.replication import Study, run_study, write_report
 
 
@@ -43,4 +44,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

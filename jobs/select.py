@@ -7,22 +7,17 @@ default the run folder when there is one. Snapshots come from `student.snapshot_
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from jobs.cli import config_from
+from jobs.cli import config_from, entry, parser
 from pipeline.selection import select_runs
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("runs", nargs="+", help="student run folders")
-    p.add_argument("--config", default="jobs/configs/tiny.yaml", help="config for the probe (data geometry, probe.*)")
-    p.add_argument("--data", default="data/moving-digits", help="labelled dataset with train/ and val/")
+    p = parser(__doc__)  # --config: the probe's (data geometry, probe.*); --data: a labelled dataset
+    p.add_argument("--runs", nargs="+", required=True, help="student run folders")
     p.add_argument("--out", default=None)
     p.add_argument("--task", action="append", default=None, help="probe task (repeatable); default: every task")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
     args = p.parse_args(argv)
     cfg = config_from(args)
     runs = {Path(r).resolve().name if len(args.runs) == 1 else f"{i}-{Path(r).name}": r for i, r in enumerate(args.runs)}
@@ -35,4 +30,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

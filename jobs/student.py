@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.cli import config_from, parser, print_summary, set_torch_threads
+from jobs.cli import config_from, entry, parser, run_training_job
 from pipeline.runs import run_student
-from salt.train.distributed import finish, init_distributed
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -18,15 +17,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="run folder of this student (default: $(RUN)/student)")
     args = p.parse_args(argv)
     cfg = config_from(args)
-    set_torch_threads(cfg.student)
-    rank = init_distributed()
     store = args.store or str(Path(args.run) / "targets")
-    summary = run_student(cfg, args.data, store, args.out or Path(args.run) / "student", progress=not args.no_progress)
-    finish()
-    if rank.is_main:
-        print_summary("student", summary)
-    return summary
+    out = args.out or Path(args.run) / "student"
+    return run_training_job("student", cfg.student, lambda: run_student(cfg, args.data, store, out, progress=not args.no_progress))
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from jobs.cli import entry
 from pipeline.sweep import load_sweep, run_sweep
 from salt.config import ConfigError
 
@@ -35,4 +36,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -7,22 +7,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.cli import config_from, parser, print_summary, set_torch_threads
+from jobs.cli import config_from, entry, parser, run_training_job
 from pipeline.runs import run_teacher
-from salt.train.distributed import finish, init_distributed
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser(__doc__).parse_args(argv)
     cfg = config_from(args)
-    set_torch_threads(cfg.teacher)
-    rank = init_distributed()
-    summary = run_teacher(cfg, args.data, Path(args.run) / "teacher", progress=not args.no_progress)
-    finish()
-    if rank.is_main:
-        print_summary("teacher", summary)
-    return summary
+    return run_training_job(
+        "teacher", cfg.teacher, lambda: run_teacher(cfg, args.data, Path(args.run) / "teacher", progress=not args.no_progress)
+    )
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

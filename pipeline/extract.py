@@ -14,7 +14,6 @@ on a rerun, so a killed job resumes where it stopped.
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from datetime import datetime, timezone
@@ -25,8 +24,8 @@ import torch
 from safetensors.torch import save
 
 from pipeline import fs
+from pipeline.cluster import init_ray
 from pipeline.shards import iter_shard, list_shards, shard_name
-from pipeline.stream import grid_of
 from pipeline.targets import (
     PROJECTION,
     ExtractedRow,
@@ -42,6 +41,7 @@ from pipeline.targets import (
 from pipeline.video import VideoDecodeError, decode, augment, clip_hash, decoder_version
 from salt.config import Config, DataConfig, to_dict, from_dict
 from salt.runinfo import git_commit, package_versions, run_info_files
+from salt.models.factory import config_grid
 from salt.models.teachers import FrozenTeacher, load_teacher
 from salt.devices import autocast
 
@@ -106,7 +106,7 @@ class TeacherForward:
 
 
 def provenance(cfg: Config, *, data: str, split: str, teacher: FrozenTeacher, shards: list[str]) -> dict:
-    grid = grid_of(cfg)
+    grid = config_grid(cfg)
     compat = compatibility(cfg)
     compat["geometry"] |= {"grid": list(grid), "num_tokens": int(np.prod(grid))}
     return {
@@ -147,25 +147,16 @@ def open_store(store: str, meta: dict) -> str:
         ignore = ("created", "git_commit", "packages", "store_id")
         diffs = _differences({k: v for k, v in old.items() if k not in ignore}, {k: v for k, v in meta.items() if k not in ignore})
         if diffs:
-            raise StoreMismatchError(f"{store} holds targets of another job; refusing to mix:\n  " + "\n  ".join(diffs[:10]))
+            raise StoreMismatchError(
+                f"{store} holds targets of another job (or of an older version of this pipeline); refusing to mix. "
+                "Extract into a new store folder. Differences:\n  " + "\n  ".join(diffs[:10])
+            )
         return old["store_id"]
     store_id = uuid.uuid4().hex
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta = meta | {"store_id": store_id, "created": created, "git_commit": git_commit()}
     fs.write_bytes(path, json.dumps(meta, indent=1).encode())
     return store_id
-
-
-def init_ray(num_cpus: int | None = None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level="WARNING")
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level="WARNING")
 
 
 def extract_targets(

@@ -37,7 +37,8 @@ import torch
 
 from pipeline.controls import save_untrained_teacher, train_label_teachers
 from pipeline.digits import write_moving_digits
-from pipeline.extract import extract_targets, init_ray
+from pipeline.cluster import init_ray
+from pipeline.extract import extract_targets
 from pipeline.probe import probe_encoders
 from pipeline.runs import run_student, run_teacher
 from pipeline.selection import checkpoint_points, loss_vs_accuracy

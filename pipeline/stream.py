@@ -31,8 +31,9 @@ from pipeline.shards import index_shard, read_member, shard_name, video_member
 from pipeline.targets import TargetStore, check_row
 from pipeline.video import VideoDecodeError, load_clip
 from salt.config import Config
-from salt.masking import collate_masks, sample_masks, sample_rng
-from salt.models.vit import token_grid
+from salt.masking import collate_masks, sample_masks
+from salt.seeds import sample_rng
+from salt.models.factory import config_grid
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,6 @@ def buffer_shuffle(items: list, size: int, rng: np.random.Generator) -> list:
     return out
 
 
-def grid_of(cfg: Config) -> tuple[int, int, int]:
-    return token_grid(cfg.data.frames, cfg.data.crop_size, cfg.model.tubelet, cfg.model.patch_size)
-
-
 class ShardedClips(IterableDataset):
     """Endless stream of batches for one rank; `store` set means stage 2 (cached targets)."""
 
@@ -87,7 +84,7 @@ class ShardedClips(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.start_batch = start_batch
         self.store_path = store
-        self.grid = grid_of(cfg)
+        self.grid = config_grid(cfg)
         self.indexes = [index_shard(s) for s in shards]
         if store is None:
             self._store: TargetStore | None = None

@@ -15,6 +15,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import yaml
@@ -36,7 +37,7 @@ class SweepConfig:
     base: str  # the config every variant starts from (relative paths: from the sweep file's folder, then the cwd)
     variants: list[Variant]
     overrides: list[str] = field(default_factory=list)  # applied to every variant, before its own
-    executor: str = "local"  # local: one after another; ray: one Ray task per variant
+    executor: Literal["local", "ray"] = "local"  # local: one after another; ray: one Ray task per variant
     probe: bool = False  # attentive-probe every student afterwards (clips decoded once for all)
     tasks: list[str] = field(default_factory=list)  # probe tasks; empty: every task in labels.json
 
@@ -47,8 +48,6 @@ def load_sweep(path: str | Path) -> SweepConfig:
     if "variants" not in raw:
         raise ConfigError(f"{path} is not a sweep file: it has no 'variants' list (see jobs/configs/sweep-demo.yaml)")
     sweep = from_dict(SweepConfig, raw, "sweep")
-    if sweep.executor not in ("local", "ray"):
-        raise ConfigError(f"sweep.executor={sweep.executor!r}: expected local or ray")
     names = [v.name for v in sweep.variants]
     for name in names:
         if not _SAFE_NAME.match(name):
@@ -112,7 +111,7 @@ def run_sweep(sweep: SweepConfig, *, data: str, store: str, out: str | Path, pro
 def _run_on_ray(jobs: dict[str, tuple]) -> dict[str, dict]:
     import ray
 
-    from pipeline.extract import init_ray
+    from pipeline.cluster import init_ray
 
     init_ray()
     # one GPU per student where there are GPUs; on CPUs, a core each so students run side by side

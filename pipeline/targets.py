@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import typing
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import zarr
 from safetensors.torch import load as safetensors_load
 
 from pipeline import fs
-from salt.config import Config, to_dict
+from salt.config import Codec, Config, StoredDtype, to_dict
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -47,8 +48,8 @@ MANIFEST_SCHEMA = pa.schema(
 )
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("view", pa.int32()), ("shard", pa.string()), ("reason", pa.string())])
 PROJECTION = "projection.safetensors"
-DTYPES = ("float32", "float16")
-CODECS = ("none", "zstd", "blosc")
+DTYPES = typing.get_args(StoredDtype)
+CODECS = typing.get_args(Codec)
 MANTISSA_BITS = {"float32": 23, "float16": 10}
 
 
@@ -56,15 +57,15 @@ MANTISSA_BITS = {"float32": 23, "float16": 10}
 class StorageFormat:
     """How latents are stored: dtype, optional bit-rounding (lossy), optional lossless codec."""
 
-    dtype: str = "float16"
+    dtype: StoredDtype = "float16"
     keepbits: int = 0
-    codec: str = "none"
+    codec: Codec = "none"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
-            raise ValueError(f"extract.dtype={self.dtype!r}: expected one of {DTYPES}")
+            raise ValueError(f"extract.dtype={self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.codec not in CODECS:
-            raise ValueError(f"extract.codec={self.codec!r}: expected one of {CODECS}")
+            raise ValueError(f"extract.codec={self.codec!r}: expected one of {', '.join(CODECS)}")
         if not 0 <= self.keepbits < MANTISSA_BITS[self.dtype]:
             raise ValueError(
                 f"extract.keepbits={self.keepbits}: expected 0 (off) to {MANTISSA_BITS[self.dtype] - 1} for {self.dtype}"

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from salt.config import DataConfig
-from salt.masking import sample_rng
+from salt.seeds import sample_rng
 
 DECODER = "decord"
 

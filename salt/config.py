@@ -10,9 +10,16 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+# Enum-like fields: the allowed values live in the type, and loading checks them.
+Attention = Literal["auto", "sdpa", "xformers"]
+PixelLoss = Literal["l1", "mse"]
+StoredDtype = Literal["float32", "float16"]
+Codec = Literal["none", "zstd", "blosc"]
+Projection = Literal["none", "orthogonal", "gaussian"]
 
 
 @dataclass(kw_only=True)
@@ -43,14 +50,10 @@ class ModelConfig:
     predictor_width: int = 384
     predictor_depth: int = 12
     predictor_heads: int = 12
-    attention: str = "auto"  # auto | sdpa | xformers
-    # stage 1 targets: per-tubelet normalised pixels (METHOD.md); false: the clip's pixels as they are
+    attention: Attention = "auto"
+    # stage 1 targets: per-tubelet normalised pixels (docs/method.md); false: the clip's pixels as they are
     pixel_norm: bool = True
-    pixel_loss: str = "l1"  # stage 1 distance: l1 | mse (the paper names both; stage 2 is always L1)
-
-    def __post_init__(self):
-        if self.pixel_loss not in ("l1", "mse"):
-            raise ConfigError(f"model.pixel_loss={self.pixel_loss!r}: want one of l1, mse")
+    pixel_loss: PixelLoss = "l1"  # stage 1 distance (the paper names both; stage 2 is always L1)
 
 
 @dataclass(kw_only=True)
@@ -106,9 +109,9 @@ class TrainConfig:
 @dataclass(kw_only=True)
 class ExtractConfig:
     views_per_clip: int = 1
-    dtype: str = "float16"  # float32 | float16
+    dtype: StoredDtype = "float16"
     keepbits: int = 0  # > 0: numcodecs BitRound to this many mantissa bits before the codec (lossy)
-    codec: str = "none"  # none | zstd | blosc (lossless, after bit-rounding)
+    codec: Codec = "none"  # lossless, after bit-rounding
     batch_size: int = 8
     num_actors: int = 1
     actor_num_cpus: float = 1.0
@@ -116,14 +119,11 @@ class ExtractConfig:
     decode_num_cpus: float = 1.0
     # a fixed seeded random projection of the teacher's tokens to projection_dim (for very wide
     # teachers: store and student head shrink by width / projection_dim); recorded in store.json
-    projection: str = "none"  # none | orthogonal | gaussian
+    projection: Projection = "none"
     projection_dim: int = 0
     projection_seed: int = 0
 
     def __post_init__(self):
-        kinds = ("none", "orthogonal", "gaussian")
-        if self.projection not in kinds:
-            raise ConfigError(f"extract.projection={self.projection!r}: expected one of {kinds}")
         if (self.projection == "none") != (self.projection_dim == 0):
             raise ConfigError(
                 f"extract.projection={self.projection!r} with extract.projection_dim={self.projection_dim}: "
@@ -133,7 +133,7 @@ class ExtractConfig:
 
 @dataclass(kw_only=True)
 class ProbeConfig:
-    """Attentive probe over frozen encoder tokens (METHOD.md, "Evaluation")."""
+    """Attentive probe over frozen encoder tokens (docs/method.md, "Evaluation")."""
 
     depth: int = 4  # blocks; the last one is the cross-attention from one learned query
     heads: int = 0  # 0: the encoder's head count
@@ -176,6 +176,11 @@ class ConfigError(ValueError):
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is Literal:  # enum-like strings: checked here, at load time, with the allowed values
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}={value!r}: expected one of {', '.join(map(str, allowed))}")
+        return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

@@ -1,6 +1,6 @@
 """Cost planner for SALT: training FLOPs per stage, target-store bytes, GPU-hours, break-even.
 
-The accounting is the paper's (Appendix F, METHOD.md "Compute accounting"): training a
+The accounting is the paper's (Appendix F, docs/method.md "Compute accounting"): training a
 model of N parameters on D tokens costs 6*N*D FLOPs, a frozen forward 2*N*D, with N
 counted exactly (embeddings included) from the project's own models on the meta device.
 Per sample (T tokens per clip, c = context fraction per mask, m masks per sample):
@@ -86,7 +86,7 @@ _FLOAT32_MANTISSA_BITS = 23
 
 @dataclass(frozen=True, kw_only=True)
 class PlanInputs:
-    """One planned SALT pipeline. Defaults are the paper's setting (METHOD.md)."""
+    """One planned SALT pipeline. Defaults are the paper's setting (docs/method.md)."""
 
     num_clips: int = 3_600_000  # V-3.6M
     views_per_clip: int = 1  # stored augmented views per clip: multiplies extraction and store

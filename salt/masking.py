@@ -12,7 +12,6 @@ each sample draws its own shape, keeps its own mask, and batches are padded inst
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
@@ -20,12 +19,7 @@ import numpy as np
 import torch
 
 from salt.config import BlockMaskConfig
-
-
-def sample_rng(seed: int, key: str, view: int, purpose: str) -> np.random.Generator:
-    """A generator that depends on nothing but its arguments (no worker id, rank or clock)."""
-    digest = hashlib.sha256(f"{seed}\x00{key}\x00{view}\x00{purpose}".encode()).digest()
-    return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
+from salt.seeds import sample_rng
 
 
 @dataclass(frozen=True)

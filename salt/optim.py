@@ -1,4 +1,4 @@
-"""AdamW with METHOD.md's parameter groups and schedules (pure functions of the step)."""
+"""AdamW with docs/method.md's parameter groups and schedules (pure functions of the step)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Frozen-backbone evaluation: encode clips once, then train a grid of attentive probes.
 
 Pure torch, no files. Every head of the grid sees the same shuffled batches of the same
-cached features, so the grid costs one pass over the data (METHOD.md, "Evaluation":
+cached features, so the grid costs one pass over the data (docs/method.md, "Evaluation":
 the heads differ only by lr and weight decay; they also share their initialisation, so
 the comparison is between settings, not seeds).
 """

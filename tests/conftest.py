@@ -61,7 +61,7 @@ def digits(tmp_path_factory) -> str:
 def ray_local():
     import ray
 
-    from pipeline.extract import init_ray
+    from pipeline.cluster import init_ray
 
     init_ray(num_cpus=2)
     yield

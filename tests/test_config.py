@@ -1,6 +1,10 @@
+import re
+
 import pytest
 
 from salt.config import ConfigError, load_config
+
+TINY_PATH = "jobs/configs/tiny.yaml"
 
 
 def test_yaml_and_overrides_resolve(tmp_path):
@@ -11,7 +15,7 @@ def test_yaml_and_overrides_resolve(tmp_path):
     assert cfg.teacher.optim.lr == 0.01 and cfg.teacher.optim.steps == 7
     assert cfg.masking.generators[1].num_blocks == 3 and cfg.masking.generators[0].num_blocks == 8
     assert cfg.data.crop_area == (0.5, 1.0)
-    assert cfg.student.optim.lr == 6.25e-4  # untouched defaults are METHOD.md's
+    assert cfg.student.optim.lr == 6.25e-4  # untouched defaults are docs/method.md's
 
 
 def test_unknown_yaml_key_is_an_error(tmp_path):
@@ -38,3 +42,18 @@ def test_job_exits_with_the_config_error(digits, tmp_path):
 
     with pytest.raises(SystemExit, match=r"unknown key config\.teacher\.optim\.lrr"):
         teacher.main(["--data", digits, "--run", str(tmp_path), "teacher.optim.lrr=1"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.attention=flash", "config.model.attention='flash': expected one of auto, sdpa, xformers"),
+        ("extract.dtype=bfloat16", "config.extract.dtype='bfloat16': expected one of float32, float16"),
+        ("extract.codec=lz4", "config.extract.codec='lz4': expected one of none, zstd, blosc"),
+        ("extract.projection=pca", "config.extract.projection='pca': expected one of none, orthogonal, gaussian"),
+        ("model.pixel_loss=huber", "config.model.pixel_loss='huber': expected one of l1, mse"),
+    ],
+)
+def test_enum_like_fields_are_checked_at_load_time(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(TINY_PATH, [override])

@@ -49,7 +49,7 @@ def test_latent_targets_are_parameter_free_layernorm():
 
 
 def test_schedules_follow_method_md():
-    cfg = OptimConfig(steps=240_000)  # defaults are METHOD.md's numbers
+    cfg = OptimConfig(steps=240_000)  # defaults are docs/method.md's numbers
     assert lr_at(0, cfg) == pytest.approx(2e-4)
     assert lr_at(10_000, cfg) == pytest.approx(6.25e-4)
     assert lr_at(5_000, cfg) == pytest.approx((2e-4 + 6.25e-4) / 2)
@@ -84,5 +84,5 @@ def test_pixel_loss_choice_reaches_the_teacher_step():
     assert masked_l1(pred, target, valid).item() == 2.0 and masked_mse(pred, target, valid).item() == 4.0
     assert build_teacher_state(tiny_config("model.pixel_loss=mse")).distance is masked_mse
     assert build_teacher_state(tiny_config()).distance is masked_l1
-    with pytest.raises(ConfigError, match="model.pixel_loss='huber': want one of l1, mse"):
+    with pytest.raises(ConfigError, match="model.pixel_loss='huber': expected one of l1, mse"):
         tiny_config("model.pixel_loss=huber")

@@ -6,7 +6,7 @@ import pytest
 from salt.config import BlockMaskConfig, MaskConfig
 from salt.masking import collate_masks, sample_masks
 
-GENERATORS = MaskConfig().generators  # METHOD.md: 8 x 0.15 (short range), 2 x 0.7 (long range)
+GENERATORS = MaskConfig().generators  # docs/method.md: 8 x 0.15 (short range), 2 x 0.7 (long range)
 
 
 def test_masks_are_a_pure_function_of_seed_key_view():

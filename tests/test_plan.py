@@ -16,7 +16,7 @@ def test_table10_totals_within_5_percent():
     assert rows[0]["De"] / 1e9 == pytest.approx(154.1, abs=0.05)
     assert rows[0]["Dp"] / 1e9 == pytest.approx(1541.4, abs=0.05)
     assert rows[0]["Dt"] / 1e9 == pytest.approx(770.7, abs=0.05)
-    # stage 1 alone, 80k ViT-L steps: 0.24e21 (table 11 and METHOD.md)
+    # stage 1 alone, 80k ViT-L steps: 0.24e21 (table 11 and docs/method.md)
     assert rows[0]["stage1_flops"] == pytest.approx(0.24e21, rel=0.05)
 
 

@@ -13,7 +13,7 @@ import torch
 from pipeline.runs import run_student
 from pipeline.shards import list_shards
 from pipeline.stream import LoaderStateMismatch, ShardedClips, buffer_shuffle
-from salt.masking import sample_rng
+from salt.seeds import sample_rng
 from salt.checkpoint import read_meta
 from tests.conftest import FAST, ROOT, tiny_config
 

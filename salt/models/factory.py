@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from salt.config import Config
 from salt.models.predictor import Predictor
-from salt.models.vit import VideoViT
+from salt.models.vit import VideoViT, token_grid
+
+
+def config_grid(cfg: Config) -> tuple[int, int, int]:
+    """The token grid (t, h, w) a config's clips give: data.frames / model.tubelet, data.crop_size / model.patch_size."""
+    return token_grid(cfg.data.frames, cfg.data.crop_size, cfg.model.tubelet, cfg.model.patch_size)
 
 
 def build_encoder(cfg: Config, size: str) -> VideoViT:

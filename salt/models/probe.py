@@ -1,6 +1,6 @@
 """Attentive probe: a small transformer that pools a frozen encoder's tokens into logits.
 
-METHOD.md ("Evaluation"): `depth` blocks over the frozen tokens, the last one a
+docs/method.md ("Evaluation"): `depth` blocks over the frozen tokens, the last one a
 cross-attention from one learned query, then a linear classifier. No position
 embedding: the encoder's tokens already carry their (t, h, w) through its RoPE.
 """

@@ -27,8 +27,7 @@ from torch import nn
 
 from salt.checkpoint import WEIGHTS, load_module_weights, read_meta
 from salt.config import Config
-from salt.models.factory import build_encoder
-from salt.models.vit import token_grid
+from salt.models.factory import build_encoder, config_grid
 
 
 class TeacherSpecError(ValueError):
@@ -165,10 +164,6 @@ class RunFolderTeacher(FrozenTeacher):
             "step": self.meta["step"],
             "model": self.meta["config"]["model"],
         }
-
-
-def config_grid(cfg: Config) -> tuple[int, int, int]:
-    return token_grid(cfg.data.frames, cfg.data.crop_size, cfg.model.tubelet, cfg.model.patch_size)
 
 
 def check_grid(spec: str, grid: tuple[int, int, int], cfg: Config) -> None:

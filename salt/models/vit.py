@@ -26,7 +26,7 @@ class VitSize:
     mlp_ratio: float = 4.0
 
 
-# METHOD.md's encoder sizes, plus small ones that train on a CPU in minutes.
+# docs/method.md's encoder sizes, plus small ones that train on a CPU in minutes.
 VIT_SIZES: dict[str, VitSize] = {
     "vit_cpu_xs": VitSize(width=64, depth=3, heads=2),
     "vit_cpu_s": VitSize(width=96, depth=4, heads=3),

@@ -1,0 +1,60 @@
+"""The import graph reads top-down: salt/ never reaches pipeline/ or jobs/; the data and store
+layer of pipeline/ never reaches an experiment driver or training code (docs/design.md, "Layers")."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+DATA_LAYER = ["fs", "shards", "video", "bounded", "ingest", "digits", "labelled", "targets", "extract", "stream", "cluster"]
+EXPERIMENTS = ["runs", "sweep", "replication", "selection", "probe", "bench", "controls"]
+
+
+def module_file(name: str) -> Path | None:
+    base = Path(ROOT, *name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imports_of(name: str) -> set[str]:
+    """The repository modules `name` imports, at any depth of its code (functions included)."""
+    found = set()
+    for node in ast.walk(ast.parse(module_file(name).read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in found if m.split(".")[0] in ("salt", "pipeline", "jobs") and module_file(m)}
+
+
+def reachable(name: str) -> set[str]:
+    seen, todo = set(), [name]
+    while todo:
+        for dep in imports_of(todo.pop()) - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
+
+
+def test_every_layer_name_is_a_module():
+    assert all(module_file(f"pipeline.{m}") for m in DATA_LAYER + EXPERIMENTS)
+
+
+@pytest.mark.parametrize("module", DATA_LAYER)
+def test_data_and_store_layer_reaches_no_driver_and_no_training_code(module):
+    bad = sorted(m for m in reachable(f"pipeline.{module}")
+                 if m.startswith(("salt.train", "jobs")) or m.removeprefix("pipeline.") in EXPERIMENTS)
+    assert not bad, f"pipeline.{module} reaches {bad}"
+
+
+def test_salt_never_imports_pipeline_or_jobs():
+    for path in Path(ROOT, "salt").rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        assert not [m for m in imports_of(name) if m.startswith(("pipeline", "jobs"))], name
