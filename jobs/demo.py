@@ -8,7 +8,6 @@ student's size (the floor) on both tasks of the embedded dataset.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -19,55 +18,62 @@ from pathlib import Path
 import ray
 import torch
 
-from jobs import data, extract_targets, student, teacher
-from jobs.cli import config_from, entry
+from jobs.cli import config_from, entry, parser, set_torch_threads
 from pipeline.controls import train_label_teachers
+from pipeline.digits import write_moving_digits
+from pipeline.extract import extract_targets
 from pipeline.probe import probe_encoders, read_probe_features
+from pipeline.runs import run_student, run_teacher
+from salt.config import Config
 
 # The transfer control's teacher: a vit_cpu_xs trained 600 steps with the labels (motion ~0.8 on the probe).
 CONTROL_SIZE, CONTROL_STEPS = "vit_cpu_xs", 600
 
 
+def student_process(cfg: Config, data: str, store: str, out: str) -> dict:
+    """A student in a process of its own (spawned: a fresh interpreter, one torch thread)."""
+    set_torch_threads(cfg.student)
+    return run_student(cfg, data, store, out, progress=False)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--config", default="jobs/configs/tiny.yaml")
-    p.add_argument("--data", default="data/moving-digits")
-    p.add_argument("--run", default="runs/demo")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
-    common = ["--config", args.config, "--data", args.data, "--run", args.run, *args.overrides]
+    args = parser(__doc__).parse_args(argv)
     walls = {}
 
-    def timed(name, fn, argv):
+    def timed(name, fn):
         t0 = time.perf_counter()
-        out = fn(argv)
+        out = fn()
         walls[name] = round(time.perf_counter() - t0, 1)
         return out
 
     if not (Path(args.data) / "labels.json").is_file():
-        timed("data", data.main, ["--out", args.data])
+        timed("data", lambda: write_moving_digits(args.data))
     cfg = config_from(args)
     run = Path(args.run)
     control = run / "control"
-    t = timed("teacher", teacher.main, common)
-    x = timed("extract-targets", extract_targets.main, common)
-    labels = timed("control teacher", lambda _: train_label_teachers(
-        cfg, args.data, control / "labels", size=CONTROL_SIZE, steps=[CONTROL_STEPS]), None)
+    progress = not args.no_progress
+    set_torch_threads(cfg.teacher)
+    t = timed("teacher", lambda: run_teacher(cfg, args.data, run / "teacher", progress=progress))
+    x = timed("extract-targets", lambda: extract_targets(cfg, data=args.data, teacher=str(run / "teacher"),
+                                                         store=str(run / "targets"), progress=progress))
+    labels = timed("control teacher", lambda: train_label_teachers(
+        cfg, args.data, control / "labels", size=CONTROL_SIZE, steps=[CONTROL_STEPS], progress=progress))
     control_teacher = labels[CONTROL_STEPS]
-    timed("control targets", extract_targets.main, [*common, "--teacher", control_teacher, "--store", str(control / "targets")])
+    timed("control targets", lambda: extract_targets(cfg, data=args.data, teacher=control_teacher,
+                                                     store=str(control / "targets"), progress=progress))
     ray.shutdown()  # the local cluster's idle workers and actors would hold ~1 GB and a little CPU through the rest
     # The two students train side by side, one core each (each stage runs at one torch thread).
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         t0 = time.perf_counter()
-        control_run = pool.submit(student.main, [*common, "--store", str(control / "targets"), "--out",
-                                                 str(control / "student"), "--no-progress"])
-        s = student.main(common)
+        control_run = pool.submit(student_process, cfg, args.data, str(control / "targets"), str(control / "student"))
+        set_torch_threads(cfg.student)
+        s = run_student(cfg, args.data, str(run / "targets"), run / "student", progress=progress)
         cs = control_run.result()
         walls["students"] = round(time.perf_counter() - t0, 1)
     torch.set_num_threads(os.cpu_count() or 1)  # the stages ran at one thread; the probe runs alone
     specs = {"teacher": str(run / "teacher"), "student": str(run / "student"), "control-teacher": control_teacher,
              "control-student": str(control / "student"), "random": f"random:{cfg.model.student}"}
-    probes = timed("probe", lambda _: probe_encoders(specs, cfg, args.data, run / "probe", progress=True), None)
+    probes = timed("probe", lambda: probe_encoders(specs, cfg, args.data, run / "probe", progress=progress))
     ranks = {name: read_probe_features(run / "probe" / name)["effective_rank"] for name in specs}
     summary = {
         "teacher_final_loss": round(t["final_loss"], 4),

@@ -26,7 +26,7 @@ from pipeline.digits import encode_mp4
 from pipeline.extract import extract_targets
 from pipeline.shards import list_shards
 from pipeline.runs import run_student
-from pipeline.stream import ShardedClips
+from pipeline.stream import ClipStream, TargetStream
 from pipeline.targets import TargetStore, shard_dir, store_bytes
 from pipeline.video import augment, clip_hash, decode
 from salt.config import Config, DataConfig, load_config
@@ -172,7 +172,7 @@ def extraction_rows(cfg, data: str, teacher_dir: str, work: Path) -> tuple[list[
     samples = summaries["fp16"]["samples"]
     torch.set_num_threads(cfg.extract.actor_torch_threads)  # what one actor gets
     teacher = load_teacher(teacher_dir, cfg)
-    dataset = ShardedClips(cfg, list_shards(data), batch_size=cfg.extract.batch_size)
+    dataset = ClipStream(cfg, list_shards(data), batch_size=cfg.extract.batch_size)
     t0 = time.perf_counter()
     clips = [dataset.batch(g)["clips"] for g in range(samples // cfg.extract.batch_size)]
     decode_s = time.perf_counter() - t0
@@ -211,7 +211,7 @@ def short_student(data: str, store: str, out: Path, steps: int = 40) -> dict:
 
 
 def student_rows(cfg, data: str, stores: dict[str, str], teacher, work: Path) -> list[dict]:
-    batch = ShardedClips(cfg, list_shards(data), batch_size=cfg.student.optim.batch_size, store=stores["fp16"]).batch(0)
+    batch = TargetStream(cfg, list_shards(data), batch_size=cfg.student.optim.batch_size, store=stores["fp16"]).batch(0)
     torch.set_num_threads(os.cpu_count() or 1)
     rows = student_step_speedup(cfg, batch, teacher)
     fp16 = short_student(data, stores["fp16"], work / "student-fp16")
@@ -233,7 +233,7 @@ def held_out_mask_loss(cfg: Config, data: str, store: str, run_dir: Path, batche
     load_checkpoint(run_dir, state.modules(), state.optimizer)
     state.model.eval()
     eval_cfg = replace(cfg, masking=replace(cfg.masking, fresh_per_epoch=True))
-    dataset = ShardedClips(eval_cfg, list_shards(data), batch_size=cfg.student.optim.batch_size, store=store)
+    dataset = TargetStream(eval_cfg, list_shards(data), batch_size=cfg.student.optim.batch_size, store=store)
     first = 1000 * dataset.batches_per_epoch
     with torch.no_grad():
         losses = [

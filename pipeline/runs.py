@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.shards import list_shards
-from pipeline.stream import ShardedClips, make_loader
+from pipeline.stream import ClipStream, TargetStream, make_loader
 from pipeline.targets import TargetStore, check_compatible
 from salt.config import Config
 from salt.runinfo import write_run_info
@@ -20,10 +20,12 @@ from salt.train.teacher import train_teacher
 
 
 def _loader(cfg: Config, shards: list[str], batch_size: int, store: str | None = None):
+    """Stage 1 streams clips (store None); stage 2 streams a store's samples with their targets."""
     rank = current()
+    position = {"batch_size": batch_size, "rank": rank.rank, "world_size": rank.world_size}
 
     def make_batches(state: dict | None):
-        dataset = ShardedClips(cfg, shards, batch_size=batch_size, rank=rank.rank, world_size=rank.world_size, store=store)
+        dataset = ClipStream(cfg, shards, **position) if store is None else TargetStream(cfg, shards, store=store, **position)
         return make_loader(dataset.at(state), cfg.data.num_workers)
 
     return make_batches

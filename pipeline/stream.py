@@ -64,57 +64,29 @@ def buffer_shuffle(items: list, size: int, rng: np.random.Generator) -> list:
     return out
 
 
-class ShardedClips(IterableDataset):
-    """Endless stream of batches for one rank; `store` set means stage 2 (cached targets)."""
+class ShardedSamples(IterableDataset):
+    """Endless stream of batches for one rank: the ordering, batching and resume logic both
+    stages share. A subclass says which keys each shard has and how a sample is loaded."""
 
     def __init__(
         self,
         cfg: Config,
         shards: list[str],
+        keys: list[list[str]],
         *,
         batch_size: int,
         rank: int = 0,
         world_size: int = 1,
         start_batch: int = 0,
-        store: str | None = None,
     ):
         self.cfg = cfg
         self.shards = shards
+        self.keys = keys  # per shard, sorted
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.start_batch = start_batch
-        self.store_path = store
         self.grid = config_grid(cfg)
-        self.indexes = [index_shard(s) for s in shards]
-        if store is None:
-            self._store: TargetStore | None = None
-            self.views_per_clip = 0
-            self.keys = [sorted(k for k, m in idx.items() if video_member(m)) for idx in self.indexes]
-        else:
-            target_store = self._store = TargetStore(store)
-            self.views_per_clip = int(target_store.meta["views_per_clip"])
-            self.manifests = [target_store.manifest(shard_name(s)) if shard_name(s) in target_store.shards else {} for s in shards]
-            missing = [shard_name(s) for s in shards if shard_name(s) not in target_store.shards]
-            if missing:
-                raise FileNotFoundError(f"target store {store} has no committed shard for source shard(s) {missing}")
-            for s in shards:
-                target_store.check_identity(shard_name(s))
-            # only samples the teacher saw: the store's errors table holds the rest
-            self.stored_views: list[dict[str, list[int]]] = []
-            for m in self.manifests:
-                views: dict[str, list[int]] = {}
-                for k, v in sorted(m):
-                    views.setdefault(k, []).append(v)
-                self.stored_views.append(views)
-            self.keys = [sorted(v) for v in self.stored_views]
-            partial = sum(len(v) < self.views_per_clip for views in self.stored_views for v in views.values())
-            if partial:
-                log.warning(
-                    "%d clip(s) of store %s have fewer than %d stored views (the others failed to decode at "
-                    "extraction, see its errors table); they cycle through the views they have",
-                    partial, store, self.views_per_clip,
-                )
-        self.samples_per_epoch = sum(len(k) for k in self.keys) // world_size
+        self.samples_per_epoch = sum(len(k) for k in keys) // world_size
         self.batches_per_epoch = self.samples_per_epoch // batch_size
         if self.batches_per_epoch == 0:
             raise ValueError(
@@ -130,10 +102,17 @@ class ShardedClips(IterableDataset):
             "shuffle_buffer": cfg.data.shuffle_buffer,
             "num_shards": len(shards),
             "shards_sha256": hashlib.sha256(names.encode()).hexdigest(),
-            "samples": sum(len(k) for k in self.keys),
+            "samples": sum(len(k) for k in keys),
         }
         self._order: list[tuple[int, str]] = []
         self._order_epoch = -1
+
+    def load_sample(self, shard: int, key: str, epoch: int) -> dict:
+        raise NotImplementedError
+
+    def on_decode_error(self, key: str, error: VideoDecodeError) -> str:
+        """A sample that failed to decode: return the reason to skip it with, or raise."""
+        raise NotImplementedError
 
     def epoch_samples(self, epoch: int) -> list[tuple[int, str]]:
         # every batch of an epoch needs this list: build it once per epoch, not once per batch
@@ -154,7 +133,7 @@ class ShardedClips(IterableDataset):
         """The position (next batch to yield) and what must match for that position to mean the same samples."""
         return {"next_batch": self.start_batch if next_batch is None else next_batch, "rank": self.rank, **self._identity}
 
-    def at(self, state: dict | None) -> "ShardedClips":
+    def at(self, state: dict | None) -> "ShardedSamples":
         """This stream from a checkpointed position (None: from its start_batch)."""
         if state is not None:
             self.load_state_dict(state)
@@ -169,37 +148,12 @@ class ShardedClips(IterableDataset):
                 )
         self.start_batch = int(state["next_batch"])
 
-    def view_for(self, shard: int, key: str, epoch: int) -> int:
-        if self.store_path is None:
-            return epoch
-        stored = self.stored_views[shard][key]
-        return stored[epoch % len(stored)]
-
-    def load_sample(self, shard: int, key: str, epoch: int) -> dict:
-        view = self.view_for(shard, key, epoch)
-        path = self.shards[shard]
+    def clip_and_masks(self, shard: int, key: str, view: int, mask_epoch: int) -> tuple[dict, str]:
         member = video_member(self.indexes[shard].get(key, {}))
-        video = read_member(path, member) if member else b""
+        video = read_member(self.shards[shard], member) if member else b""
         clip, digest = load_clip(video, self.cfg.data, key=key, view=view)
-        mask_epoch = epoch if (self.store_path is not None and self.cfg.masking.fresh_per_epoch) else 0
-        sample = {
-            "key": key,
-            "view": view,
-            "clip": clip,
-            "masks": sample_masks(self.cfg.masking.generators, self.grid, seed=self.cfg.data.seed, key=key, view=view, epoch=mask_epoch),
-        }
-        if self.store_path is not None:
-            row = self.manifests[shard][(key, view)]
-            if row["clip_hash"] != digest:
-                raise ClipHashMismatch(
-                    f"clip hash mismatch for key {key!r} view {view} of shard {shard_name(path)}: the store's "
-                    f"teacher saw {row['clip_hash'][:16]}..., this decode gives {digest[:16]}... "
-                    f"(different decoder build, edited video, or the wrong shard)"
-                )
-            stored = self._store.latents(row["shard"], row["row"])
-            check_row(stored, row, self.store_path)
-            sample["targets"] = torch.from_numpy(stored.astype(np.float32))
-        return sample
+        masks = sample_masks(self.cfg.masking.generators, self.grid, seed=self.cfg.data.seed, key=key, view=view, epoch=mask_epoch)
+        return {"key": key, "view": view, "clip": clip, "masks": masks}, digest
 
     def batch(self, g: int) -> dict:
         epoch, offset = divmod(g, self.batches_per_epoch)
@@ -209,9 +163,7 @@ class ShardedClips(IterableDataset):
             try:
                 samples.append(self.load_sample(s, k, epoch))
             except VideoDecodeError as e:
-                if self.store_path is not None:  # the teacher decoded it: failing now means the bytes changed
-                    raise
-                skipped.append(f"{k}: {e}")  # stage 1 trains on what decodes; extraction records the rest
+                skipped.append(f"{k}: {self.on_decode_error(k, e)}")
         if not samples:
             raise VideoDecodeError(f"every sample of batch {g} failed to decode: {skipped}")
         return collate(samples, epoch=epoch, index=g) | {"skipped": skipped, "loader_state": self.state_dict(g + 1)}
@@ -224,6 +176,74 @@ class ShardedClips(IterableDataset):
             if g % workers == worker:
                 yield self.batch(g)
             g += 1
+
+
+class ClipStream(ShardedSamples):
+    """Stage 1: every video of the shards; view = epoch (a fresh crop per pass), masks of epoch 0's
+    draw per view. A video that fails to decode is skipped with its reason in the batch."""
+
+    def __init__(self, cfg: Config, shards: list[str], **position):
+        self.indexes = [index_shard(s) for s in shards]
+        super().__init__(cfg, shards, [sorted(k for k, m in idx.items() if video_member(m)) for idx in self.indexes], **position)
+
+    def load_sample(self, shard: int, key: str, epoch: int) -> dict:
+        return self.clip_and_masks(shard, key, epoch, 0)[0]
+
+    def on_decode_error(self, key: str, error: VideoDecodeError) -> str:
+        return str(error)  # stage 1 trains on what decodes; extraction records the rest
+
+
+class TargetStream(ShardedSamples):
+    """Stage 2: the samples a target store holds, each with its stored teacher tokens; the clip
+    must hash to what the teacher saw. Fresh masks per epoch unless masking.fresh_per_epoch=false."""
+
+    def __init__(self, cfg: Config, shards: list[str], *, store: str, **position):
+        self.indexes = [index_shard(s) for s in shards]
+        self.store_path = store
+        target_store = self._store = TargetStore(store)
+        self.views_per_clip = int(target_store.meta["views_per_clip"])
+        missing = [shard_name(s) for s in shards if shard_name(s) not in target_store.shards]
+        if missing:
+            raise FileNotFoundError(f"target store {store} has no committed shard for source shard(s) {missing}")
+        for s in shards:
+            target_store.check_identity(shard_name(s))
+        self.manifests = [target_store.manifest(shard_name(s)) for s in shards]
+        # only samples the teacher saw: the store's errors table holds the rest
+        self.stored_views: list[dict[str, list[int]]] = []
+        for m in self.manifests:
+            views: dict[str, list[int]] = {}
+            for k, v in sorted(m):
+                views.setdefault(k, []).append(v)
+            self.stored_views.append(views)
+        partial = sum(len(v) < self.views_per_clip for views in self.stored_views for v in views.values())
+        if partial:
+            log.warning(
+                "%d clip(s) of store %s have fewer than %d stored views (the others failed to decode at "
+                "extraction, see its errors table); they cycle through the views they have",
+                partial, store, self.views_per_clip,
+            )
+        super().__init__(cfg, shards, [sorted(v) for v in self.stored_views], **position)
+
+    def view_for(self, shard: int, key: str, epoch: int) -> int:
+        stored = self.stored_views[shard][key]
+        return stored[epoch % len(stored)]
+
+    def load_sample(self, shard: int, key: str, epoch: int) -> dict:
+        view = self.view_for(shard, key, epoch)
+        sample, digest = self.clip_and_masks(shard, key, view, epoch if self.cfg.masking.fresh_per_epoch else 0)
+        row = self.manifests[shard][(key, view)]
+        if row["clip_hash"] != digest:
+            raise ClipHashMismatch(
+                f"clip hash mismatch for key {key!r} view {view} of shard {shard_name(self.shards[shard])}: the store's "
+                f"teacher saw {row['clip_hash'][:16]}..., this decode gives {digest[:16]}... "
+                f"(different decoder build, edited video, or the wrong shard)"
+            )
+        stored = self._store.latents(row["shard"], row["row"])
+        check_row(stored, row, self.store_path)
+        return sample | {"targets": torch.from_numpy(stored.astype(np.float32))}
+
+    def on_decode_error(self, key: str, error: VideoDecodeError) -> str:
+        raise error  # the teacher decoded it: failing now means the bytes changed
 
 
 def collate(samples: list[dict], *, epoch: int, index: int) -> dict:
@@ -240,7 +260,7 @@ def collate(samples: list[dict], *, epoch: int, index: int) -> dict:
     return out
 
 
-def make_loader(dataset: ShardedClips, num_workers: int) -> DataLoader:
+def make_loader(dataset: ShardedSamples, num_workers: int) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=None,

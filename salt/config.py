@@ -7,6 +7,7 @@ default: a typo in a sweep must not quietly train the default model.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +177,11 @@ class ConfigError(ValueError):
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp):  # `X | None`
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(value, inner, where)
     if origin is Literal:  # enum-like strings: checked here, at load time, with the allowed values
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -202,6 +208,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp is int:
+        if isinstance(value, str):  # "3.6e6": YAML 1.1 reads an exponent without a sign as a string
+            try:
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
@@ -245,21 +258,21 @@ def to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def _set_dotted(tree: dict, dotted: str, value: Any, root: str = "config") -> None:
     parts = dotted.split(".")
     node: Any = tree
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
             node = node[int(part)]
         elif part not in node:
-            raise ConfigError(f"unknown key config.{'.'.join(parts[: i + 1])} in override {dotted}=...")
+            raise ConfigError(f"unknown key {root}.{'.'.join(parts[: i + 1])} in override {dotted}=...")
         else:
             node = node[part]
     last = parts[-1]
     if isinstance(node, list):
         node[int(last)] = value
     elif last not in node:
-        raise ConfigError(f"unknown key config.{dotted} in override {dotted}=...")
+        raise ConfigError(f"unknown key {root}.{dotted} in override {dotted}=... (known: {', '.join(sorted(node))})")
     else:
         node[last] = value
 
@@ -270,12 +283,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
         _merge(tree, loaded, "config")
+    apply_overrides(tree, overrides, "config")
+    return from_dict(Config, tree)
+
+
+def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...], root: str) -> None:
+    """`a.b=value` strings into a plain tree (values parsed as YAML); the one override syntax of
+    every job. Types are checked afterwards, by `from_dict`."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
-    return from_dict(Config, tree)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw), root)
 
 
 def _merge(base: dict, update: dict, where: str) -> None:

@@ -45,15 +45,15 @@ Where this accounting differs
 from __future__ import annotations
 
 import math
+import dataclasses
 import re
-import typing
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 
 import torch
 
-from salt.config import ConfigError
+from salt.config import ConfigError, apply_overrides, from_dict
 from salt.models.predictor import Predictor
 from salt.models.vit import VIT_SIZES, VideoViT, token_grid, vit_size
 
@@ -286,36 +286,11 @@ def plan(inp: PlanInputs) -> Plan:
 
 
 def inputs_from_overrides(items: list[str] | tuple[str, ...]) -> PlanInputs:
-    """`key=value` strings -> PlanInputs; an unknown key or a value of the wrong type is a ConfigError."""
-    hints = typing.get_type_hints(PlanInputs)
-    changes: dict[str, object] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        if key not in hints:
-            raise ConfigError(f"unknown key plan.{key} (known: {', '.join(sorted(hints))})")
-        changes[key] = _parse(raw.strip(), hints[key], f"plan.{key}")
-    return PlanInputs(**changes)
-
-
-def _parse(raw: str, tp: object, where: str) -> object:
-    # Own parsing rather than YAML: YAML 1.1 reads "3.6e6" and "1e15" as strings.
-    if tp == float | None and raw.lower() in ("none", "null"):
-        return None
-    try:
-        if tp is int:
-            value = float(raw) if any(c in raw for c in ".eE") else int(raw)  # 3.6e6 clips is fine
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if tp in (float, float | None):
-            return float(raw)
-    except ValueError:
-        kind = "an integer" if tp is int else "a number"
-        raise ConfigError(f"{where}: expected {kind}, got {raw!r}") from None
-    return raw  # str fields; their values are checked by PlanInputs
+    """`key=value` strings -> PlanInputs, through the configs' own override parser: an unknown key
+    or a value of the wrong type is a ConfigError naming it."""
+    tree = dataclasses.asdict(PlanInputs())
+    apply_overrides(tree, items, "plan")
+    return from_dict(PlanInputs, tree, "plan")
 
 
 # Table 10 of the paper: SALT totals (x1e21 FLOPs) with a ViT-L teacher.

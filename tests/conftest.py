@@ -71,13 +71,13 @@ def ray_local():
 @pytest.fixture(scope="session")
 def teacher_dir(digits, tmp_path_factory) -> str:
     from pipeline.shards import list_shards
-    from pipeline.stream import ShardedClips
+    from pipeline.stream import ClipStream
     from salt.train.teacher import train_teacher
 
     cfg = tiny_config()
     out = tmp_path_factory.mktemp("run") / "teacher"
     shards = list_shards(digits)
-    train_teacher(cfg, out, lambda state: ShardedClips(cfg, shards, batch_size=4).at(state), progress=False)
+    train_teacher(cfg, out, lambda state: ClipStream(cfg, shards, batch_size=4).at(state), progress=False)
     return str(out)
 
 

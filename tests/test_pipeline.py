@@ -16,7 +16,7 @@ import zarr
 from pipeline.extract import extract_targets
 from pipeline.runs import run_student
 from pipeline.shards import list_shards
-from pipeline.stream import ClipHashMismatch, ShardedClips, make_loader
+from pipeline.stream import ClipHashMismatch, ClipStream, TargetStream, make_loader
 from pipeline.targets import (
     ExtractedRow,
     StorageFormat,
@@ -102,7 +102,7 @@ def relative_token_error(stored: torch.Tensor, live: torch.Tensor) -> torch.Tens
 def test_cached_targets_equal_online_teacher(store_fp32, digits, teacher_dir):
     """Every stored token of every sample equals the live teacher's (fp32 store), and so does the loss."""
     cfg = tiny_config()
-    dataset = ShardedClips(cfg, list_shards(digits), batch_size=4, store=store_fp32)
+    dataset = TargetStream(cfg, list_shards(digits), batch_size=4, store=store_fp32)
     teacher = load_teacher(teacher_dir, cfg)
     seen = set()
     for g in range(dataset.batches_per_epoch):
@@ -181,7 +181,7 @@ def test_clip_hash_mismatch_stops_stage_2(store_fp32, digits, tmp_path):
     for row in table:
         row["clip_hash"] = "0" * 64
     pq.write_table(pq.read_table(path).from_pylist(table, schema=pq.read_table(path).schema), path)
-    dataset = ShardedClips(tiny_config(), list_shards(digits), batch_size=4, store=str(tampered))
+    dataset = TargetStream(tiny_config(), list_shards(digits), batch_size=4, store=str(tampered))
     with pytest.raises(ClipHashMismatch, match=r"clip hash mismatch for key 'train-0000\d\d' view 0 of shard shard-000000"):
         for g in range(4):
             dataset.batch(g)
@@ -191,7 +191,7 @@ def test_batches_do_not_depend_on_loader_workers(store_fp32, digits):
     cfg = tiny_config()
 
     def first_batches(workers: int, n: int = 3) -> list[dict]:
-        loader = make_loader(ShardedClips(cfg, list_shards(digits), batch_size=4, store=store_fp32), workers)
+        loader = make_loader(TargetStream(cfg, list_shards(digits), batch_size=4, store=store_fp32), workers)
         it = iter(loader)
         return [next(it) for _ in range(n)]
 
@@ -203,7 +203,7 @@ def test_batches_do_not_depend_on_loader_workers(store_fp32, digits):
 def test_ranks_split_an_epoch_without_overlap(digits):
     cfg = tiny_config()
     shards = list_shards(digits)
-    ranks = [ShardedClips(cfg, shards, batch_size=2, rank=r, world_size=2) for r in range(2)]
+    ranks = [ClipStream(cfg, shards, batch_size=2, rank=r, world_size=2) for r in range(2)]
     seen = [{k for _, k in ds.epoch_samples(0)} for ds in ranks]
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == {f"train-{i:06d}" for i in range(16)}
@@ -221,7 +221,7 @@ def test_student_resume_equals_uninterrupted_run(store_fp32, digits, tmp_path):
     meta = TargetStore(store_fp32).meta
 
     def batches(state: dict | None):
-        return ShardedClips(cfg, shards, batch_size=4, store=store_fp32).at(state)
+        return TargetStream(cfg, shards, batch_size=4, store=store_fp32).at(state)
 
     def losses(run: Path) -> list[float]:
         return [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -260,7 +260,7 @@ def test_two_views_per_clip_are_stored_and_both_used(digits, teacher_dir, ray_lo
     a, b = (target_store.latents(r["shard"], r["row"]) for r in first)
     assert not np.array_equal(a, b)
     # the student reads view 0 in its first pass over the data and view 1 in its second
-    dataset = ShardedClips(cfg, list_shards(digits), batch_size=4, store=store)
+    dataset = TargetStream(cfg, list_shards(digits), batch_size=4, store=store)
     assert dataset.batches_per_epoch == 4
     assert set(dataset.batch(0)["views"]) == {0} and set(dataset.batch(4)["views"]) == {1}
 
@@ -287,7 +287,7 @@ def test_a_clip_with_a_failed_view_reuses_its_stored_view(digits, teacher_dir, r
     drop_view(store, "shard-000000", "train-000003", 1)
     assert verify_store(store) == []
     with caplog.at_level(logging.WARNING):
-        dataset = ShardedClips(cfg, list_shards(digits), batch_size=4, store=store)
+        dataset = TargetStream(cfg, list_shards(digits), batch_size=4, store=store)
     assert "1 clip(s) of store" in caplog.text and "fewer than 2 stored views" in caplog.text
     views = {}
     for g in range(3 * dataset.batches_per_epoch):  # epochs 0, 1, 2: views 0, 1, 0

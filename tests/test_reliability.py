@@ -20,7 +20,7 @@ import torch
 from pipeline import targets
 from pipeline.extract import extract_targets
 from pipeline.shards import index_shard, list_shards
-from pipeline.stream import ShardedClips
+from pipeline.stream import TargetStream
 from pipeline.targets import CorruptStoreError, committed_shards, verify_store
 from salt.checkpoint import load_tensors, read_meta
 from salt.models.teachers import load_teacher
@@ -166,7 +166,7 @@ def test_store_json_from_another_store_is_caught(store_fp32, digits, teacher_dir
     problems = verify_store(other)
     assert len(problems) == 2 and all("was written for store" in p for p in problems)
     with pytest.raises(CorruptStoreError, match=r"shard shard-000000 was written for store \w+, but store.json is store \w+"):
-        ShardedClips(tiny_config(), list_shards(digits), batch_size=4, store=str(other))
+        TargetStream(tiny_config(), list_shards(digits), batch_size=4, store=str(other))
 
 
 def test_pickled_checkpoint_is_refused_and_never_run(teacher_dir, tmp_path):

@@ -12,7 +12,7 @@ import torch
 
 from pipeline.runs import run_student
 from pipeline.shards import list_shards
-from pipeline.stream import LoaderStateMismatch, ShardedClips, buffer_shuffle
+from pipeline.stream import ClipStream, LoaderStateMismatch, TargetStream, buffer_shuffle
 from salt.seeds import sample_rng
 from salt.checkpoint import read_meta
 from tests.conftest import FAST, ROOT, tiny_config
@@ -32,7 +32,7 @@ def test_shuffle_buffer_mixes_shards_in_a_batch(digits) -> None:
     shards = list_shards(digits)  # 2 shards of 8
 
     def shards_per_batch(buffer: int) -> list[int]:
-        ds = ShardedClips(tiny_config(f"data.shuffle_buffer={buffer}"), shards, batch_size=4)
+        ds = ClipStream(tiny_config(f"data.shuffle_buffer={buffer}"), shards, batch_size=4)
         return [len({s for s, _ in ds.epoch_samples(e)[i : i + 4]}) for e in range(3) for i in range(0, 16, 4)]
 
     assert set(shards_per_batch(0)) == {1}  # without a buffer a batch comes from one shard
@@ -41,7 +41,7 @@ def test_shuffle_buffer_mixes_shards_in_a_batch(digits) -> None:
 
 def test_loader_state_resumes_at_the_exact_next_batch(store_fp32, digits) -> None:
     cfg = tiny_config()
-    make = lambda: ShardedClips(cfg, list_shards(digits), batch_size=4, store=store_fp32)
+    make = lambda: TargetStream(cfg, list_shards(digits), batch_size=4, store=store_fp32)
     whole = make()
     state = whole.batch(5)["loader_state"]  # epoch 1, second batch
     assert state["next_batch"] == 6
@@ -50,7 +50,7 @@ def test_loader_state_resumes_at_the_exact_next_batch(store_fp32, digits) -> Non
         a, b = next(resumed), whole.batch(g)
         assert a["index"] == g and a["keys"] == b["keys"] and torch.equal(a["targets"], b["targets"])
 
-    other = ShardedClips(cfg, list_shards(digits), batch_size=2, store=store_fp32)
+    other = TargetStream(cfg, list_shards(digits), batch_size=2, store=store_fp32)
     with pytest.raises(LoaderStateMismatch, match=r"loader had batch_size=4 but this run has batch_size=2"):
         other.load_state_dict(state)
 

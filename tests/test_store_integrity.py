@@ -19,7 +19,7 @@ import pytest
 from jobs import inspect_store
 from pipeline.extract import extract_targets
 from pipeline.shards import list_shards
-from pipeline.stream import ShardedClips
+from pipeline.stream import TargetStream
 from pipeline.targets import CorruptStoreError, TargetStore, shard_dir, verify_store
 from tests.conftest import FAST, ROOT, tiny_config
 from tests.test_pipeline import assert_same_store, store_contents
@@ -135,7 +135,7 @@ def test_flipped_byte_is_found_by_verify_and_stops_stage_2(store_fp32, digits, t
     assert "shard shard-000001: file c/0/0/0 changed since extraction" in out
     assert "shard shard-000001: key 'train-0000" in out and "does not match its checksum" in out
     assert out.count("CORRUPT") == 2
-    dataset = ShardedClips(tiny_config(), list_shards(digits), batch_size=4, store=str(copy))
+    dataset = TargetStream(tiny_config(), list_shards(digits), batch_size=4, store=str(copy))
     with pytest.raises(CorruptStoreError, match=r"row 3 \(key 'train-0000\d\d', view 0\) of shard shard-000001"):
         for g in range(4):
             dataset.batch(g)

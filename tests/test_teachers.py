@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from pipeline.extract import extract_targets
 from pipeline.runs import run_student
 from pipeline.shards import list_shards
-from pipeline.stream import ShardedClips
+from pipeline.stream import TargetStream
 from pipeline.targets import PROJECTION, TargetStore, verify_store
 from salt.models.teachers import TeacherSpecError, file_sha256, load_teacher, projection_matrix
 from salt.train.student import TeacherMismatchError
@@ -65,7 +65,7 @@ def test_hf_teacher_store_equals_live_tokens_and_trains_without_the_teacher(kind
     assert teacher["grid"] == [8, 4, 4] and len(teacher["config_sha256"]) == 64 and teacher["projection"] is None
     cfg = tiny_config()
     live = load_teacher(spec, cfg)
-    dataset = ShardedClips(cfg, list_shards(digits), batch_size=4, store=store)
+    dataset = TargetStream(cfg, list_shards(digits), batch_size=4, store=store)
     for g in range(dataset.batches_per_epoch):  # every stored token of every sample
         batch = dataset.batch(g)
         with torch.no_grad():
@@ -98,7 +98,7 @@ def test_projection_is_stored_recorded_and_applied(hf_stores, digits, ray_local,
     assert torch.equal(matrix, projection_matrix("orthogonal", 48, 16, 3))
     torch.testing.assert_close(matrix.T @ matrix, torch.eye(16), atol=1e-5, rtol=0)
     assert verify_store(store) == []
-    batch = ShardedClips(cfg, list_shards(digits), batch_size=4, store=store).batch(0)
+    batch = TargetStream(cfg, list_shards(digits), batch_size=4, store=store).batch(0)
     with torch.no_grad():
         full = load_teacher(spec, tiny_config())(batch["clips"])
     assert relative_token_error(batch["targets"], full @ matrix).max() <= 1e-5

@@ -12,7 +12,7 @@ import torch
 from pipeline import fs
 from pipeline.extract import extract_targets
 from pipeline.shards import index_shard, list_shards, read_member
-from pipeline.stream import ShardedClips
+from pipeline.stream import ClipStream, TargetStream
 from pipeline.targets import ExtractedRow, StorageFormat, TargetStore, commit_shard, committed_shards, read_tables, verify_store
 from tests.conftest import tiny_config
 from tests.test_pipeline import assert_same_store
@@ -27,7 +27,7 @@ def test_file_urls_through_extraction_and_stage_2(digits, teacher_dir, ray_local
     meta = TargetStore(store_url).meta
     assert all(s["path"].startswith("file://") for s in meta["source"]["shards"])
     assert verify_store(store_url) == []
-    batch = ShardedClips(tiny_config(), list_shards(data_url), batch_size=4, store=store_url).batch(0)
+    batch = TargetStream(tiny_config(), list_shards(data_url), batch_size=4, store=store_url).batch(0)
     assert batch["targets"].shape == (4, 128, 96)
 
 
@@ -43,8 +43,8 @@ def test_memory_urls_for_shards_and_store(digits):
     key = next(iter(index))
     assert read_member(shards[0], index[key]["mp4"]) == read_member(list_shards(digits)[0], local[key]["mp4"])
     # stage 1's loader reads shards from the URL in-process (memory:// is per process, so no Ray here)
-    batch = ShardedClips(tiny_config(), shards, batch_size=4).batch(0)
-    local_batch = ShardedClips(tiny_config(), list_shards(digits), batch_size=4).batch(0)
+    batch = ClipStream(tiny_config(), shards, batch_size=4).batch(0)
+    local_batch = ClipStream(tiny_config(), list_shards(digits), batch_size=4).batch(0)
     assert batch["keys"] == local_batch["keys"] and torch.equal(batch["clips"], local_batch["clips"])
 
     store = "memory://stores/s1"
