@@ -54,12 +54,12 @@ lock:
 
 # The embedded dataset is built on first use when DATA is the default.
 $(DEFAULT_DATA)/labels.json: | setup
-	$(PY) -m jobs.data --out $(DEFAULT_DATA)
+	$(PY) -m jobs.data --data $(DEFAULT_DATA)
 
 DATA_DEP := $(if $(filter $(DEFAULT_DATA),$(DATA)),$(DEFAULT_DATA)/labels.json)
 
 data: setup
-	$(PY) -m jobs.data --out $(DATA) $(if $(SRC),--src $(SRC))
+	$(PY) -m jobs.data --data $(DATA) $(if $(SRC),--src $(SRC))
 
 teacher: setup $(DATA_DEP)
 	$(TRAIN) jobs.teacher $(TRAIN_SEP) $(COMMON) $(ARGS)
@@ -73,7 +73,7 @@ student: setup $(DATA_DEP)
 # CONFIG names a sweep file here; left at its default, the demo sweep runs.
 SWEEP = $(if $(filter jobs/configs/tiny.yaml,$(CONFIG)),jobs/configs/sweep-demo.yaml,$(CONFIG))
 sweep: setup $(DATA_DEP)
-	$(PY) -m jobs.sweep --sweep $(SWEEP) --data $(DATA) --run $(RUN) --store $(STORE)
+	$(PY) -m jobs.sweep --config $(SWEEP) --data $(DATA) --run $(RUN) --store $(STORE) $(ARGS)
 
 # CKPT: teacher/student run folder (or a snapshot), or random:<size>; TASK: one task of labels.json (default: all)
 probe: setup $(DATA_DEP)
@@ -96,7 +96,7 @@ plan: setup
 	$(PY) -m jobs.plan $(if $(PRESET),--preset $(PRESET)) $(if $(JSON),--json) $(ARGS)
 
 bench: setup $(DEFAULT_DATA)/labels.json
-	$(PY) -m jobs.bench --data $(DEFAULT_DATA)
+	$(PY) -m jobs.bench --config $(CONFIG) --data $(DEFAULT_DATA) $(ARGS)
 
 demo: setup
 	$(PY) -m jobs.demo --config $(CONFIG) --data $(DATA) --run $(RUN) $(ARGS)

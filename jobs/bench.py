@@ -2,34 +2,36 @@
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
-from jobs.cli import entry
-from pipeline import bench
+from jobs.cli import entry, parser
+from pipeline.experiments import bench
 from pipeline.cluster import init_ray
-from pipeline.runs import run_teacher
+from pipeline.experiments.runs import run_teacher
+from salt.config import with_overrides
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--data", default="data/moving-digits")
-    p.add_argument("--out", default=".")
+    p = parser(__doc__, run=None, help={
+        "config": "config the benchmarks derive their runs from (data.crop_size=64 is set on top)",
+        "run": "keep the bench's teacher, stores and students in this folder (default: a temporary one, removed)",
+    })
+    p.add_argument("--out", default=".", help="folder for BENCHMARKS.md and benchmarks.json")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    cfg = bench.bench_config()
+    cfg = bench.bench_config(args.config, *args.overrides)
     rows = bench.decode_throughput()
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        teacher_cfg = bench.bench_config("teacher.optim.steps=2", "teacher.optim.batch_size=4", "data.num_workers=0")
+        work = Path(args.run or tmp)
+        teacher_cfg = with_overrides(cfg, "teacher.optim.steps=2", "teacher.optim.batch_size=4", "data.num_workers=0")
         run_teacher(teacher_cfg, args.data, work / "teacher", progress=False)  # as make teacher starts it
         init_ray()
         extract, made = bench.extraction_rows(cfg, args.data, str(work / "teacher"), work)
         rows += extract + bench.student_rows(cfg, args.data, made["stores"], made["teacher"], work)
-        rows += bench.mask_freshness_rows(args.data, made["stores"]["fp16"], work)
-    bench.write_report(rows, Path(args.out), time.perf_counter() - t0)
+        rows += bench.mask_freshness_rows(cfg, args.data, made["stores"]["fp16"], work)
+    bench.write_report(rows, Path(args.out), time.perf_counter() - t0, args.config, args.overrides)
     for r in rows:
         ratio = "" if r["ratio"] is None else f"ratio {r['ratio']:.3g}"
         print(f"{r['name']:36s} {r['value']:10.4g} {r['unit']:9s} {ratio}")

@@ -13,13 +13,38 @@ import torch
 from salt.config import Config, ConfigError, TrainConfig, load_config
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", default="jobs/configs/tiny.yaml", help="YAML config")
-    p.add_argument("--data", default="data/moving-digits", help="folder of WebDataset shards (or with train/ val/)")
-    p.add_argument("--run", default="runs/demo", help="run folder; each stage writes a subfolder")
+# The defaults every job shares (the Makefile's CONFIG, DATA and RUN say the same).
+DEFAULT_CONFIG = "jobs/configs/tiny.yaml"
+DEFAULT_DATA = "data/moving-digits"
+DEFAULT_RUN = "runs/demo"
+COMMON_FLAGS = ("config", "data", "run")
+
+
+def parser(
+    description: str,
+    *,
+    flags: tuple[str, ...] = COMMON_FLAGS,
+    config: str | None = DEFAULT_CONFIG,
+    run: str | None = DEFAULT_RUN,
+    help: dict[str, str] | None = None,
+    overrides: bool = True,
+) -> argparse.ArgumentParser:
+    """The one parser of every job: the common flags it uses (same names, defaults and override
+    syntax everywhere), --no-progress and positional dotted `key=value` overrides. A job leaves
+    out of `flags` what it has no use for, so passing it is an error rather than ignored."""
+    helps = {
+        "config": "YAML config",
+        "data": "folder of WebDataset shards (or with train/ val/)",
+        "run": "run folder; each stage writes a subfolder",
+        "overrides": "dotted key=value overrides of the config, e.g. student.optim.steps=100",
+    } | (help or {})
+    defaults = {"config": config, "data": DEFAULT_DATA, "run": run}
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag in flags:
+        p.add_argument(f"--{flag}", default=defaults[flag], help=helps[flag])
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. student.optim.steps=100")
+    if overrides:
+        p.add_argument("overrides", nargs="*", help=helps["overrides"])
     return p
 
 

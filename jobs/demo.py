@@ -1,6 +1,6 @@
 """make demo: data -> teacher -> extract-targets -> student -> probe on the embedded dataset, then a summary.
 
-Beside the V-Pixel chain runs the transfer control (pipeline/controls.py): a small encoder
+Beside the V-Pixel chain runs the transfer control (pipeline/experiments/controls.py): a small encoder
 trained with the labels, extracted and distilled into a student the same way, which never
 sees a label. The probe table puts all four encoders next to a random-init encoder of the
 student's size (the floor) on both tasks of the embedded dataset.
@@ -19,11 +19,11 @@ import ray
 import torch
 
 from jobs.cli import config_from, entry, parser, set_torch_threads
-from pipeline.controls import train_label_teachers
+from pipeline.experiments.controls import train_label_teachers
 from pipeline.digits import write_moving_digits
 from pipeline.extract import extract_targets
-from pipeline.probe import probe_encoders, read_probe_features
-from pipeline.runs import run_student, run_teacher
+from pipeline.experiments.probe import probe_encoders, read_probe_features
+from pipeline.experiments.runs import run_student, run_teacher
 from salt.config import Config
 
 # The transfer control's teacher: a vit_cpu_xs trained 600 steps with the labels (motion ~0.8 on the probe).

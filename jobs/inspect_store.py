@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from pathlib import Path
 
-from jobs.cli import entry
+from jobs.cli import entry, parser
 from pipeline.targets import PROJECTION, summarize, verify_store
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("store")
+    p = parser(__doc__, flags=("run",), overrides=False)
+    p.add_argument("store", nargs="?", default=None, help="target store (default: $(RUN)/targets)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--verify", action="store_true", help="re-read every file and row; exit 1 on any problem")
     args = p.parse_args(argv)
+    args.store = args.store or str(Path(args.run) / "targets")
     if args.verify:
         problems = verify_store(args.store)
         for line in problems:

@@ -1,35 +1,38 @@
 """make plan [ARGS="key=value ..."] [PRESET=table10] [JSON=1]: FLOPs, store size, GPU-hours of a SALT pipeline.
 
 Keys are the fields of salt.flops.PlanInputs (defaults: the paper's setting), e.g.
-`student=vit_h views_per_clip=4 storage_dtype=bitround7 gpu_flops_per_s=250e12`.
+`student=vit_h views_per_clip=4 storage.keepbits=5 storage.codec=blosc gpu_flops_per_s=250e12`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 
-from jobs.cli import entry
-from salt.config import ConfigError
-from salt.flops import Plan, inputs_from_overrides, plan, table10
+from jobs.cli import entry, parser
+from salt.config import ConfigError, load_config
+from salt.flops import Plan, inputs_from_config, inputs_from_overrides, plan, table10
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, flags=("config",), config=None, help={
+        "config": "a training config: plan the run it describes (sizes, geometry, steps, batch, storage) "
+                  "instead of the paper's setting",
+        "overrides": "PlanInputs fields as key=value, on top of that",
+    })
     p.add_argument("--preset", choices=["table10"], help="the paper's table 10 SALT rows instead of one plan")
     p.add_argument("--json", action="store_true")
-    p.add_argument("overrides", nargs="*", help="PlanInputs fields as key=value")
     args = p.parse_args(argv)
-    if args.preset and args.overrides:
-        p.error("--preset fixes its inputs; it takes no key=value overrides")
+    if args.preset and (args.overrides or args.config):
+        p.error("--preset fixes its inputs; it takes no --config or key=value overrides")
     try:
         if args.preset:
             rows = table10()
             text = json.dumps(rows, indent=1) if args.json else format_table10(rows)
         else:
-            result = plan(inputs_from_overrides(args.overrides))
+            base = inputs_from_config(load_config(args.config)) if args.config else None
+            result = plan(inputs_from_overrides(args.overrides, base))
             text = json.dumps(dataclasses.asdict(result), indent=1) if args.json else format_plan(result)
     except ConfigError as e:
         sys.exit(f"plan error: {e}")
@@ -59,7 +62,7 @@ def format_plan(pl: Plan) -> str:
         f"{'':40} {'steps':>8} {'FLOPs':>9} {'GPU-hours':>10}",
         *(f"{name:40} {'' if steps is None else f'{steps:,}':>8} {c.flops:9.2e} {c.gpu_hours:10,.0f}" for name, steps, c in rows),
         "",
-        f"target store  {pl.store_bytes / 1e12:.2f} TB ({pl.bytes_per_view / 1e6:.2f} MB per view, {i.storage_dtype})",
+        f"target store  {pl.store_bytes / 1e12:.2f} TB ({pl.bytes_per_view / 1e6:.2f} MB per view, {i.storage.name()})",
         f"break-even    caching costs fewer FLOPs from student run {pl.break_even_runs} "
         f"(GPU-hours: from run {pl.break_even_runs_gpu_hours})",
     ]

@@ -2,7 +2,7 @@
 
 Per seed: its own dataset; V-Pixel teachers (the student's size and a smaller one), an
 untrained teacher and a ladder of label-trained teachers, each with a student trained on
-its extracted targets; then every encoder probed. See pipeline/replication.py.
+its extracted targets; then every encoder probed. See pipeline/experiments/replication.py.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.cli import entry
-from pipeline.replication import Study, run_study, write_report
+from jobs.cli import entry, parser
+from pipeline.experiments.replication import Study, run_study, write_report
 
 
 def _ints(text: str) -> list[int]:
@@ -20,19 +20,17 @@ def _ints(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> dict:
     defaults = Study()
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--run", default="runs/replication")
+    # each seed generates its own dataset under --run, so there is no --data
+    p = parser(__doc__, flags=("config", "run"), config=defaults.config, run="runs/replication",
+               help={"overrides": "config overrides for every arm, e.g. probe.epochs=10"})
     p.add_argument("--report", default="REPLICATION.md")
-    p.add_argument("--config", default=defaults.config)
     p.add_argument("--seeds", type=_ints, default=defaults.seeds, help="comma-separated, e.g. 0,1,2")
     p.add_argument("--teacher-steps", type=int, default=defaults.teacher_steps)
     p.add_argument("--ladder-steps", type=_ints, default=defaults.ladder_steps, help="comma-separated")
     p.add_argument("--student-steps", type=int, default=defaults.student_steps)
     p.add_argument("--snapshot-every", type=int, default=defaults.snapshot_every)
     p.add_argument("--workers", type=int, default=defaults.workers)
-    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--command", default=None, help=argparse.SUPPRESS)  # what the report says produced it
-    p.add_argument("overrides", nargs="*", help="config overrides for every arm, e.g. probe.epochs=10")
     args = p.parse_args(argv)
     study = Study(config=args.config, seeds=args.seeds, teacher_steps=args.teacher_steps, ladder_steps=args.ladder_steps,
                   student_steps=args.student_steps, snapshot_every=args.snapshot_every, workers=args.workers,

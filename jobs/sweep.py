@@ -5,29 +5,27 @@ Writes $(RUN)/sweeps/<sweep name>/<variant>/ (student run folders) and results.{
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from jobs.cli import entry
-from pipeline.sweep import load_sweep, run_sweep
+from jobs.cli import entry, parser
+from pipeline.experiments.sweep import load_sweep, run_sweep
 from salt.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--sweep", default="jobs/configs/sweep-demo.yaml", help="sweep file (see jobs/configs/sweep-demo.yaml)")
-    p.add_argument("--data", default="data/moving-digits")
-    p.add_argument("--run", default="runs/demo")
+    p = parser(__doc__, config="jobs/configs/sweep-demo.yaml", help={
+        "config": "sweep file (see jobs/configs/sweep-demo.yaml)",
+        "overrides": "overrides of the sweep file, e.g. executor=ray probe=true",
+    })
     p.add_argument("--store", default=None, help="target store (default: $(RUN)/targets)")
     p.add_argument("--out", default=None, help="sweep folder (default: $(RUN)/sweeps/<sweep file name>)")
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
-        sweep = load_sweep(args.sweep)
+        sweep = load_sweep(args.config, args.overrides)
     except (ConfigError, OSError) as e:
         sys.exit(f"sweep error: {e}")
-    out = args.out or str(Path(args.run) / "sweeps" / Path(args.sweep).stem)
+    out = args.out or str(Path(args.run) / "sweeps" / Path(args.config).stem)
     store = args.store or str(Path(args.run) / "targets")
     rows = run_sweep(sweep, data=args.data, store=store, out=out, progress=not args.no_progress)
     print((Path(out) / "results.md").read_text(), end="")

@@ -29,7 +29,6 @@ from pipeline.shards import iter_shard, list_shards, shard_name
 from pipeline.targets import (
     PROJECTION,
     ExtractedRow,
-    StorageFormat,
     StoreMismatchError,
     commit_shard,
     committed_shards,
@@ -43,6 +42,7 @@ from salt.config import Config, DataConfig, to_dict, from_dict
 from salt.runinfo import git_commit, package_versions, run_info_files
 from salt.models.factory import config_grid
 from salt.models.teachers import FrozenTeacher, load_teacher
+from salt.storage import StorageFormat
 from salt.devices import autocast
 
 
@@ -113,7 +113,7 @@ def provenance(cfg: Config, *, data: str, split: str, teacher: FrozenTeacher, sh
         "format": "salt-target-store/1",
         "teacher": teacher.identity(),
         **compat,
-        "storage": StorageFormat.of(cfg.extract).describe(),
+        "storage": cfg.extract.storage.describe(),
         "views_per_clip": cfg.extract.views_per_clip,
         "decoder": decoder_version(),
         "packages": package_versions(),
@@ -201,7 +201,7 @@ def extract_targets(
             num_cpus=cfg.extract.actor_num_cpus,
             num_gpus=1 if cuda else 0,
         )
-        forwarded, write_s = _commit_as_complete(ds, store_path, StorageFormat.of(cfg.extract), store_id)
+        forwarded, write_s = _commit_as_complete(ds, store_path, cfg.extract.storage, store_id)
     manifest, errors = rebuild_tables(store_path)
     missing = sorted({shard_name(s) for s in shards} - set(committed_shards(store_path)))
     if missing:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import typing
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -31,7 +30,8 @@ import zarr
 from safetensors.torch import load as safetensors_load
 
 from pipeline import fs
-from salt.config import Codec, Config, StoredDtype, to_dict
+from salt.config import Config, to_dict
+from salt.storage import StorageFormat
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -48,49 +48,6 @@ MANIFEST_SCHEMA = pa.schema(
 )
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("view", pa.int32()), ("shard", pa.string()), ("reason", pa.string())])
 PROJECTION = "projection.safetensors"
-DTYPES = typing.get_args(StoredDtype)
-CODECS = typing.get_args(Codec)
-MANTISSA_BITS = {"float32": 23, "float16": 10}
-
-
-@dataclass(frozen=True)
-class StorageFormat:
-    """How latents are stored: dtype, optional bit-rounding (lossy), optional lossless codec."""
-
-    dtype: StoredDtype = "float16"
-    keepbits: int = 0
-    codec: Codec = "none"
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"extract.dtype={self.dtype!r}: expected one of {', '.join(DTYPES)}")
-        if self.codec not in CODECS:
-            raise ValueError(f"extract.codec={self.codec!r}: expected one of {', '.join(CODECS)}")
-        if not 0 <= self.keepbits < MANTISSA_BITS[self.dtype]:
-            raise ValueError(
-                f"extract.keepbits={self.keepbits}: expected 0 (off) to {MANTISSA_BITS[self.dtype] - 1} for {self.dtype}"
-            )
-
-    @classmethod
-    def of(cls, extract_cfg) -> "StorageFormat":
-        return cls(dtype=extract_cfg.dtype, keepbits=extract_cfg.keepbits, codec=extract_cfg.codec)
-
-    def zarr_codecs(self) -> dict:
-        from zarr.codecs import BloscCodec, ZstdCodec
-        from zarr.codecs.numcodecs import BitRound
-
-        filters = [BitRound(keepbits=self.keepbits)] if self.keepbits else None
-        compressors = {
-            "none": None,
-            "zstd": [ZstdCodec(level=3)],
-            "blosc": [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")],
-        }[self.codec]
-        return {"filters": filters, "compressors": compressors}
-
-    def describe(self) -> dict:
-        return {"dtype": self.dtype, "keepbits": self.keepbits, "codec": self.codec, "chunk": "one sample", "zarr_shard": "one source shard"}
-
-
 class StoreMismatchError(ValueError):
     pass
 

@@ -15,11 +15,11 @@ from typing import Any, Literal
 
 import yaml
 
+from salt.storage import Codec, StorageFormat, StoredDtype
+
 # Enum-like fields: the allowed values live in the type, and loading checks them.
 Attention = Literal["auto", "sdpa", "xformers"]
 PixelLoss = Literal["l1", "mse"]
-StoredDtype = Literal["float32", "float16"]
-Codec = Literal["none", "zstd", "blosc"]
 Projection = Literal["none", "orthogonal", "gaussian"]
 
 
@@ -124,7 +124,12 @@ class ExtractConfig:
     projection_dim: int = 0
     projection_seed: int = 0
 
+    @property
+    def storage(self) -> StorageFormat:
+        return StorageFormat.of(self)
+
     def __post_init__(self):
+        StorageFormat.of(self)  # a keepbits out of range for the dtype fails here, at load time
         if (self.projection == "none") != (self.projection_dim == 0):
             raise ConfigError(
                 f"extract.projection={self.projection!r} with extract.projection_dim={self.projection_dim}: "
@@ -245,6 +250,10 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
         return cls(**kwargs)
     except TypeError as e:  # a required field left out
         raise ConfigError(f"{where}: {e}") from None
+    except ConfigError:
+        raise
+    except ValueError as e:  # a class's own check, e.g. StorageFormat: "keepbits=12: expected ..."
+        raise ConfigError(f"{where}.{e}") from None
 
 
 def to_dict(cfg: Any) -> dict:
@@ -283,6 +292,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
         _merge(tree, loaded, "config")
+    apply_overrides(tree, overrides, "config")
+    return from_dict(Config, tree)
+
+
+def with_overrides(cfg: Config, *overrides: str) -> Config:
+    """A copy of a loaded config with more `key=value` overrides (checked like a file's)."""
+    tree = to_dict(cfg)
     apply_overrides(tree, overrides, "config")
     return from_dict(Config, tree)
 

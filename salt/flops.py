@@ -46,16 +46,16 @@ from __future__ import annotations
 
 import math
 import dataclasses
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import lru_cache
 
 import torch
 
-from salt.config import ConfigError, apply_overrides, from_dict
+from salt.config import Config, ConfigError, apply_overrides, from_dict
 from salt.models.predictor import Predictor
 from salt.models.vit import VIT_SIZES, VideoViT, token_grid, vit_size
+from salt.storage import StorageFormat
 
 # Effective training throughput per GPU when none is measured: a round dense-bf16 peak
 # of 400 TFLOP/s (between A100's 312 and H100 SXM's 989) at 40% model-FLOPs
@@ -65,7 +65,6 @@ DEFAULT_PEAK_FLOPS_PER_S = 400e12
 DEFAULT_MFU = 0.4
 DEFAULT_GPU_FLOPS_PER_S = DEFAULT_PEAK_FLOPS_PER_S * DEFAULT_MFU
 
-_BITROUND = re.compile(r"bitround(\d+)")
 _POSITIVE_INTS = (
     "num_clips",
     "views_per_clip",
@@ -81,7 +80,6 @@ _POSITIVE_INTS = (
     "predictor_heads",
     "student_runs",
 )
-_FLOAT32_MANTISSA_BITS = 23
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,8 +99,8 @@ class PlanInputs:
     teacher_steps: int = 40_000  # 0: plan students of an existing teacher
     student_steps: int = 200_000
     batch_size: int = 3072
-    storage_dtype: str = "float16"  # float32 | float16 | bitround<k> (float32 keeping k mantissa bits)
-    compression_ratio: float | None = None  # None: 1 for float32/16 (stored uncompressed), 32/(9+k) for bitround<k>
+    storage: StorageFormat = field(default_factory=StorageFormat)  # as extract.dtype/keepbits/codec
+    compression_ratio: float | None = None  # measured; None: StorageFormat.value_bytes' bound
     predictor_width: int = 384
     predictor_depth: int = 12
     predictor_heads: int = 12
@@ -125,7 +123,6 @@ class PlanInputs:
             token_grid(self.frames, self.crop_size, self.tubelet, self.patch_size)
         except ValueError as e:
             raise ConfigError(f"plan: {e}") from None
-        stored_value_bytes(self.storage_dtype, self.compression_ratio)
 
 
 def _require(ok: bool, name: str, why: str) -> None:
@@ -162,20 +159,6 @@ class Plan:
     store_bytes: float
     break_even_runs: int  # fewest student runs for which caching costs fewer FLOPs
     break_even_runs_gpu_hours: int  # the same in GPU-hours (differs if extraction runs at another rate)
-
-
-def stored_value_bytes(dtype: str, compression_ratio: float | None = None) -> float:
-    """Bytes one stored latent value takes on disk."""
-    if dtype in ("float32", "float16"):
-        raw, estimate = (4 if dtype == "float32" else 2), 1.0  # the store writes without a codec
-    elif (m := _BITROUND.fullmatch(dtype)) and int(m[1]) <= _FLOAT32_MANTISSA_BITS:
-        # Bit-rounding zeroes mantissa bits; a lossless codec can at best drop them, keeping
-        # sign + 8 exponent + k bits. Exponents of LayerNorm'd latents compress further, the
-        # kept mantissa does not: measure a store and pass compression_ratio.
-        raw, estimate = 4, 32 / (9 + int(m[1]))
-    else:
-        raise ConfigError(f"plan.storage_dtype: expected float32, float16 or bitround<0-23>, got {dtype!r}")
-    return raw / (compression_ratio or estimate)
 
 
 def tokens_per_view(inp: PlanInputs) -> int:
@@ -257,7 +240,7 @@ def plan(inp: PlanInputs) -> Plan:
     stage1 = stage1_flops_per_sample(inp, p) * inp.teacher_steps * inp.batch_size
     cached = student_flops_per_sample(inp, p) * samples_per_run
     online = cached + teacher_fwd_per_run
-    bytes_per_view = t * vit_size(inp.teacher).width * stored_value_bytes(inp.storage_dtype, inp.compression_ratio)
+    bytes_per_view = t * vit_size(inp.teacher).width * inp.storage.value_bytes(inp.compression_ratio)
 
     def cost(flops: float, rate: float = train_rate) -> Cost:
         return Cost(flops=float(flops), gpu_hours=gpu_hours(flops, rate))
@@ -285,10 +268,24 @@ def plan(inp: PlanInputs) -> Plan:
     )
 
 
-def inputs_from_overrides(items: list[str] | tuple[str, ...]) -> PlanInputs:
-    """`key=value` strings -> PlanInputs, through the configs' own override parser: an unknown key
-    or a value of the wrong type is a ConfigError naming it."""
-    tree = dataclasses.asdict(PlanInputs())
+def inputs_from_config(cfg: Config) -> PlanInputs:
+    """The plan of the run a training config describes: its geometry, model sizes, steps, batch,
+    views and storage format (data volume and throughput stay the paper's unless overridden)."""
+    m = cfg.model
+    return PlanInputs(
+        teacher=m.teacher, student=m.student, frames=cfg.data.frames, crop_size=cfg.data.crop_size,
+        patch_size=m.patch_size, tubelet=m.tubelet, predictor_width=m.predictor_width,
+        predictor_depth=m.predictor_depth, predictor_heads=m.predictor_heads,
+        teacher_steps=cfg.teacher.optim.steps, student_steps=cfg.student.optim.steps,
+        batch_size=cfg.student.optim.batch_size, views_per_clip=cfg.extract.views_per_clip,
+        storage=cfg.extract.storage,
+    )
+
+
+def inputs_from_overrides(items: list[str] | tuple[str, ...], base: PlanInputs | None = None) -> PlanInputs:
+    """`key=value` strings on top of `base` (default: the paper's setting) -> PlanInputs, through
+    the configs' own override parser: an unknown key or a value of the wrong type is a ConfigError naming it."""
+    tree = dataclasses.asdict(base or PlanInputs())
     apply_overrides(tree, items, "plan")
     return from_dict(PlanInputs, tree, "plan")
 

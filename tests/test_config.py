@@ -52,6 +52,7 @@ def test_job_exits_with_the_config_error(digits, tmp_path):
         ("extract.codec=lz4", "config.extract.codec='lz4': expected one of none, zstd, blosc"),
         ("extract.projection=pca", "config.extract.projection='pca': expected one of none, orthogonal, gaussian"),
         ("model.pixel_loss=huber", "config.model.pixel_loss='huber': expected one of l1, mse"),
+        ("extract.keepbits=12", "config.extract.keepbits=12: expected 0 (off) to 9 for float16"),
     ],
 )
 def test_enum_like_fields_are_checked_at_load_time(override, message):

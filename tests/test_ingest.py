@@ -95,7 +95,7 @@ def check_report(summary: dict, out: Path, prefix: str) -> None:
 def test_folder_of_videos_to_shards_with_errors(video_folder, tmp_path, capsys):
     from jobs import data
 
-    summary = data.main(["--src", str(video_folder), "--out", str(tmp_path / "shards"), "--samples-per-shard", "2"])
+    summary = data.main(["--src", str(video_folder), "--data", str(tmp_path / "shards"), "--samples-per-shard", "2"])
     check_report(summary, tmp_path / "shards", str(video_folder))
     assert summary["shards"] == 2
     printed = capsys.readouterr().out

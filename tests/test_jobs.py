@@ -24,3 +24,64 @@ def test_bad_input_ends_in_one_line(argv, says, digits, tmp_path):
                           capture_output=True, text=True, timeout=120)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], done.stderr[-2000:]
+
+
+JOBS = ["bench", "data", "demo", "extract_targets", "inspect_store", "plan", "probe", "replicate", "select",
+        "student", "sweep", "teacher"]
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_every_job_reads_the_common_flags_through_one_parser(job, monkeypatch):
+    """Same names and defaults everywhere (jobs/cli.py); a flag a job has no use for is refused."""
+    import importlib
+
+    from jobs import cli
+
+    seen = {}
+    real = cli.parser
+
+    def spy(*args, **kwargs):
+        seen["parser"] = p = real(*args, **kwargs)
+        monkeypatch.setattr(p, "parse_args", lambda argv=None: (_ for _ in ()).throw(SystemExit("parsed")))
+        return p
+
+    module = importlib.import_module(f"jobs.{job}")
+    monkeypatch.setattr(module, "parser", spy)
+    with pytest.raises(SystemExit, match="parsed"):
+        module.main(["--help"])
+    flags = {a.dest: a.default for a in seen["parser"]._actions}
+    if "data" in flags:
+        assert flags["data"] == cli.DEFAULT_DATA
+    if "run" in flags and job not in ("bench", "replicate"):
+        assert flags["run"] == cli.DEFAULT_RUN
+    assert "no_progress" in flags
+    assert ("overrides" in flags) == (job not in ("data", "inspect_store"))
+
+
+def test_a_sweep_file_takes_overrides_like_a_config():
+    from pipeline.experiments.sweep import load_sweep
+    from salt.config import ConfigError
+
+    sweep = load_sweep("jobs/configs/sweep-demo.yaml", ["executor=ray", "probe=true"])
+    assert (sweep.executor, sweep.probe) == ("ray", True)
+    with pytest.raises(ConfigError, match="sweep.executor='slurm': expected one of local, ray"):
+        load_sweep("jobs/configs/sweep-demo.yaml", ["executor=slurm"])
+    with pytest.raises(ConfigError, match="unknown key sweep.executr"):
+        load_sweep("jobs/configs/sweep-demo.yaml", ["executr=ray"])
+
+
+def test_plan_of_a_training_config_has_its_grid_and_format():
+    from jobs import plan as plan_job
+    from salt.config import load_config
+    from salt.flops import inputs_from_config, plan
+    from salt.models.factory import config_grid
+
+    cfg = load_config("jobs/configs/tiny.yaml", ["extract.dtype=float32"])
+    planned = plan(inputs_from_config(cfg))
+    grid = config_grid(cfg)
+    assert planned.tokens_per_view == grid[0] * grid[1] * grid[2]
+    assert planned.inputs.storage == cfg.extract.storage and planned.inputs.student_steps == cfg.student.optim.steps
+    printed = plan_job.main(["--config", "jobs/configs/tiny.yaml", "num_clips=512", "storage.dtype=float32"])
+    assert "512 clips" in printed and "float32" in printed
+    with pytest.raises(SystemExit):
+        plan_job.main(["--run", "runs/demo"])  # plan has no use for a run folder: refused, not ignored

@@ -10,8 +10,9 @@ import pytest
 
 from tests.conftest import ROOT
 
-DATA_LAYER = ["fs", "shards", "video", "bounded", "ingest", "digits", "labelled", "targets", "extract", "stream", "cluster"]
-EXPERIMENTS = ["runs", "sweep", "replication", "selection", "probe", "bench", "controls"]
+# every module directly under pipeline/ is the data/store layer; the drivers live in pipeline/experiments/
+DATA_LAYER = sorted(p.stem for p in Path(ROOT, "pipeline").glob("*.py") if p.stem != "__init__")
+EXPERIMENTS = sorted(p.stem for p in Path(ROOT, "pipeline", "experiments").glob("*.py") if p.stem != "__init__")
 
 
 def module_file(name: str) -> Path | None:
@@ -43,14 +44,16 @@ def reachable(name: str) -> set[str]:
     return seen
 
 
-def test_every_layer_name_is_a_module():
-    assert all(module_file(f"pipeline.{m}") for m in DATA_LAYER + EXPERIMENTS)
+def test_the_layers_are_the_expected_modules():
+    # a module moving between the layers is a decision: this list makes it visible in review
+    assert DATA_LAYER == sorted(["bounded", "cluster", "digits", "extract", "fs", "ingest", "labelled", "shards", "stream", "targets", "video"])
+    assert EXPERIMENTS == sorted(["bench", "controls", "probe", "replication", "runs", "selection", "sweep"])
 
 
 @pytest.mark.parametrize("module", DATA_LAYER)
 def test_data_and_store_layer_reaches_no_driver_and_no_training_code(module):
     bad = sorted(m for m in reachable(f"pipeline.{module}")
-                 if m.startswith(("salt.train", "jobs")) or m.removeprefix("pipeline.") in EXPERIMENTS)
+                 if m.startswith(("salt.train", "jobs", "pipeline.experiments")))
     assert not bad, f"pipeline.{module} reaches {bad}"
 
 

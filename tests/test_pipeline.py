@@ -14,12 +14,11 @@ import torch
 import zarr
 
 from pipeline.extract import extract_targets
-from pipeline.runs import run_student
+from pipeline.experiments.runs import run_student
 from pipeline.shards import list_shards
 from pipeline.stream import ClipHashMismatch, ClipStream, TargetStream, make_loader
 from pipeline.targets import (
     ExtractedRow,
-    StorageFormat,
     StoreMismatchError,
     TargetStore,
     check_compatible,
@@ -29,6 +28,7 @@ from pipeline.targets import (
     shard_dir,
     verify_store,
 )
+from salt.storage import StorageFormat
 from salt.train.loop import masked_prediction_loss
 from salt.train.student import build_student_state, cached_targets, online_targets, train_student
 from salt.models.teachers import load_teacher

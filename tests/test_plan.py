@@ -1,10 +1,12 @@
 import json
+import re
 
 import pytest
 
 from jobs import plan as plan_job
 from salt.config import ConfigError
-from salt.flops import TABLE10_TOTALS, PlanInputs, inputs_from_overrides, plan, stored_value_bytes, table10
+from salt.flops import TABLE10_TOTALS, PlanInputs, inputs_from_overrides, plan, table10
+from salt.storage import StorageFormat
 
 
 def test_table10_totals_within_5_percent():
@@ -32,11 +34,20 @@ def test_storage_arithmetic():
     assert plan(PlanInputs(teacher="vit_b")).bytes_per_view / 1e6 == pytest.approx(2.4, abs=0.05)
     assert plan(PlanInputs()).store_bytes / 1e12 == pytest.approx(11.6, rel=0.03)
     assert plan(PlanInputs(views_per_clip=3)).store_bytes == pytest.approx(3 * plan(PlanInputs()).store_bytes)
-    assert plan(PlanInputs(storage_dtype="float32")).bytes_per_view == 2 * plan(PlanInputs()).bytes_per_view
-    assert stored_value_bytes("bitround7") == 2.0  # sign + exponent + 7 bits of a float32
-    assert stored_value_bytes("bitround7", compression_ratio=4.0) == 1.0
-    with pytest.raises(ConfigError, match="storage_dtype"):
-        PlanInputs(storage_dtype="bfloat16")
+    fp32 = StorageFormat(dtype="float32")
+    assert plan(PlanInputs(storage=fp32)).bytes_per_view == 2 * plan(PlanInputs()).bytes_per_view
+    # bit-rounding under a codec keeps sign + exponent + kept bits at best: 1 + 8 + 7 of 32 bits
+    assert StorageFormat(dtype="float32", keepbits=7, codec="blosc").value_bytes() == 2.0
+    assert StorageFormat(dtype="float16", keepbits=5, codec="zstd").value_bytes() == 2 * 11 / 16
+    assert StorageFormat(dtype="float16", keepbits=5).value_bytes() == 2.0  # rounded but not compressed
+    assert StorageFormat(dtype="float32", keepbits=7, codec="blosc").value_bytes(compression_ratio=4.0) == 1.0
+    # the planner takes the store's own format, through the same override syntax as configs
+    pl = plan(inputs_from_overrides(["storage.dtype=float16", "storage.keepbits=5", "storage.codec=blosc"]))
+    assert pl.bytes_per_view == plan(PlanInputs()).bytes_per_view * 11 / 16
+    with pytest.raises(ConfigError, match=re.escape("plan.storage.dtype='bfloat16': expected one of float32, float16")):
+        inputs_from_overrides(["storage.dtype=bfloat16"])
+    with pytest.raises(ConfigError, match=re.escape("plan.storage.keepbits=10: expected 0 (off) to 9 for float16")):
+        inputs_from_overrides(["storage.keepbits=10"])
 
 
 def test_break_even():

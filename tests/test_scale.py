@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.runs import run_student
+from pipeline.experiments.runs import run_student
 from pipeline.shards import list_shards
 from pipeline.stream import ClipStream, LoaderStateMismatch, TargetStream, buffer_shuffle
 from salt.seeds import sample_rng

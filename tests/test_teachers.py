@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.extract import extract_targets
-from pipeline.runs import run_student
+from pipeline.experiments.runs import run_student
 from pipeline.shards import list_shards
 from pipeline.stream import TargetStream
 from pipeline.targets import PROJECTION, TargetStore, verify_store

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 from pipeline import fs
+from salt.storage import StorageFormat
 from pipeline.extract import extract_targets
 from pipeline.shards import index_shard, list_shards, read_member
 from pipeline.stream import ClipStream, TargetStream
-from pipeline.targets import ExtractedRow, StorageFormat, TargetStore, commit_shard, committed_shards, read_tables, verify_store
+from pipeline.targets import ExtractedRow, TargetStore, commit_shard, committed_shards, read_tables, verify_store
 from tests.conftest import tiny_config
 from tests.test_pipeline import assert_same_store
 

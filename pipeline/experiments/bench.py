@@ -25,27 +25,29 @@ from pipeline import fs
 from pipeline.digits import encode_mp4
 from pipeline.extract import extract_targets
 from pipeline.shards import list_shards
-from pipeline.runs import run_student
+from pipeline.experiments.runs import run_student
 from pipeline.stream import ClipStream, TargetStream
 from pipeline.targets import TargetStore, shard_dir, store_bytes
 from pipeline.video import augment, clip_hash, decode
-from salt.config import Config, DataConfig, load_config
+from salt.config import Config, DataConfig, load_config, with_overrides
 from salt.flops import forward_flops, train_flops
 from salt.runinfo import git_commit
 from salt.checkpoint import load_checkpoint
 from salt.train.loop import train_step
 from salt.train.student import build_student_state, cached_targets, online_targets
 from salt.models.teachers import load_teacher
+from salt.storage import StorageFormat
 
 COMMAND = "make bench"
-CONFIG = "jobs/configs/tiny.yaml"
-# The tiny config at 64x64 crops (512 tokens): at the demo's 128 tokens a CPU step is mostly
-# fixed overhead, which says little about the GPU case the speedup figures are for.
+# On top of the given config (make bench: the tiny one): 64x64 crops (512 tokens), since at the
+# demo's 128 tokens a CPU step is mostly fixed overhead, which says little about the GPU case
+# the speedup figures are for.
 OVERRIDES = ["data.crop_size=64"]
 
 
-def bench_config(*overrides: str) -> Config:
-    return load_config(CONFIG, [*OVERRIDES, *overrides])
+def bench_config(config: str, *overrides: str) -> Config:
+    """The config every benchmark derives its runs from: `config`, then OVERRIDES, then the user's."""
+    return load_config(config, [*OVERRIDES, *overrides])
 
 
 def row(name: str, value: float, unit: str, bound: float | None, note: str = "") -> dict:
@@ -151,24 +153,30 @@ def relative_error(reference: str | Path, other: str | Path) -> float:
     return diff / total
 
 
-FORMATS = {  # name: overrides; fp32 is the reference every ratio is taken against
-    "fp32": ["extract.dtype=float32"],
-    "fp16": ["extract.dtype=float16"],
-    "fp16_zstd": ["extract.dtype=float16", "extract.codec=zstd"],
-    "fp16_br7_blosc": ["extract.dtype=float16", "extract.keepbits=7", "extract.codec=blosc"],
-    "fp16_br5_blosc": ["extract.dtype=float16", "extract.keepbits=5", "extract.codec=blosc"],
+FP16 = StorageFormat(dtype="float16")
+FORMATS: dict[str, tuple[StorageFormat, list[str]]] = {  # name: format, other extract overrides; fp32 is the reference
+    "fp32": (StorageFormat(dtype="float32"), []),
+    "fp16": (FP16, []),
+    "fp16_zstd": (StorageFormat(dtype="float16", codec="zstd"), []),
+    "fp16_br7_blosc": (StorageFormat(dtype="float16", keepbits=7, codec="blosc"), []),
+    "fp16_br5_blosc": (StorageFormat(dtype="float16", keepbits=5, codec="blosc"), []),
     # the bench teacher (vit_cpu_s) is 96 wide: a fixed orthogonal projection to half of it
-    "fp16_proj48": ["extract.dtype=float16", "extract.projection=orthogonal", "extract.projection_dim=48"],
+    "fp16_proj48": (FP16, ["extract.projection=orthogonal", "extract.projection_dim=48"]),
 }
+
+
+def format_overrides(name: str) -> list[str]:
+    fmt, extra = FORMATS[name]
+    return [*fmt.overrides(), *extra]
 
 
 def extraction_rows(cfg, data: str, teacher_dir: str, work: Path) -> tuple[list[dict], dict]:
     """End-to-end extraction against the teacher's forward alone on pre-decoded clips,
     and each storage format's bytes and error against fp32."""
     stores, summaries = {}, {}
-    for name, overrides in FORMATS.items():
+    for name in FORMATS:
         stores[name] = str(work / f"store-{name}")
-        summaries[name] = extract_targets(bench_config(*overrides), data=data, teacher=teacher_dir, store=stores[name], progress=False)
+        summaries[name] = extract_targets(with_overrides(cfg, *format_overrides(name)), data=data, teacher=teacher_dir, store=stores[name], progress=False)
     samples = summaries["fp16"]["samples"]
     torch.set_num_threads(cfg.extract.actor_torch_threads)  # what one actor gets
     teacher = load_teacher(teacher_dir, cfg)
@@ -205,8 +213,8 @@ def extraction_rows(cfg, data: str, teacher_dir: str, work: Path) -> tuple[list[
     return rows, {"stores": stores, "teacher": teacher}
 
 
-def short_student(data: str, store: str, out: Path, steps: int = 40) -> dict:
-    run_cfg = bench_config(f"student.optim.steps={steps}", "data.num_workers=1")
+def short_student(cfg: Config, data: str, store: str, out: Path, steps: int = 40) -> dict:
+    run_cfg = with_overrides(cfg, f"student.optim.steps={steps}", "data.num_workers=1")
     return run_student(run_cfg, data, store, out, progress=False)
 
 
@@ -214,11 +222,11 @@ def student_rows(cfg, data: str, stores: dict[str, str], teacher, work: Path) ->
     batch = TargetStream(cfg, list_shards(data), batch_size=cfg.student.optim.batch_size, store=stores["fp16"]).batch(0)
     torch.set_num_threads(os.cpu_count() or 1)
     rows = student_step_speedup(cfg, batch, teacher)
-    fp16 = short_student(data, stores["fp16"], work / "student-fp16")
+    fp16 = short_student(cfg, data, stores["fp16"], work / "student-fp16")
     rows.append(row("data_wait_fraction", fp16["data_wait_fraction"], "fraction", 0.10,
                           "time waiting on the loader / step time, 40 student steps, 1 loader worker"))
     for name in (n for n in stores if "br" in n or "proj" in n):
-        lossy = short_student(data, stores[name], work / f"student-{name}")
+        lossy = short_student(cfg, data, stores[name], work / f"student-{name}")
         what = "targets projected 96 -> 48 wide (their own task)" if "proj" in name else "same targets, rounded"
         rows.append(row(f"student_loss_{name}_vs_fp16", lossy["final_loss"], "loss", fp16["final_loss"],
                               f"final loss (mean of last 10 of 40 steps), same student, seed and batches; {what}"))
@@ -243,12 +251,12 @@ def held_out_mask_loss(cfg: Config, data: str, store: str, run_dir: Path, batche
     return float(np.mean(losses))
 
 
-def mask_freshness_rows(data: str, store: str, work: Path, steps: int = 200, eval_batches: int = 8) -> list[dict]:
+def mask_freshness_rows(cfg: Config, data: str, store: str, work: Path, steps: int = 200, eval_batches: int = 8) -> list[dict]:
     """Stage 2 with masks drawn fresh every epoch vs epoch 0's masks every epoch: same store,
     seed and sample order; scored on masks neither run trained on."""
     losses = {}
     for name, fresh in (("fresh", True), ("fixed", False)):
-        run_cfg = bench_config(f"student.optim.steps={steps}", "data.num_workers=1", f"masking.fresh_per_epoch={str(fresh).lower()}")
+        run_cfg = with_overrides(cfg, f"student.optim.steps={steps}", "data.num_workers=1", f"masking.fresh_per_epoch={str(fresh).lower()}")
         run_student(run_cfg, data, store, work / f"masks-{name}", progress=False)
         losses[name] = held_out_mask_loss(run_cfg, data, store, work / f"masks-{name}", eval_batches)
     return [
@@ -258,7 +266,7 @@ def mask_freshness_rows(data: str, store: str, work: Path, steps: int = 200, eva
     ]
 
 
-def write_report(rows: list[dict], out: Path, wall_s: float) -> None:
+def write_report(rows: list[dict], out: Path, wall_s: float, config: str, overrides: list[str]) -> None:
     commit = git_commit()  # before writing: the report files themselves would mark the tree dirty
     (out / "benchmarks.json").write_text(json.dumps(rows, indent=1) + "\n")
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.processor())
@@ -269,7 +277,7 @@ def write_report(rows: list[dict], out: Path, wall_s: float) -> None:
         f"{datetime.now(timezone.utc).date()}, commit `{commit}`.",
         f"Machine: {os.cpu_count()} cores ({cpu}), {torch.__version__}, "
         f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}.",
-        f"Config: `{CONFIG}` with `{' '.join(OVERRIDES)}` (512 tokens per clip).",
+        f"Config: `{config}` with `{' '.join([*OVERRIDES, *overrides])}`.",
         "Each figure is a ratio of two measurements taken side by side in that run.",
         "",
         "| name | value | unit | bound | ratio | what |",
@@ -298,7 +306,7 @@ def storage_recommendation(rows: list[dict]) -> str:
         return f"No lossy format kept targets and student loss within 1% of fp16 in this run: keep fp16 ({fp16:.3f} of fp32's bytes)."
     ratio, name = min(fits)
     return (
-        f"Recommended: `{name}` ({' '.join(FORMATS[name])}): {ratio:.3f} of fp32's bytes ({ratio / fp16:.2f} of fp16's), "
+        f"Recommended: `{name}` ({' '.join(format_overrides(name))}): {ratio:.3f} of fp32's bytes ({ratio / fp16:.2f} of fp16's), "
         f"target error {by_name['target_error_' + name]['value']:.4f}, student loss "
         f"{by_name['student_loss_' + name + '_vs_fp16']['ratio']:.4f} x fp16's after 40 steps. "
         "It is the smallest format here whose targets stay within 1% of fp32 and whose student loss stays within 1% of "

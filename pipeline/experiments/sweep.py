@@ -1,6 +1,6 @@
 """Many students, one target store: a sweep file lists variants (config overrides) of one base config.
 
-Each variant trains into <out>/<variant>/ exactly as `make student` would (pipeline.runs), one
+Each variant trains into <out>/<variant>/ exactly as `make student` would (pipeline.experiments.runs), one
 after another on this machine or as Ray tasks (one GPU each where there are GPUs). The
 store is only read, so any number of students may share it. A variant whose run folder
 already holds a finished run is not trained again: rerunning a sweep resumes it.
@@ -20,8 +20,8 @@ from typing import Literal
 import torch
 import yaml
 
-from pipeline.runs import run_student
-from salt.config import Config, ConfigError, from_dict, load_config, to_dict
+from pipeline.experiments.runs import run_student
+from salt.config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -42,11 +42,13 @@ class SweepConfig:
     tasks: list[str] = field(default_factory=list)  # probe tasks; empty: every task in labels.json
 
 
-def load_sweep(path: str | Path) -> SweepConfig:
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
     path = Path(path)
     raw = yaml.safe_load(path.read_text()) or {}
     if "variants" not in raw:
         raise ConfigError(f"{path} is not a sweep file: it has no 'variants' list (see jobs/configs/sweep-demo.yaml)")
+    raw = to_dict(SweepConfig(base="", variants=[])) | raw  # an override may set a key the file leaves out
+    apply_overrides(raw, overrides, "sweep")
     sweep = from_dict(SweepConfig, raw, "sweep")
     names = [v.name for v in sweep.variants]
     for name in names:
@@ -124,7 +126,7 @@ def _run_on_ray(jobs: dict[str, tuple]) -> dict[str, dict]:
 def _probe(sweep: SweepConfig, configs: dict[str, Config], data: str, out: Path, progress: bool) -> dict:
     """variant -> task -> probe result of its final checkpoint; every checkpoint of the sweep
     (finals and snapshots) goes into the loss-vs-accuracy report in the sweep folder."""
-    from pipeline.selection import final_points, select_runs
+    from pipeline.experiments.selection import final_points, select_runs
 
     runs = {name: str(out / name) for name in configs}
     first = next(iter(configs.values()))

@@ -9,7 +9,7 @@ its targets through the Ray job and trains a student of one size on them:
 - `untrained`: a randomly initialised teacher (what stage 2 gets from no stage 1);
 - `labels-<steps>`: the teacher-quality ladder, one encoder trained with the labels of
   the train split and saved at a few step counts, weak to strong
-  (`pipeline.controls`). The top rung is the transfer control: a teacher known to
+  (`pipeline.experiments.controls`). The top rung is the transfer control: a teacher known to
   carry the tasks, so its student measures stage 2 on its own.
 
 Then every teacher, every student, snapshots of the V-Pixel and top-rung students and
@@ -35,13 +35,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.controls import save_untrained_teacher, train_label_teachers
+from pipeline.experiments.controls import save_untrained_teacher, train_label_teachers
 from pipeline.digits import write_moving_digits
 from pipeline.cluster import init_ray
 from pipeline.extract import extract_targets
-from pipeline.probe import probe_encoders
-from pipeline.runs import run_student, run_teacher
-from pipeline.selection import checkpoint_points, loss_vs_accuracy
+from pipeline.experiments.probe import probe_encoders
+from pipeline.experiments.runs import run_student, run_teacher
+from pipeline.experiments.selection import checkpoint_points, loss_vs_accuracy
 from salt.config import Config, from_dict, load_config, to_dict
 from salt.plots import r_squared
 from salt.runinfo import write_run_info

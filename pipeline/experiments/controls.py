@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline.labelled import load_labelled
-from pipeline.probe import probe_data_config
+from pipeline.experiments.probe import probe_data_config
 from salt.checkpoint import has_checkpoint, save_snapshot
 from salt.config import Config, to_dict
 from salt.models.factory import build_encoder
