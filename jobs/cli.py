@@ -8,9 +8,8 @@ import os
 import sys
 from typing import Callable
 
-import torch
-
 from salt.config import Config, ConfigError, TrainConfig, load_config
+from salt.devices import set_torch_threads
 
 
 # The defaults every job shares (the Makefile's CONFIG, DATA and RUN say the same).
@@ -53,11 +52,6 @@ def config_from(args: argparse.Namespace) -> Config:
         return load_config(args.config, args.overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-
-
-def set_torch_threads(train: TrainConfig) -> None:
-    if train.torch_threads:
-        torch.set_num_threads(train.torch_threads)
 
 
 def run_training_job(name: str, train: TrainConfig, run: Callable[[], dict]) -> dict:

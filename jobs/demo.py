@@ -18,22 +18,18 @@ from pathlib import Path
 import ray
 import torch
 
-from jobs.cli import config_from, entry, parser, set_torch_threads
+from jobs.cli import config_from, entry, parser
 from pipeline.experiments.controls import train_label_teachers
 from pipeline.digits import write_moving_digits
 from pipeline.extract import extract_targets
 from pipeline.experiments.probe import probe_encoders, read_probe_features
 from pipeline.experiments.runs import run_student, run_teacher
-from salt.config import Config
+from pipeline.experiments.sweep import train_variant
+from salt.config import to_dict
+from salt.devices import set_torch_threads
 
 # The transfer control's teacher: a vit_cpu_xs trained 600 steps with the labels (motion ~0.8 on the probe).
 CONTROL_SIZE, CONTROL_STEPS = "vit_cpu_xs", 600
-
-
-def student_process(cfg: Config, data: str, store: str, out: str) -> dict:
-    """A student in a process of its own (spawned: a fresh interpreter, one torch thread)."""
-    set_torch_threads(cfg.student)
-    return run_student(cfg, data, store, out, progress=False)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -65,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     # The two students train side by side, one core each (each stage runs at one torch thread).
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         t0 = time.perf_counter()
-        control_run = pool.submit(student_process, cfg, args.data, str(control / "targets"), str(control / "student"))
+        control_run = pool.submit(train_variant, to_dict(cfg), args.data, str(control / "targets"), str(control / "student"), False)
         set_torch_threads(cfg.student)
         s = run_student(cfg, args.data, str(run / "targets"), run / "student", progress=progress)
         cs = control_run.result()

@@ -43,7 +43,7 @@ from salt.runinfo import git_commit, package_versions, run_info_files
 from salt.models.factory import config_grid
 from salt.models.teachers import FrozenTeacher, load_teacher
 from salt.storage import StorageFormat
-from salt.devices import autocast
+from salt.devices import autocast, default_device
 
 
 def decode_shard(row: dict, *, data_cfg: dict, views: int) -> Iterator[dict]:
@@ -89,7 +89,7 @@ class TeacherForward:
     def __init__(self, teacher: str, cfg: dict, torch_threads: int):
         torch.set_num_threads(torch_threads)
         self.cfg = from_dict(Config, cfg)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device()
         self.teacher = load_teacher(teacher, self.cfg, self.device)
 
     def __call__(self, batch: dict) -> dict:

@@ -48,6 +48,8 @@ MANIFEST_SCHEMA = pa.schema(
 )
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("view", pa.int32()), ("shard", pa.string()), ("reason", pa.string())])
 PROJECTION = "projection.safetensors"
+
+
 class StoreMismatchError(ValueError):
     pass
 

@@ -21,6 +21,7 @@ from salt.plots import plot_loss_curves
 from salt.probe import effective_rank, encode_features, train_probe_grid, whitening
 from salt.runinfo import write_run_info
 from salt.checkpoint import has_checkpoint, load_module_weights, read_meta
+from salt.devices import default_device
 from salt.models.factory import build_encoder
 
 RANDOM = "random:"
@@ -98,7 +99,7 @@ def probe_encoder(
 ) -> dict[str, dict]:
     """Probes one encoder on already decoded clips, every task; writes out_dir (see `write_probe`).
     device None: the GPU where there is one."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     encoder, description = load_encoder(spec, cfg, device=device)
     t0 = time.perf_counter()
     train_x = encode_features(encoder, loaded.train.clips, batch_size=cfg.probe.batch_size)  # [N, tokens, D]

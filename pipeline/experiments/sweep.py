@@ -22,6 +22,7 @@ import yaml
 
 from pipeline.experiments.runs import run_student
 from salt.config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict
+from salt.devices import set_torch_threads
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -76,8 +77,7 @@ def variant_configs(sweep: SweepConfig) -> dict[str, Config]:
 def train_variant(cfg_dict: dict, data: str, store: str, run_dir: str, progress: bool) -> dict:
     """One student; takes a plain dict so it can travel to a Ray worker."""
     cfg = from_dict(Config, cfg_dict)
-    if cfg.student.torch_threads:
-        torch.set_num_threads(cfg.student.torch_threads)
+    set_torch_threads(cfg.student)
     return run_student(cfg, data, store, run_dir, progress=progress)  # a finished run reports its summary.json
 
 
