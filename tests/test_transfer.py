@@ -29,9 +29,13 @@ def transfer_digits(tmp_path_factory) -> str:
 
 
 def test_student_of_a_label_teacher_keeps_half_its_margin(transfer_digits, ray_local, tmp_path):
-    """The slowest test of the suite (~5 min): the control needs the demo's data and 800 student
-    steps; measured with this setting: teacher 0.836, student 0.754, floor 0.395 (81% kept)."""
-    cfg = load_config(TINY, ["student.optim.steps=800"])
+    """The slowest test of the suite (~5 min): the demo's data, 800 student steps, and a student
+    of the teacher's own size (`vit_cpu_xs`). Measured on this setting (probe seed 0; floor
+    0.234, teacher 0.824): student seeds 0-3 read 0.602, 0.758, 0.797, 0.699 (62-95% kept).
+    A `vit_cpu_s` student (the demo's) is a lottery here: 0.520 (34% kept) with seed 0 and
+    0.715 (76%) with seed 1, and its floor reads 0.31-0.57 across probe seeds (README, "The
+    transfer control")."""
+    cfg = load_config(TINY, ["student.optim.steps=800", "model.student=vit_cpu_xs"])
     folders = train_label_teachers(cfg, transfer_digits, tmp_path / "labels", size="vit_cpu_xs", steps=[300, 600],
                                    progress=False)
     teacher = folders[600]
