@@ -2,6 +2,8 @@
 
 Keys are the fields of salt.flops.PlanInputs (defaults: the paper's setting), e.g.
 `student=vit_h views_per_clip=4 storage.keepbits=5 storage.codec=blosc gpu_flops_per_s=250e12`.
+The decode rate is this machine's measured one (`decode_clips_per_s_per_core` in --bench, which
+`make bench` writes) unless a key=value sets it.
 """
 
 from __future__ import annotations
@@ -9,10 +11,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from jobs.cli import entry, parser
 from salt.config import ConfigError, load_config
-from salt.flops import Plan, inputs_from_config, inputs_from_overrides, plan, table10
+from salt.flops import Plan, PlanInputs, inputs_from_config, inputs_from_overrides, plan, table10
+
+DECODE_ROW = "decode_clips_per_s_per_core"
+
+
+def measured_decode_rate(bench: str, default: float) -> float:
+    """make bench's decode rate from its benchmarks.json; `default` where there is none."""
+    path = Path(bench)
+    if not path.exists():
+        return default
+    try:
+        rows = json.loads(path.read_text())
+        if not isinstance(rows, list):
+            raise TypeError(f"a {type(rows).__name__}, not a list of rows")
+        by_name = {r["name"]: r for r in rows}
+        return float(by_name[DECODE_ROW]["value"]) if DECODE_ROW in by_name else default
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{bench}: not a benchmarks.json written by make bench ({e})") from None
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -23,6 +43,7 @@ def main(argv: list[str] | None = None) -> str:
     })
     p.add_argument("--preset", choices=["table10"], help="the paper's table 10 SALT rows instead of one plan")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--bench", default="benchmarks.json", help="make bench's results: the measured decode rate")
     args = p.parse_args(argv)
     if args.preset and (args.overrides or args.config):
         p.error("--preset fixes its inputs; it takes no --config or key=value overrides")
@@ -31,7 +52,9 @@ def main(argv: list[str] | None = None) -> str:
             rows = table10()
             text = json.dumps(rows, indent=1) if args.json else format_table10(rows)
         else:
-            base = inputs_from_config(load_config(args.config)) if args.config else None
+            base = inputs_from_config(load_config(args.config)) if args.config else PlanInputs()
+            base = dataclasses.replace(base, decode_clips_per_s_per_core=measured_decode_rate(
+                args.bench, base.decode_clips_per_s_per_core))
             result = plan(inputs_from_overrides(args.overrides, base))
             text = json.dumps(dataclasses.asdict(result), indent=1) if args.json else format_plan(result)
     except ConfigError as e:
@@ -65,6 +88,14 @@ def format_plan(pl: Plan) -> str:
         f"target store  {pl.store_bytes / 1e12:.2f} TB ({pl.bytes_per_view / 1e6:.2f} MB per view, {i.storage.name()})",
         f"break-even    caching costs fewer FLOPs from student run {pl.break_even_runs} "
         f"(GPU-hours: from run {pl.break_even_runs_gpu_hours})",
+        "",
+        f"feeding one GPU: decode {i.decode_clips_per_s_per_core:.3g} clips/s per core; node of {i.gpus_per_node} GPUs, "
+        f"{i.cpu_cores_per_node} cores, {i.storage_mb_per_s_per_node:,.0f} MB/s storage",
+        f"{'':28} {'clips/s/GPU':>11} {'decode cores/GPU':>16} {'targets MB/s/GPU':>16} {'MB/s/node':>10} "
+        f"{'binds':>8} {'GPU util':>8}",
+        *(f"{f.stage:28} {f.clips_per_s_per_gpu:11,.1f} {f.decode_cores_per_gpu:16,.1f} "
+          f"{f.target_mb_per_s_per_gpu:16,.0f} {f.target_mb_per_s_per_node:10,.0f} {f.binding:>8} "
+          f"{f.gpu_utilisation:8.0%}" for f in pl.feeds),
     ]
     return "\n".join(lines)
 

@@ -37,7 +37,19 @@ Where this accounting differs
   ViT-G, one 0.022B predictor) and prints totals to two digits; exact counts land within
   3% of them (ViT-g: 1.85e21 against table 10's 1.8, tables 1 and 11 print 1.9).
 - GPU-hours are FLOPs divided by an effective throughput: no data loading, decoding,
-  target reads, communication, checkpointing or evaluation.
+  target reads, communication, checkpointing or evaluation. The feed rows say whether the
+  input side can keep up (below).
+
+What feeds a GPU
+----------------
+At the stated throughput a GPU consumes `gpu_flops_per_s / FLOPs per sample` clips per
+second. Every stage decodes one clip per sample (stage 1, extraction, both stage-2 modes),
+which takes `clips/s / decode_clips_per_s_per_core` cores; stage 2 with cached targets also
+reads one stored view per sample, and extraction writes one. A node offers
+`cpu_cores_per_node / gpus_per_node` cores and `storage_mb_per_s_per_node / gpus_per_node`
+MB/s to each GPU; the GPU runs at the fraction of its rate the scarcest of the three allows,
+and that resource binds. The video bytes the decoders read, augmentation beyond the crop
+and host-to-device copies are not counted.
 - Store bytes are the raw array bytes (TB = 1e12 B); Zarr metadata and Arrow manifests
   are ignored. For bit-rounded stores the compression ratio is an estimate.
 """
@@ -79,6 +91,8 @@ _POSITIVE_INTS = (
     "predictor_depth",
     "predictor_heads",
     "student_runs",
+    "gpus_per_node",
+    "cpu_cores_per_node",
 )
 
 
@@ -107,6 +121,14 @@ class PlanInputs:
     gpu_flops_per_s: float = DEFAULT_GPU_FLOPS_PER_S  # effective training FLOP/s per GPU
     extract_flops_per_s: float | None = None  # effective extraction FLOP/s per GPU; None: gpu_flops_per_s
     student_runs: int = 1  # student runs served by one teacher (and one store)
+    # The input side (see "What feeds a GPU"). decode: clips/s one core decodes and crops
+    # (make bench's decode_clips_per_s_per_core: 640x360 H.264; make plan reads benchmarks.json).
+    # The node is an assumption to replace with yours: 8 GPUs, 128 cores, and a storage share of
+    # 10 GB/s per node.
+    decode_clips_per_s_per_core: float = 6.12
+    gpus_per_node: int = 8
+    cpu_cores_per_node: int = 128
+    storage_mb_per_s_per_node: float = 10_000.0
 
     def __post_init__(self) -> None:
         # Checked here so that a bad plan fails the same way from Python and from the CLI.
@@ -114,7 +136,8 @@ class PlanInputs:
             _require(getattr(self, name) >= 1, name, "must be >= 1")
         _require(self.teacher_steps >= 0, "teacher_steps", "must be >= 0")
         _require(0 < self.context_fraction <= 1, "context_fraction", "must be in (0, 1]")
-        for name in ("gpu_flops_per_s", "extract_flops_per_s", "compression_ratio"):
+        for name in ("gpu_flops_per_s", "extract_flops_per_s", "compression_ratio", "decode_clips_per_s_per_core",
+                     "storage_mb_per_s_per_node"):
             value = getattr(self, name)
             _require(value is None or value > 0, name, "must be > 0")
         for name in ("teacher", "student"):
@@ -145,6 +168,19 @@ class Cost:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Feed:
+    """What one GPU of a stage consumes at full rate, and what the node lets it run at."""
+
+    stage: str
+    clips_per_s_per_gpu: float  # at gpu_flops_per_s (extract_flops_per_s for extraction)
+    decode_cores_per_gpu: float
+    target_mb_per_s_per_gpu: float  # stored views read (stage 2 cached) or written (extraction)
+    target_mb_per_s_per_node: float
+    binding: str  # "gpu", "decode" or "storage"
+    gpu_utilisation: float  # the fraction of clips_per_s_per_gpu the node sustains
+
+
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     inputs: PlanInputs
     tokens_per_view: int
@@ -159,6 +195,7 @@ class Plan:
     store_bytes: float
     break_even_runs: int  # fewest student runs for which caching costs fewer FLOPs
     break_even_runs_gpu_hours: int  # the same in GPU-hours (differs if extraction runs at another rate)
+    feeds: list[Feed]  # stage 1, extraction, stage 2 cached, stage 2 online
 
 
 def tokens_per_view(inp: PlanInputs) -> int:
@@ -228,6 +265,22 @@ def break_even_runs(once: Fraction, saving_per_run: Fraction) -> int:
     return math.floor(once / saving_per_run) + 1
 
 
+def feed(inp: PlanInputs, stage: str, flops_per_sample: float, rate: float, target_bytes_per_sample: float) -> Feed:
+    clips = rate / flops_per_sample
+    decode_cores = clips / inp.decode_clips_per_s_per_core
+    target_mb = clips * target_bytes_per_sample / 1e6
+    allowed = {  # the fraction of the GPU's rate each resource sustains
+        "gpu": 1.0,
+        "decode": (inp.cpu_cores_per_node / inp.gpus_per_node) / decode_cores,
+        "storage": (inp.storage_mb_per_s_per_node / inp.gpus_per_node) / target_mb if target_mb else math.inf,
+    }
+    binding = min(allowed, key=allowed.get)  # ties go to the GPU (listed first)
+    return Feed(
+        stage=stage, clips_per_s_per_gpu=clips, decode_cores_per_gpu=decode_cores, target_mb_per_s_per_gpu=target_mb,
+        target_mb_per_s_per_node=target_mb * inp.gpus_per_node, binding=binding, gpu_utilisation=allowed[binding],
+    )
+
+
 def plan(inp: PlanInputs) -> Plan:
     p = count_params(inp)
     t = tokens_per_view(inp)
@@ -237,8 +290,10 @@ def plan(inp: PlanInputs) -> Plan:
     teacher_fwd = forward_flops(p.teacher, t)
     extraction = teacher_fwd * inp.num_clips * inp.views_per_clip
     teacher_fwd_per_run = teacher_fwd * samples_per_run
-    stage1 = stage1_flops_per_sample(inp, p) * inp.teacher_steps * inp.batch_size
-    cached = student_flops_per_sample(inp, p) * samples_per_run
+    per_sample_stage1 = stage1_flops_per_sample(inp, p)
+    stage1 = per_sample_stage1 * inp.teacher_steps * inp.batch_size
+    per_sample_cached = student_flops_per_sample(inp, p)
+    cached = per_sample_cached * samples_per_run
     online = cached + teacher_fwd_per_run
     bytes_per_view = t * vit_size(inp.teacher).width * inp.storage.value_bytes(inp.compression_ratio)
 
@@ -246,6 +301,12 @@ def plan(inp: PlanInputs) -> Plan:
         return Cost(flops=float(flops), gpu_hours=gpu_hours(flops, rate))
 
     runs = inp.student_runs
+    feeds = [
+        feed(inp, "stage 1: teacher", per_sample_stage1, train_rate, 0.0),
+        feed(inp, "extraction", teacher_fwd, extract_rate, bytes_per_view),
+        feed(inp, "stage 2: cached targets", per_sample_cached, train_rate, bytes_per_view),
+        feed(inp, "stage 2: online teacher", per_sample_cached + teacher_fwd, train_rate, 0.0),
+    ]
     return Plan(
         inputs=inp,
         tokens_per_view=t,
@@ -265,6 +326,7 @@ def plan(inp: PlanInputs) -> Plan:
         break_even_runs_gpu_hours=break_even_runs(
             Fraction(extraction) / Fraction(extract_rate), Fraction(teacher_fwd_per_run) / Fraction(train_rate)
         ),
+        feeds=feeds,
     )
 
 

@@ -93,3 +93,48 @@ def test_cli_human_output(capsys):
     printed = plan_job.main(["views_per_clip=2"])
     assert "23.12 TB" in printed and "break-even" in printed
     assert json.loads(plan_job.main(["--json"]))["store_bytes"] == pytest.approx(11.56e12, rel=0.01)
+
+
+def test_feed_arithmetic_names_what_binds():
+    """A hand-computed case: the GPU rate is set so that a GPU eats 160 clips/s of stage 2; at 5
+    clips/s per core that is 32 decode cores against the 16 a node of 8 GPUs and 128 cores
+    offers (50%); a ViT-L fp16 view is 1568 x 1024 x 2 B, so 160 clips/s read 513.8 MB/s."""
+    paper = plan(PlanInputs())
+    per_sample = paper.student_run_cached.flops / (paper.inputs.student_steps * paper.inputs.batch_size)
+    node = dict(gpu_flops_per_s=160 * per_sample, decode_clips_per_s_per_core=5.0, gpus_per_node=8, cpu_cores_per_node=128)
+    view_mb = 1568 * 1024 * 2 / 1e6
+
+    feeds = {f.stage: f for f in plan(PlanInputs(**node, storage_mb_per_s_per_node=8 * 1000.0)).feeds}
+    cached = feeds["stage 2: cached targets"]
+    assert cached.clips_per_s_per_gpu == pytest.approx(160)
+    assert cached.decode_cores_per_gpu == pytest.approx(32)
+    assert cached.target_mb_per_s_per_gpu == pytest.approx(160 * view_mb)
+    assert cached.target_mb_per_s_per_node == pytest.approx(8 * 160 * view_mb)
+    assert (cached.binding, cached.gpu_utilisation) == ("decode", pytest.approx(0.5))
+    # the online teacher adds a forward per sample: fewer clips per GPU, no target reads
+    online = feeds["stage 2: online teacher"]
+    assert online.clips_per_s_per_gpu < 160 and online.target_mb_per_s_per_gpu == 0
+
+    # 2,000 MB/s per node is 250 per GPU: storage now binds before decode
+    starved = {f.stage: f for f in plan(PlanInputs(**node, storage_mb_per_s_per_node=2000.0)).feeds}
+    cached = starved["stage 2: cached targets"]
+    assert (cached.binding, cached.gpu_utilisation) == ("storage", pytest.approx(250 / (160 * view_mb)))
+
+    # enough of both: the GPU binds at full rate
+    fed = plan(PlanInputs(**{**node, "cpu_cores_per_node": 512}, storage_mb_per_s_per_node=1e6)).feeds
+    assert {(f.binding, f.gpu_utilisation) for f in fed} == {("gpu", 1.0)}
+
+
+def test_plan_reads_the_measured_decode_rate(tmp_path, capsys):
+    bench = tmp_path / "benchmarks.json"
+    bench.write_text(json.dumps([{"name": "decode_clips_per_s_per_core", "value": 2.5}]))
+    out = json.loads(plan_job.main(["--json", "--bench", str(bench)]))
+    assert out["inputs"]["decode_clips_per_s_per_core"] == 2.5
+    cached = next(f for f in out["feeds"] if f["stage"] == "stage 2: cached targets")
+    assert cached["decode_cores_per_gpu"] == pytest.approx(cached["clips_per_s_per_gpu"] / 2.5)
+    # an override wins over the file; a file that is not make bench's is named in the error
+    assert json.loads(plan_job.main(["--json", "--bench", str(bench), "decode_clips_per_s_per_core=4"]))[
+        "inputs"]["decode_clips_per_s_per_core"] == 4
+    bench.write_text("{}")
+    with pytest.raises(ValueError, match="benchmarks.json"):
+        plan_job.main(["--bench", str(bench)])
