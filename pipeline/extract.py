@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save
 
 from pipeline import fs
-from pipeline.cluster import init_ray
+from pipeline.cluster import actor_gpus, init_ray
 from pipeline.shards import iter_shard, list_shards, shard_name
 from pipeline.targets import (
     PROJECTION,
@@ -105,7 +105,28 @@ class TeacherForward:
         return out
 
 
-def provenance(cfg: Config, *, data: str, split: str, teacher: FrozenTeacher, shards: list[str]) -> dict:
+def fingerprint_shards(shards: list[str], recorded: list[dict]) -> list[dict]:
+    """name, path, bytes and sha256 of each source shard. A shard the store already recorded
+    with the same name, path and size keeps its recorded sha256: a resume does not re-read
+    every source shard (stage 2 still checks each clip's hash against what the teacher saw)."""
+    known = {(r["name"], r["path"], r["bytes"]): r["sha256"] for r in recorded}
+    out = []
+    for s in shards:
+        entry = {"name": shard_name(s), "path": s, "bytes": fs.size(s)}
+        digest = known.get((entry["name"], entry["path"], entry["bytes"]))
+        out.append(entry | {"sha256": digest or fs.sha256(s)})
+    return out
+
+
+def recorded_shards(store: str) -> list[dict]:
+    """The source shards an existing store.json recorded; none for a new store."""
+    path = fs.join(store, "store.json")
+    return json.loads(fs.read_bytes(path))["source"]["shards"] if fs.exists(path) else []
+
+
+def provenance(
+    cfg: Config, *, data: str, split: str, teacher: FrozenTeacher, shards: list[str], recorded: list[dict] = ()
+) -> dict:
     grid = config_grid(cfg)
     compat = compatibility(cfg)
     compat["geometry"] |= {"grid": list(grid), "num_tokens": int(np.prod(grid))}
@@ -120,7 +141,7 @@ def provenance(cfg: Config, *, data: str, split: str, teacher: FrozenTeacher, sh
         "source": {
             "data": str(data),
             "split": split,
-            "shards": [{"name": shard_name(s), "path": s, "bytes": fs.size(s), "sha256": fs.sha256(s)} for s in shards],
+            "shards": fingerprint_shards(shards, list(recorded)),
         },
     }
 
@@ -171,7 +192,8 @@ def extract_targets(
     store_path = str(store).rstrip("/")
     shards = list_shards(data, split)
     frozen = load_teacher(teacher, cfg)  # a bad spec, folder or grid fails here, before any work
-    store_id = open_store(store_path, provenance(cfg, data=data, split=split, teacher=frozen, shards=shards))
+    meta = provenance(cfg, data=data, split=split, teacher=frozen, shards=shards, recorded=recorded_shards(store_path))
+    store_id = open_store(store_path, meta)
     if frozen.projection is not None:  # the matrix itself, so a reader needs neither the seed rule nor the teacher
         fs.write_bytes(fs.join(store_path, PROJECTION), save({"projection": frozen.projection.contiguous()}))
     del frozen
@@ -185,7 +207,6 @@ def extract_targets(
         init_ray()
         ray_address = ray.get_runtime_context().gcs_address
         DataContext.get_current().enable_progress_bars = progress
-        cuda = torch.cuda.is_available()
         ds = ray.data.from_items([{"path": s, "shard": shard_name(s)} for s in todo], override_num_blocks=len(todo))
         ds = ds.flat_map(
             decode_shard,
@@ -199,7 +220,7 @@ def extract_targets(
             batch_size=cfg.extract.batch_size,
             batch_format="numpy",
             num_cpus=cfg.extract.actor_num_cpus,
-            num_gpus=1 if cuda else 0,
+            num_gpus=actor_gpus(),
         )
         forwarded, write_s = _commit_as_complete(ds, store_path, cfg.extract.storage, store_id)
     manifest, errors = rebuild_tables(store_path)

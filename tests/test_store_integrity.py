@@ -48,6 +48,31 @@ def test_sigkill_of_the_driver_then_rerun_gives_the_clean_store(six_shards, teac
     assert_same_store(clean_six, str(store))
 
 
+def test_source_shards_are_fingerprinted_once(six_shards, teacher_dir, ray_local, tmp_path, monkeypatch):
+    """A resume trusts the sha256 the store recorded for a shard of the same name, path and size
+    instead of re-reading every source shard; a shard whose size changed is hashed again and the
+    store refuses the job."""
+    from pipeline import fs
+    from pipeline.targets import StoreMismatchError
+
+    data, store = tmp_path / "data", str(tmp_path / "store")
+    shutil.copytree(six_shards, data)  # a copy: the test changes a shard
+    cfg = tiny_config(*FP32)
+    assert extract_targets(cfg, data=str(data), teacher=teacher_dir, store=store, progress=False)["shards_extracted_now"] == 6
+    hashed: list[str] = []
+    real = fs.sha256
+    monkeypatch.setattr(fs, "sha256", lambda location: hashed.append(location) or real(location))
+    shards = list_shards(str(data), "train")
+    again = extract_targets(cfg, data=str(data), teacher=teacher_dir, store=store, progress=False)
+    assert again["shards_extracted_now"] == 0 and not set(hashed) & set(shards)
+
+    with open(shards[2], "ab") as f:
+        f.write(b"\0" * 512)  # a tar padded by one block: same samples, other bytes
+    with pytest.raises(StoreMismatchError, match=r"source\.shards"):
+        extract_targets(cfg, data=str(data), teacher=teacher_dir, store=store, progress=False)
+    assert hashed == [shards[2]]
+
+
 def test_extraction_through_a_separately_started_ray_cluster(six_shards, teacher_dir, clean_six, tmp_path):
     ray_bin = str(Path(sys.executable).parent / "ray")
     with socket.socket() as s:
@@ -149,3 +174,15 @@ def test_truncated_manifest_missing_shard_and_foreign_store_json(store_fp32, tmp
     assert any(p.startswith("shard shard-000000: manifest.parquet unreadable") for p in problems)
     assert "shard shard-000001: missing (not committed)" in problems
     assert verify_store(store_fp32) == []
+
+
+def test_teacher_actors_ask_the_cluster_for_gpus(ray_local, monkeypatch):
+    """GPUs per actor come from the cluster's resources, not from the driver's CUDA."""
+    import torch
+
+    from pipeline.cluster import actor_gpus
+
+    assert actor_gpus({"CPU": 128.0, "GPU": 8.0}) == 1  # a CPU-only driver of a GPU cluster
+    assert actor_gpus({"CPU": 2.0}) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a driver that sees CUDA ...
+    assert actor_gpus() == 0  # ... of this CPU-only local cluster asks for none
