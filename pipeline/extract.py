@@ -37,7 +37,7 @@ from pipeline.targets import (
     remove_partial_shards,
     store_bytes,
 )
-from pipeline.video import VideoDecodeError, decode, augment, clip_hash, decoder_version
+from pipeline.video import VideoDecodeError, clip_hash, crop, decode, decoder_version, to_model_input
 from salt.config import Config, DataConfig, to_dict, from_dict
 from salt.runinfo import git_commit, package_versions, run_info_files
 from salt.models.factory import config_grid
@@ -47,11 +47,12 @@ from salt.devices import autocast, default_device
 
 
 def decode_shard(row: dict, *, data_cfg: dict, views: int) -> Iterator[dict]:
-    """One source shard -> one row per (key, view): the clip, or the reason it has none."""
+    """One source shard -> one row per (key, view): the clip's crop box as uint8 [T, h, w, 3] (the
+    teacher's actor resizes and normalises it on its device), or the reason it has none."""
     cfg = from_dict(DataConfig, data_cfg)
     samples = list(iter_shard(row["path"]))
     total = len(samples) * views
-    empty = np.zeros((3, cfg.frames, cfg.crop_size, cfg.crop_size), np.float32)
+    empty = np.zeros((cfg.frames, 1, 1, 3), np.uint8)
     for position, sample in enumerate(samples):
         for view in range(views):
             out = {
@@ -71,20 +72,20 @@ def decode_shard(row: dict, *, data_cfg: dict, views: int) -> Iterator[dict]:
                     raise VideoDecodeError("sample has no video member")
                 frames, spec = decode(sample.video, cfg, key=sample.key, view=view)
                 out |= {
-                    "clip": augment(frames, spec, cfg).numpy(),
+                    "frames": np.ascontiguousarray(crop(frames, spec)),
                     "clip_hash": clip_hash(frames),
                     "frame_indices": np.asarray(spec.frame_indices, np.int32),
                     "crop": np.asarray(spec.crop, np.int32),
                     "flip": spec.flip,
                 }
             except VideoDecodeError as e:
-                out |= {"clip": empty, "error": str(e)}
+                out |= {"frames": empty, "error": str(e)}
             yield out
 
 
 class TeacherForward:
-    """Actor: holds the frozen teacher (any adapter, projected if the config says so);
-    clips in, latents (in the storage dtype) out."""
+    """Actor: holds the frozen teacher (any adapter, projected if the config says so); uint8
+    crops in, resized and normalised on the teacher's device, latents (in the storage dtype) out."""
 
     def __init__(self, teacher: str, cfg: dict, torch_threads: int):
         torch.set_num_threads(torch_threads)
@@ -94,13 +95,17 @@ class TeacherForward:
 
     def __call__(self, batch: dict) -> dict:
         ok = batch["error"] == ""
-        clips = torch.from_numpy(np.ascontiguousarray(batch["clip"][ok])).to(self.device)
         width, tokens = self.teacher.width, self.teacher.num_tokens
         latents = np.zeros((len(ok), tokens, width), self.cfg.extract.dtype)
         if ok.any():
+            # crops differ in size (Ray hands them over as an object array then), so one at a time
+            clips = torch.stack([
+                to_model_input(torch.from_numpy(np.asarray(frames)).to(self.device), bool(flip), self.cfg.data)
+                for frames, flip in zip(batch["frames"][ok], batch["flip"][ok])
+            ])
             with torch.no_grad(), autocast(self.device, self.cfg.teacher.bf16):
                 latents[ok] = self.teacher(clips).float().cpu().numpy().astype(self.cfg.extract.dtype)
-        out = {k: v for k, v in batch.items() if k != "clip"}
+        out = {k: v for k, v in batch.items() if k != "frames"}
         out["latents"] = latents
         return out
 

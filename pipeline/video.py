@@ -121,16 +121,28 @@ def decode(video: bytes, cfg: DataConfig, *, key: str, view: int) -> tuple[np.nd
     return frames, spec
 
 
+def crop(frames: np.ndarray, spec: SampleSpec) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> the spec's crop box, still uint8 [T, h, w, 3] (a view, no copy)."""
+    top, left, h, w = spec.crop
+    return frames[:, top : top + h, left : left + w]
+
+
+def to_model_input(cropped: torch.Tensor, flip: bool, cfg: DataConfig) -> torch.Tensor:
+    """uint8 [T, h, w, 3] on any device -> normalised float32 [3, T, S, S]: resize, flip, normalise.
+
+    Extraction runs it on the teacher's device, so clips cross the cluster as uint8."""
+    x = cropped.permute(0, 3, 1, 2).float()  # [T, 3, h, w]
+    x = F.interpolate(x, size=(cfg.crop_size, cfg.crop_size), mode="bilinear", align_corners=False, antialias=True)
+    if flip:
+        x = x.flip(-1)
+    mean = torch.tensor(cfg.mean, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(cfg.std, device=x.device).view(1, 3, 1, 1) * 255
+    return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()  # [3, T, S, S]
+
+
 def augment(frames: np.ndarray, spec: SampleSpec, cfg: DataConfig) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> normalised float32 [3, T, S, S]: crop, resize, flip."""
-    top, left, h, w = spec.crop
-    x = torch.from_numpy(frames[:, top : top + h, left : left + w]).permute(0, 3, 1, 2).float()  # [T, 3, h, w]
-    x = F.interpolate(x, size=(cfg.crop_size, cfg.crop_size), mode="bilinear", align_corners=False, antialias=True)
-    if spec.flip:
-        x = x.flip(-1)
-    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(cfg.std).view(1, 3, 1, 1) * 255
-    return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()  # [3, T, S, S]
+    return to_model_input(torch.from_numpy(crop(frames, spec)), spec.flip, cfg)
 
 
 def load_clip(video: bytes, cfg: DataConfig, *, key: str, view: int) -> tuple[torch.Tensor, str]:

@@ -296,3 +296,25 @@ def test_a_clip_with_a_failed_view_reuses_its_stored_view(digits, teacher_dir, r
             views.setdefault(k, []).append(v)
     assert views["train-000003"] == [0, 0, 0]
     assert all(v == [0, 1, 0] for k, v in views.items() if k != "train-000003") and len(views) == 16
+
+
+def test_extraction_ships_uint8_crops_that_become_the_loaders_clip(digits):
+    """Decode tasks hand the teacher's actors the crop box as uint8 (fewer bytes than the float32
+    clip whenever the box has fewer than 4x the model input's pixels); the actor's resize and
+    normalisation give exactly the clip the stage-2 loader makes from the same video."""
+    from pipeline.extract import decode_shard
+    from pipeline.shards import iter_shard
+    from pipeline.video import load_clip, to_model_input
+    from salt.config import to_dict
+
+    cfg = tiny_config()
+    shard = list_shards(digits)[0]
+    rows = list(decode_shard({"path": shard, "shard": "s"}, data_cfg=to_dict(cfg.data), views=2))
+    videos = {s.key: s.video for s in iter_shard(shard)}
+    assert len(rows) == 2 * len(videos)
+    for r in rows:
+        top, left, h, w = r["crop"]
+        assert r["frames"].dtype == np.uint8 and r["frames"].shape == (cfg.data.frames, h, w, 3)
+        clip, digest = load_clip(videos[r["key"]], cfg.data, key=r["key"], view=r["view"])
+        assert digest == r["clip_hash"]
+        assert torch.equal(to_model_input(torch.from_numpy(r["frames"]), bool(r["flip"]), cfg.data), clip)
