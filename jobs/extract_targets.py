@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__)
     p.add_argument(
         "--teacher", default=None,
-        help="teacher spec: a run folder (default: $(RUN)/teacher), hf-videomae:<folder> or hf-vjepa2:<folder>",
+        help="teacher spec: a run folder (default: $(RUN)/teacher), hf-videomae:<folder> or hf-vjepa2:<folder>; "
+             "a folder may be a URL (s3://..., gs://...), copied once per machine",
     )
     p.add_argument("--store", default=None, help="output store (default: $(RUN)/targets)")
     p.add_argument("--split", default="train")

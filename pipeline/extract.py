@@ -14,6 +14,8 @@ on a rerun, so a killed job resumes where it stopped.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 import uuid
 from datetime import datetime, timezone
@@ -44,6 +46,34 @@ from salt.models.factory import config_grid
 from salt.models.teachers import FrozenTeacher, load_teacher
 from salt.storage import StorageFormat
 from salt.devices import autocast, default_device
+
+
+# where each machine keeps its copy of a teacher that lives at a URL
+TEACHER_CACHE = os.path.join(tempfile.gettempdir(), "salt-teachers")
+
+
+def local_teacher(spec: str) -> str:
+    """The teacher spec with its folder on this machine's disk. A folder at a URL (s3://...,
+    gs://..., also behind an adapter: hf-videomae:s3://...) is copied once per machine into
+    TEACHER_CACHE; the driver and every actor call this on their own node."""
+    spec = str(spec)
+    prefix, sep, rest = spec.partition(":")
+    adapter = prefix + sep if sep and prefix.startswith("hf-") else ""
+    folder = spec[len(adapter):]
+    if "://" not in folder:
+        return spec
+    if not fs.is_remote(folder):  # file://
+        return adapter + fs.resolve(folder)[1]
+    return adapter + fs.local_copy(folder, TEACHER_CACHE)
+
+
+def load_any_teacher(spec: str, cfg: Config, device: torch.device | str = "cpu") -> FrozenTeacher:
+    """load_teacher for a spec whose folder may be a URL; provenance names the URL."""
+    local = local_teacher(spec)
+    teacher = load_teacher(local, cfg, device)
+    if local != str(spec):
+        teacher.source = str(spec)
+    return teacher
 
 
 def decode_shard(row: dict, *, data_cfg: dict, views: int) -> Iterator[dict]:
@@ -91,7 +121,7 @@ class TeacherForward:
         torch.set_num_threads(torch_threads)
         self.cfg = from_dict(Config, cfg)
         self.device = default_device()
-        self.teacher = load_teacher(teacher, self.cfg, self.device)
+        self.teacher = load_any_teacher(teacher, self.cfg, self.device)
 
     def __call__(self, batch: dict) -> dict:
         ok = batch["error"] == ""
@@ -100,7 +130,7 @@ class TeacherForward:
         if ok.any():
             # crops differ in size (Ray hands them over as an object array then), so one at a time
             clips = torch.stack([
-                to_model_input(torch.from_numpy(np.asarray(frames)).to(self.device), bool(flip), self.cfg.data)
+                to_model_input(torch.from_numpy(np.array(frames)).to(self.device), bool(flip), self.cfg.data)
                 for frames, flip in zip(batch["frames"][ok], batch["flip"][ok])
             ])
             with torch.no_grad(), autocast(self.device, self.cfg.teacher.bf16):
@@ -196,7 +226,7 @@ def extract_targets(
     t0 = time.perf_counter()
     store_path = str(store).rstrip("/")
     shards = list_shards(data, split)
-    frozen = load_teacher(teacher, cfg)  # a bad spec, folder or grid fails here, before any work
+    frozen = load_any_teacher(teacher, cfg)  # a bad spec, folder or grid fails here, before any work
     meta = provenance(cfg, data=data, split=split, teacher=frozen, shards=shards, recorded=recorded_shards(store_path))
     store_id = open_store(store_path, meta)
     if frozen.projection is not None:  # the matrix itself, so a reader needs neither the seed rule nor the teacher

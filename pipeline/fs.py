@@ -94,7 +94,15 @@ def move(src: str, dst: str) -> None:
     """A rename on a local disk (atomic); copy-then-delete on object stores."""
     fs, a = resolve(src)
     _, b = resolve(dst)
-    fs.mv(a, b, recursive=True)
+    if isinstance(fs, LocalFileSystem):
+        fs.mv(a, b, recursive=True)
+        return
+    # object stores have no folders: a recursive mv also copies the folder's own (absent) key,
+    # which S3 answers with NoSuchKey, so copy each object, then delete the sources
+    a = a.rstrip("/")
+    for obj in fs.find(a):
+        fs.copy(obj, b.rstrip("/") + obj[len(a):])
+    fs.rm(a, recursive=True)
 
 
 def for_zarr(location: str) -> str:
@@ -113,3 +121,30 @@ def remove(location: str) -> None:
     fs, path = resolve(location)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def is_remote(location: str) -> bool:
+    """A URL whose bytes are not on this machine's disk (s3://, gs://, http(s)://, ...)."""
+    return not isinstance(resolve(location)[0], LocalFileSystem)
+
+
+def local_copy(folder: str, cache_root: str) -> str:
+    """A folder at a URL, copied once into `cache_root` on this machine: every worker of a
+    cluster reads the same URL and gets its own local copy (named by the URL and the files'
+    sizes, written under a temporary name and renamed, so processes sharing a disk agree)."""
+    fs, path = resolve(folder)
+    files = {p[len(path.rstrip("/")) + 1:]: fs.size(p) for p in fs.find(path)}
+    if not files:
+        raise FileNotFoundError(f"{folder}: no files there")
+    key = hashlib.sha256(repr((str(folder), sorted(files.items()))).encode()).hexdigest()[:16]
+    target = os.path.join(cache_root, key)
+    if not os.path.isdir(target):
+        tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        for name in files:
+            os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+            fs.get_file(f"{path.rstrip('/')}/{name}", os.path.join(tmp, name))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process of this machine got there first: its copy is the same
+            remove(tmp)
+    return target

@@ -107,6 +107,8 @@ class FrozenTeacher(nn.Module):
     def weight_files(self) -> list[Path]:
         raise NotImplementedError
 
+    source: str | None = None  # set by whoever loaded the weights from a copy of a URL
+
     def model_config(self) -> dict:
         raise NotImplementedError
 
@@ -117,7 +119,8 @@ class FrozenTeacher(nn.Module):
         return {
             "adapter": self.adapter,
             "model_class": self.model_class,
-            "checkpoint": str(files[0].resolve()) if len(files) == 1 else [str(f.resolve()) for f in files],
+            # where the weights came from: the URL a local copy was made of, else the files
+            "checkpoint": self.source or (str(files[0].resolve()) if len(files) == 1 else [str(f.resolve()) for f in files]),
             "sha256": weights_sha256(files),
             "config_sha256": json_sha256(self.model_config()),
             "width": self.width,
