@@ -57,7 +57,7 @@ def local_teacher(spec: str) -> str:
     gs://..., also behind an adapter: hf-videomae:s3://...) is copied once per machine into
     TEACHER_CACHE; the driver and every actor call this on their own node."""
     spec = str(spec)
-    prefix, sep, rest = spec.partition(":")
+    prefix, sep, _ = spec.partition(":")
     adapter = prefix + sep if sep and prefix.startswith("hf-") else ""
     folder = spec[len(adapter):]
     if "://" not in folder:

@@ -133,7 +133,7 @@ def local_copy(folder: str, cache_root: str) -> str:
     cluster reads the same URL and gets its own local copy (named by the URL and the files'
     sizes, written under a temporary name and renamed, so processes sharing a disk agree)."""
     fs, path = resolve(folder)
-    files = {p[len(path.rstrip("/")) + 1:]: fs.size(p) for p in fs.find(path)}
+    files = {p[len(path.rstrip("/")) + 1:]: info["size"] for p, info in fs.find(path, detail=True).items()}
     if not files:
         raise FileNotFoundError(f"{folder}: no files there")
     key = hashlib.sha256(repr((str(folder), sorted(files.items()))).encode()).hexdigest()[:16]
