@@ -153,10 +153,10 @@ def fingerprint_shards(shards: list[str], recorded: list[dict]) -> list[dict]:
     return out
 
 
-def recorded_shards(store: str) -> list[dict]:
-    """The source shards an existing store.json recorded; none for a new store."""
+def existing_meta(store: str) -> dict | None:
+    """The store.json of a store being resumed; None for a new store."""
     path = fs.join(store, "store.json")
-    return json.loads(fs.read_bytes(path))["source"]["shards"] if fs.exists(path) else []
+    return json.loads(fs.read_bytes(path)) if fs.exists(path) else None
 
 
 def provenance(
@@ -192,14 +192,13 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
-def open_store(store: str, meta: dict) -> str:
-    """Create store.json, or check that an existing store was made by an identical job.
+def open_store(store: str, meta: dict, old: dict | None) -> str:
+    """Create store.json, or check that an existing store (`old`, its store.json) was made by an
+    identical job.
 
     Returns the store's id, which every shard records: a store.json copied from another
     store is then caught by verify and by stage 2."""
-    path = fs.join(store, "store.json")
-    if fs.exists(path):
-        old = json.loads(fs.read_bytes(path))
+    if old is not None:
         ignore = ("created", "git_commit", "packages", "store_id")
         diffs = _differences({k: v for k, v in old.items() if k not in ignore}, {k: v for k, v in meta.items() if k not in ignore})
         if diffs:
@@ -211,7 +210,7 @@ def open_store(store: str, meta: dict) -> str:
     store_id = uuid.uuid4().hex
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta = meta | {"store_id": store_id, "created": created, "git_commit": git_commit()}
-    fs.write_bytes(path, json.dumps(meta, indent=1).encode())
+    fs.write_bytes(fs.join(store, "store.json"), json.dumps(meta, indent=1).encode())
     return store_id
 
 
@@ -227,8 +226,10 @@ def extract_targets(
     store_path = str(store).rstrip("/")
     shards = list_shards(data, split)
     frozen = load_any_teacher(teacher, cfg)  # a bad spec, folder or grid fails here, before any work
-    meta = provenance(cfg, data=data, split=split, teacher=frozen, shards=shards, recorded=recorded_shards(store_path))
-    store_id = open_store(store_path, meta)
+    old = existing_meta(store_path)
+    meta = provenance(cfg, data=data, split=split, teacher=frozen, shards=shards,
+                      recorded=old["source"]["shards"] if old else [])
+    store_id = open_store(store_path, meta, old)
     if frozen.projection is not None:  # the matrix itself, so a reader needs neither the seed rule nor the teacher
         fs.write_bytes(fs.join(store_path, PROJECTION), save({"projection": frozen.projection.contiguous()}))
     del frozen

@@ -133,7 +133,8 @@ def local_copy(folder: str, cache_root: str) -> str:
     cluster reads the same URL and gets its own local copy (named by the URL and the files'
     sizes, written under a temporary name and renamed, so processes sharing a disk agree)."""
     fs, path = resolve(folder)
-    files = {p[len(path.rstrip("/")) + 1:]: info["size"] for p, info in fs.find(path, detail=True).items()}
+    root = path.rstrip("/")
+    files = {p[len(root) + 1:]: info["size"] for p, info in fs.find(root, detail=True).items()}
     if not files:
         raise FileNotFoundError(f"{folder}: no files there")
     key = hashlib.sha256(repr((str(folder), sorted(files.items()))).encode()).hexdigest()[:16]
@@ -142,7 +143,7 @@ def local_copy(folder: str, cache_root: str) -> str:
         tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
         for name in files:
             os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
-            fs.get_file(f"{path.rstrip('/')}/{name}", os.path.join(tmp, name))
+            fs.get_file(f"{root}/{name}", os.path.join(tmp, name))
         try:
             os.rename(tmp, target)
         except OSError:  # another process of this machine got there first: its copy is the same

@@ -75,6 +75,7 @@ class FrozenTeacher(nn.Module):
     grid: tuple[int, int, int]
     native_width: int
     input_convention: str
+    source: str | None = None  # the URL the weights were copied from, if any (provenance names it)
 
     def __init__(self):
         super().__init__()
@@ -106,8 +107,6 @@ class FrozenTeacher(nn.Module):
 
     def weight_files(self) -> list[Path]:
         raise NotImplementedError
-
-    source: str | None = None  # set by whoever loaded the weights from a copy of a URL
 
     def model_config(self) -> dict:
         raise NotImplementedError
