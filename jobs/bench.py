@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         extract, made = bench.extraction_rows(cfg, args.data, str(work / "teacher"), work)
         rows += extract + bench.student_rows(cfg, args.data, made["stores"], made["teacher"], work)
         rows += bench.mask_freshness_rows(cfg, args.data, made["stores"]["fp16"], work)
+        rows += bench.loader_rows(work)
     bench.write_report(rows, Path(args.out), time.perf_counter() - t0, args.config, args.overrides)
     for r in rows:
         ratio = "" if r["ratio"] is None else f"ratio {r['ratio']:.3g}"

@@ -87,5 +87,6 @@ def entry(main: Callable[[], object]) -> None:
     except (*EXPECTED_ERRORS, ClipHashMismatch, CorruptStoreError) as e:
         if os.environ.get("SALT_TRACEBACK"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        notes = "".join(f" ({note})" for note in getattr(e, "__notes__", []))  # e.g. the shard a worker failed on
+        print(f"error: {e}{notes}", file=sys.stderr)
         sys.exit(2)

@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> dict:
     fmt = s["storage"]
     print(f"bytes       {s['bytes']:,} ({s['bytes'] / max(s['samples'], 1) / 1e6:.3f} MB per sample)")
     print(f"storage     {fmt['dtype']}, keepbits {fmt['keepbits'] or 'off'}, codec {fmt['codec']}")
+    cache = s.get("pixel_cache")
+    print(f"pixels      {cache['bytes_per_sample'] / 1e3:,.1f} kB per sample ({cache['raw_bytes_per_sample'] / 1e3:,.1f} kB raw uint8), "
+          f"codec {cache['codec']['id']} (" + ", ".join(f"{k} {v}" for k, v in cache["codec"].items() if k != "id") + ")"
+          if cache else "pixels      no pixel cache")
     own = f"{t['size']} step {t['step']}, " if "size" in t else ""  # stores of this project's run folders
     print(f"teacher     {t.get('adapter', 'salt-run')} {t.get('model_class', 'VideoViT')} {own}width {t['width']}, "
           f"weights sha256 {t['sha256'][:16]}..., config sha256 {t.get('config_sha256', '?')[:16]}...")

@@ -2,8 +2,9 @@
 
 Keys are the fields of salt.flops.PlanInputs (defaults: the paper's setting), e.g.
 `student=vit_h views_per_clip=4 storage.keepbits=5 storage.codec=blosc gpu_flops_per_s=250e12`.
-The decode rate is this machine's measured one (`decode_clips_per_s_per_core` in --bench, which
-`make bench` writes) unless a key=value sets it.
+The input-side rates (video decode, the k-views-per-decode and pixel-cache loaders, and the pixel
+cache's bytes per view) are this machine's measured ones (--bench, which `make bench` writes)
+unless a key=value sets them.
 """
 
 from __future__ import annotations
@@ -17,22 +18,38 @@ from jobs.cli import entry, parser
 from salt.config import ConfigError, load_config
 from salt.flops import Plan, PlanInputs, inputs_from_config, inputs_from_overrides, plan, table10
 
-DECODE_ROW = "decode_clips_per_s_per_core"
+# make bench rows -> the PlanInputs fields they measure
+MEASURED = {
+    "decode_clips_per_s_per_core": "decode_clips_per_s_per_core",
+    "loader_pixels_samples_per_s_per_core": "pixel_samples_per_s_per_core",
+    "pixel_cache_mb_per_view": "pixel_mb_per_view",
+}
+MULTIVIEW_ROW = "loader_views{k}_samples_per_s_per_core"  # measured at k views per decode
 
 
-def measured_decode_rate(bench: str, default: float) -> float:
-    """make bench's decode rate from its benchmarks.json; `default` where there is none."""
+def measured_rates(bench: str) -> dict[str, float]:
+    """make bench's rows from its benchmarks.json (none where there is no file), by row name."""
     path = Path(bench)
     if not path.exists():
-        return default
+        return {}
     try:
         rows = json.loads(path.read_text())
         if not isinstance(rows, list):
             raise TypeError(f"a {type(rows).__name__}, not a list of rows")
-        by_name = {r["name"]: r for r in rows}
-        return float(by_name[DECODE_ROW]["value"]) if DECODE_ROW in by_name else default
+        return {r["name"]: float(r["value"]) for r in rows}
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{bench}: not a benchmarks.json written by make bench ({e})") from None
+
+
+def with_measured_rates(base: PlanInputs, overrides: list[str], measured: dict[str, float]) -> PlanInputs:
+    """base with the measured rates, then the key=value overrides (which win); the multi-view rate
+    only where it was measured at the plan's views_per_decode."""
+    fields = {field: measured[name] for name, field in MEASURED.items() if name in measured}
+    inp = inputs_from_overrides(overrides, dataclasses.replace(base, **fields))
+    multiview = measured.get(MULTIVIEW_ROW.format(k=inp.views_per_decode))
+    if inp.multiview_samples_per_s_per_core is None and multiview is not None:
+        inp = dataclasses.replace(inp, multiview_samples_per_s_per_core=multiview)
+    return inp
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -43,7 +60,7 @@ def main(argv: list[str] | None = None) -> str:
     })
     p.add_argument("--preset", choices=["table10"], help="the paper's table 10 SALT rows instead of one plan")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--bench", default="benchmarks.json", help="make bench's results: the measured decode rate")
+    p.add_argument("--bench", default="benchmarks.json", help="make bench's results: the measured input-side rates")
     args = p.parse_args(argv)
     if args.preset and (args.overrides or args.config):
         p.error("--preset fixes its inputs; it takes no --config or key=value overrides")
@@ -53,9 +70,7 @@ def main(argv: list[str] | None = None) -> str:
             text = json.dumps(rows, indent=1) if args.json else format_table10(rows)
         else:
             base = inputs_from_config(load_config(args.config)) if args.config else PlanInputs()
-            base = dataclasses.replace(base, decode_clips_per_s_per_core=measured_decode_rate(
-                args.bench, base.decode_clips_per_s_per_core))
-            result = plan(inputs_from_overrides(args.overrides, base))
+            result = plan(with_measured_rates(base, args.overrides, measured_rates(args.bench)))
             text = json.dumps(dataclasses.asdict(result), indent=1) if args.json else format_plan(result)
     except ConfigError as e:
         sys.exit(f"plan error: {e}")
@@ -89,12 +104,15 @@ def format_plan(pl: Plan) -> str:
         f"break-even    caching costs fewer FLOPs from student run {pl.break_even_runs} "
         f"(GPU-hours: from run {pl.break_even_runs_gpu_hours})",
         "",
-        f"feeding one GPU: decode {i.decode_clips_per_s_per_core:.3g} clips/s per core; node of {i.gpus_per_node} GPUs, "
-        f"{i.cpu_cores_per_node} cores, {i.storage_mb_per_s_per_node:,.0f} MB/s storage",
-        f"{'':28} {'clips/s/GPU':>11} {'decode cores/GPU':>16} {'targets MB/s/GPU':>16} {'MB/s/node':>10} "
+        f"feeding one GPU: per core, decode {i.decode_clips_per_s_per_core:.3g} clips/s"
+        + (f", {i.views_per_decode} views/decode {i.multiview_samples_per_s_per_core or i.views_per_decode * i.decode_clips_per_s_per_core:.3g} samples/s"
+           if i.views_per_decode > 1 else "")
+        + f", pixel cache {i.pixel_samples_per_s_per_core:.3g} samples/s ({i.pixel_mb_per_view:.2f} MB/view); "
+        f"node of {i.gpus_per_node} GPUs, {i.cpu_cores_per_node} cores, {i.storage_mb_per_s_per_node:,.0f} MB/s storage",
+        f"{'':32} {'clips/s/GPU':>11} {'decode cores/GPU':>16} {'store MB/s/GPU':>14} {'MB/s/node':>10} "
         f"{'binds':>8} {'GPU util':>8}",
-        *(f"{f.stage:28} {f.clips_per_s_per_gpu:11,.1f} {f.decode_cores_per_gpu:16,.1f} "
-          f"{f.target_mb_per_s_per_gpu:16,.0f} {f.target_mb_per_s_per_node:10,.0f} {f.binding:>8} "
+        *(f"{f.stage:32} {f.clips_per_s_per_gpu:11,.1f} {f.decode_cores_per_gpu:16,.1f} "
+          f"{f.target_mb_per_s_per_gpu:14,.0f} {f.target_mb_per_s_per_node:10,.0f} {f.binding:>8} "
           f"{f.gpu_utilisation:8.0%}" for f in pl.feeds),
     ]
     return "\n".join(lines)

@@ -1,18 +1,22 @@
 """The extraction job: frozen teacher over WebDataset shards -> target store, with Ray Data.
 
 Graph: one row per source shard -> decode (CPU tasks, `flat_map`: one row per
-(key, view)) -> teacher forward (actor pool, `map_batches` with `ActorPoolStrategy`)
--> the driver, which gathers each shard's rows and commits the shard whole.
+(key, view)) -> teacher forward (actor pool, `map_batches` with `ActorPoolStrategy`),
+which writes its latents (and, with extract.pixel_cache, the encoded crops) to part
+files under the store -> the driver, which sees only small rows naming those parts and
+hands each complete shard to a Ray task that writes it. No latent or pixel byte passes
+through the driver, so its memory and bandwidth do not bound the job.
 
 Ray Data neither keeps one output per input file nor promises a task runs once, so
 every row carries its shard, its position in the shard and the shard's row count:
-the driver de-duplicates by (key, view), orders rows by position, and commits a shard
-as soon as all of its rows (extracted or failed) are in. Committed shards are skipped
-on a rerun, so a killed job resumes where it stopped.
+the driver de-duplicates by (key, view) (first row wins, and its part is the one read),
+and starts a shard's commit as soon as all of its rows (extracted or failed) are in.
+Committed shards are skipped on a rerun, so a killed job resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -25,18 +29,21 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
-from pipeline import fs
+from pipeline import fs, pixels
 from pipeline.cluster import actor_gpus, init_ray
 from pipeline.shards import iter_shard, list_shards, shard_name
 from pipeline.targets import (
+    PIXEL_CACHE,
     PROJECTION,
     ExtractedRow,
     StoreMismatchError,
     commit_shard,
     committed_shards,
     compatibility,
+    parts_dir,
     rebuild_tables,
     remove_partial_shards,
+    row_crc32,
     store_bytes,
 )
 from pipeline.video import VideoDecodeError, clip_hash, crop, decode, decoder_version, to_model_input
@@ -50,6 +57,9 @@ from salt.devices import autocast, default_device
 
 # where each machine keeps its copy of a teacher that lives at a URL
 TEACHER_CACHE = os.path.join(tempfile.gettempdir(), "salt-teachers")
+# shard commits running at once: each holds a whole shard's latents (and pixels) in a worker's
+# memory; a few are enough to keep writing off the forward pass's critical path
+COMMITS_IN_FLIGHT = 4
 
 
 def local_teacher(spec: str) -> str:
@@ -115,13 +125,16 @@ def decode_shard(row: dict, *, data_cfg: dict, views: int) -> Iterator[dict]:
 
 class TeacherForward:
     """Actor: holds the frozen teacher (any adapter, projected if the config says so); uint8
-    crops in, resized and normalised on the teacher's device, latents (in the storage dtype) out."""
+    crops in, resized and normalised on the teacher's device; latents (in the storage dtype)
+    and, with extract.pixel_cache, the encoded crops go to part files under the store (one
+    per shard in the batch); rows naming them come out."""
 
-    def __init__(self, teacher: str, cfg: dict, torch_threads: int):
+    def __init__(self, teacher: str, cfg: dict, torch_threads: int, store: str):
         torch.set_num_threads(torch_threads)
         self.cfg = from_dict(Config, cfg)
         self.device = default_device()
         self.teacher = load_any_teacher(teacher, self.cfg, self.device)
+        self.store = store
 
     def __call__(self, batch: dict) -> dict:
         ok = batch["error"] == ""
@@ -135,9 +148,46 @@ class TeacherForward:
             ])
             with torch.no_grad(), autocast(self.device, self.cfg.teacher.bf16):
                 latents[ok] = self.teacher(clips).float().cpu().numpy().astype(self.cfg.extract.dtype)
+        crops = [np.asarray(f) for f in batch["frames"]] if self.cfg.extract.pixel_cache else None
         out = {k: v for k, v in batch.items() if k != "frames"}
-        out["latents"] = latents
+        out["part"], out["part_row"] = write_parts(self.store, batch["shard"], batch["order"], latents, crops)
+        out["writer_pid"] = np.full(len(ok), os.getpid())
         return out
+
+
+def write_parts(
+    store: str, shards: np.ndarray, orders: np.ndarray, latents: np.ndarray, crops: list[np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One part file per shard present in a batch; returns each row's part and its index there.
+
+    A part is an .npz (no pickles): `latents` [rows, tokens, width], and with crops also
+    `pixels` (the rows' encoded crops back to back), `pixels_offsets` [rows + 1] and
+    `pixels_crc32` [rows] (of the uncompressed crops). Its name is unique, so a re-run task
+    writes a part of its own rather than over one the driver may already have chosen."""
+    part = np.empty(len(shards), dtype=object)
+    part_row = np.zeros(len(shards), np.int64)
+    for shard in dict.fromkeys(str(s) for s in shards):  # the batch's shards, in order of appearance
+        rows = np.flatnonzero(shards == shard)
+        arrays = {"latents": latents[rows]}
+        if crops is not None:
+            blobs = [pixels.encode(crops[i]) for i in rows]
+            arrays |= {
+                "pixels": np.frombuffer(b"".join(blobs), np.uint8),
+                "pixels_offsets": np.cumsum([0, *map(len, blobs)], dtype=np.int64),
+                "pixels_crc32": np.array([row_crc32(crops[i]) for i in rows], np.int64),
+            }
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        path = fs.join(parts_dir(store, shard), f"{int(orders[rows[0]]):06d}-{uuid.uuid4().hex[:8]}.npz")
+        fs.write_bytes(path, buffer.getvalue())
+        part[rows] = path
+        part_row[rows] = np.arange(len(rows))
+    return part, part_row
+
+
+def read_part(path: str) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(fs.read_bytes(path)), allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
 
 
 def fingerprint_shards(shards: list[str], recorded: list[dict]) -> list[dict]:
@@ -171,6 +221,8 @@ def provenance(
         **compat,
         "storage": cfg.extract.storage.describe(),
         "views_per_clip": cfg.extract.views_per_clip,
+        # absent without the cache: stores made before it existed keep their store.json and resume
+        **({"pixel_cache": PIXEL_CACHE} if cfg.extract.pixel_cache else {}),
         "decoder": decoder_version(),
         "packages": package_versions(),
         "source": {
@@ -238,7 +290,8 @@ def extract_targets(
     remove_partial_shards(store_path)
     done = set(committed_shards(store_path))
     todo = [s for s in shards if shard_name(s) not in done]
-    forwarded, write_s, ray_address = 0, 0.0, None
+    committed = {"teacher_forward_samples": 0, "write_s": 0.0, "part_writers": [], "shard_writers": []}
+    ray_address = None
     if todo:
         init_ray()
         ray_address = ray.get_runtime_context().gcs_address
@@ -251,14 +304,16 @@ def extract_targets(
         )
         ds = ds.map_batches(
             TeacherForward,
-            fn_constructor_kwargs={"teacher": str(teacher), "cfg": to_dict(cfg), "torch_threads": cfg.extract.actor_torch_threads},
+            fn_constructor_kwargs={"teacher": str(teacher), "cfg": to_dict(cfg), "torch_threads": cfg.extract.actor_torch_threads,
+                                   "store": store_path},
             compute=ActorPoolStrategy(size=cfg.extract.num_actors),
             batch_size=cfg.extract.batch_size,
             batch_format="numpy",
             num_cpus=cfg.extract.actor_num_cpus,
             num_gpus=actor_gpus(),
         )
-        forwarded, write_s = _commit_as_complete(ds, store_path, cfg.extract.storage, store_id)
+        committed = _commit_as_complete(ds, store_path, cfg.extract.storage, store_id,
+                                        pixel_cache=cfg.extract.pixel_cache, num_cpus=cfg.extract.decode_num_cpus)
     manifest, errors = rebuild_tables(store_path)
     missing = sorted({shard_name(s) for s in shards} - set(committed_shards(store_path)))
     if missing:
@@ -268,10 +323,9 @@ def extract_targets(
         "errors": errors.num_rows,
         "shards": len(shards),
         "shards_extracted_now": len(todo),
-        "teacher_forward_samples": forwarded,
         "bytes": store_bytes(store_path),
         "wall_s": time.perf_counter() - t0,
-        "write_s": write_s,
+        **committed,
         "ray_address": ray_address,
     }
     metrics = fs.join(store_path, "metrics.jsonl")  # appended by rewriting: object stores cannot append
@@ -280,50 +334,104 @@ def extract_targets(
     return summary
 
 
-def _commit_as_complete(ds, store: str, fmt: StorageFormat, store_id: str) -> tuple[int, float]:
-    """Gather rows per shard (exactly once per (key, view)) and commit each shard when whole.
+def _commit_as_complete(
+    ds, store: str, fmt: StorageFormat, store_id: str, *, pixel_cache: bool = False, num_cpus: float = 1.0
+) -> dict:
+    """Gather rows per shard (exactly once per (key, view)) and commit each shard when whole, in a
+    Ray task (`num_cpus` each, at most COMMITS_IN_FLIGHT at once) that reads the parts its rows
+    name. Part files are gone when this returns, whether it succeeded or not.
 
-    Returns the rows extracted and the seconds spent writing shards."""
+    Returns the rows extracted, the seconds the commit tasks took in all, and the pids of the
+    processes that wrote parts and shards."""
+    import ray
+
+    # not retried: a commit killed mid-move can leave a folder that only a fresh job's
+    # remove_partial_shards clears; the job fails instead and its rerun redoes the shard
+    commit = ray.remote(commit_from_parts).options(num_cpus=num_cpus, max_retries=0)
     pending: dict[str, dict[tuple[str, int], dict]] = {}
-    forwarded, write_s = 0, 0.0
+    in_flight: dict = {}  # commit task -> shard
     done: set[str] = set()
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for i in range(len(batch["key"])):
-            shard = str(batch["shard"][i])
-            if shard in done:  # a re-run task's copy of a row already committed
-                continue
-            rows = pending.setdefault(shard, {})
-            rows[(str(batch["key"][i]), int(batch["view"][i]))] = {k: batch[k][i] for k in batch}
-            if len(rows) == int(batch["shard_total"][i]):
-                t0 = time.perf_counter()
-                forwarded += _commit(store, shard, pending.pop(shard), fmt, store_id)
-                done.add(shard)
-                write_s += time.perf_counter() - t0
+    summary = {"teacher_forward_samples": 0, "write_s": 0.0, "part_writers": set(), "shard_writers": set()}
+
+    def finish(ref) -> None:
+        shard = in_flight.pop(ref)
+        try:
+            forwarded, pid, seconds = ray.get(ref)
+        except Exception as e:
+            # the worker's own exception (a full disk stays an OSError, in one line), not Ray's
+            # wrapper, whose text is the remote traceback; that stays attached as its cause
+            error = e.cause if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, Exception) else e
+            error.add_note(f"while committing shard {shard} of target store {store}")
+            if error is e:
+                raise
+            raise error from e
+        summary["teacher_forward_samples"] += forwarded
+        summary["write_s"] += seconds
+        summary["shard_writers"].add(pid)
+
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    try:
+        for batch in batches:
+            summary["part_writers"] |= {int(pid) for pid in batch["writer_pid"]}
+            for i in range(len(batch["key"])):
+                shard = str(batch["shard"][i])
+                if shard in done:  # a re-run task's copy of a row already committed
+                    continue
+                rows = pending.setdefault(shard, {})
+                rows.setdefault((str(batch["key"][i]), int(batch["view"][i])), {k: batch[k][i] for k in batch})
+                if len(rows) == int(batch["shard_total"][i]):
+                    while len(in_flight) >= COMMITS_IN_FLIGHT:
+                        finish(ray.wait(list(in_flight), num_returns=1)[0][0])
+                    in_flight[commit.remote(store, shard, list(pending.pop(shard).values()), fmt, store_id, pixel_cache)] = shard
+                    done.add(shard)
+        while in_flight:
+            finish(ray.wait(list(in_flight), num_returns=1)[0][0])
+    finally:
+        batches.close()  # stops Ray Data's executor now, so no actor writes parts after the removal below
+        if in_flight:  # failing: let the other commits end (each is whole or nothing) before their parts go
+            ray.wait(list(in_flight), num_returns=len(in_flight))
+        fs.remove(parts_dir(store))  # also the parts of re-run tasks whose rows were duplicates
     if pending:
         raise RuntimeError(f"Ray Data finished with incomplete shards {sorted(pending)}: rows were lost")
-    return forwarded, write_s
+    return summary | {key: sorted(summary[key]) for key in ("part_writers", "shard_writers")}
 
 
-def _commit(store: str, shard: str, rows: dict[tuple[str, int], dict], fmt: StorageFormat, store_id: str) -> int:
-    ordered = sorted(rows.values(), key=lambda r: int(r["order"]))
+def commit_from_parts(
+    store: str, shard: str, rows: list[dict], fmt: StorageFormat, store_id: str, pixel_cache: bool
+) -> tuple[int, int, float]:
+    """Ray task: one shard's rows, their latents (and pixels) read from the parts they name, ->
+    the committed shard; then its parts are removed. Returns (rows extracted, pid, seconds)."""
+    t0 = time.perf_counter()
+    ordered = sorted(rows, key=lambda r: int(r["order"]))
     good = [r for r in ordered if r["error"] == ""]
+    parts = {path: read_part(path) for path in {str(r["part"]) for r in good}}
     commit_shard(
         store,
         shard,
-        [
-            ExtractedRow(
-                key=str(r["key"]),
-                view=int(r["view"]),
-                clip_hash=str(r["clip_hash"]),
-                frame_indices=tuple(int(x) for x in r["frame_indices"]),
-                crop=tuple(int(x) for x in r["crop"]),
-                flip=bool(r["flip"]),
-                latents=r["latents"],
-            )
-            for r in good
-        ],
+        [extracted_row(r, parts[str(r["part"])], pixel_cache) for r in good],
         [(str(r["key"]), int(r["view"]), str(r["error"])) for r in ordered if r["error"] != ""],
         fmt=fmt,
         store_id=store_id,
+        pixel_cache=pixel_cache,
     )
-    return len(good)
+    fs.remove(parts_dir(store, shard))
+    return len(good), os.getpid(), time.perf_counter() - t0
+
+
+def extracted_row(row: dict, part: dict[str, np.ndarray], pixel_cache: bool) -> ExtractedRow:
+    """A driver row plus its part's arrays -> what commit_shard writes."""
+    i = int(row["part_row"])
+    cached = {}
+    if pixel_cache:
+        start, end = part["pixels_offsets"][i], part["pixels_offsets"][i + 1]
+        cached = {"pixels": part["pixels"][start:end].tobytes(), "pixels_crc32": int(part["pixels_crc32"][i])}
+    return ExtractedRow(
+        key=str(row["key"]),
+        view=int(row["view"]),
+        clip_hash=str(row["clip_hash"]),
+        frame_indices=tuple(int(x) for x in row["frame_indices"]),
+        crop=tuple(int(x) for x in row["crop"]),
+        flip=bool(row["flip"]),
+        latents=part["latents"][i],
+        **cached,
+    )

@@ -47,6 +47,15 @@ def read_bytes(location: str) -> bytes:
     return fs.cat_file(path)
 
 
+def read_range(location: str, start: int, length: int) -> bytes:
+    """`length` bytes from `start`: one ranged GET on object stores, not the whole file."""
+    fs, path = resolve(location)
+    data = fs.cat_file(path, start=int(start), end=int(start) + int(length))
+    if len(data) != length:
+        raise EOFError(f"{location}: wanted {length} bytes at offset {start}, the file has {len(data)} there")
+    return data
+
+
 def write_bytes(location: str, data: bytes) -> None:
     """Whole-file write; on a local disk through a temporary name, so readers see old or new."""
     fs, path = resolve(location)

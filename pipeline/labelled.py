@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from pipeline import fs
 from pipeline.shards import index_shard, iter_shard, list_shards
-from pipeline.video import VideoDecodeError, augment, decode, spatial_crops
+from pipeline.video import VideoDecodeError, augment, decode_views, spatial_crops
 from salt.config import DataConfig
 
 
@@ -80,7 +80,7 @@ def load_labelled(
         for sample in iter_shard(shard):
             bar.update()
             try:
-                windows = [decode(sample.video, cfg, key=sample.key, view=v) for v in range(views)]
+                windows = decode_views(sample.video, cfg, key=sample.key, views=range(views))
             except VideoDecodeError as e:
                 errors.append({"key": sample.key, "reason": str(e)})
                 continue

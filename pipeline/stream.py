@@ -11,10 +11,14 @@ number of workers, and resuming at batch g (the checkpointed position) replays
 exactly the batches an uninterrupted run would have produced. Every batch carries
 `loader_state`, the position after it: checkpoints save it, `load_state_dict` resumes.
 
-Views. Stage 1 uses view = epoch, a fresh crop per pass. Stage 2 cycles through the
-views the store holds for the clip, view = stored[epoch % len(stored)], which is
-epoch % views_per_clip when every view was extracted; a clip whose other views failed
-to decode (the store's errors table) reuses the views it has, with one warning.
+Views. With data.views_per_decode = k, each picked clip is decoded once and gives k
+samples, its views j = 0..k-1, all in the same batch (so batch_size is a multiple of k and
+a batch holds batch_size / k clips). Stage 1 uses view = epoch * k + j, fresh crops per pass.
+Stage 2 cycles through the views the store holds for the clip, view = stored[(epoch * k + j)
+% len(stored)], which is (epoch * k + j) % views_per_clip when every view was extracted; a clip
+whose other views failed to decode (the store's errors table) reuses the views it has, with
+one warning. With data.stage2_input=pixels, stage 2 reads each view's crop box from the
+store's pixel cache instead of decoding the video: the very uint8 pixels the teacher saw.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.shards import index_shard, read_member, shard_name, video_member
 from pipeline.targets import TargetStore, check_row
-from pipeline.video import VideoDecodeError, load_clip
+from pipeline.video import VideoDecodeError, load_clips, to_model_input
 from salt.config import Config
 from salt.masking import collate_masks, sample_masks
 from salt.seeds import sample_rng
@@ -86,11 +90,19 @@ class ShardedSamples(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.start_batch = start_batch
         self.grid = config_grid(cfg)
-        self.samples_per_epoch = sum(len(k) for k in keys) // world_size
-        self.batches_per_epoch = self.samples_per_epoch // batch_size
+        self.views_per_decode = cfg.data.views_per_decode
+        if batch_size % self.views_per_decode:
+            raise ValueError(
+                f"batch size {batch_size} is not a multiple of data.views_per_decode={self.views_per_decode}: "
+                "each decoded clip gives that many samples of one batch"
+            )
+        self.clips_per_batch = batch_size // self.views_per_decode
+        self.samples_per_epoch = sum(len(k) for k in keys) // world_size  # clips, each giving views_per_decode samples
+        self.batches_per_epoch = self.samples_per_epoch // self.clips_per_batch
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"{self.samples_per_epoch} samples per rank cannot fill one batch of {batch_size}: lower the batch size"
+                f"{self.samples_per_epoch} clips per rank cannot fill one batch of {batch_size} samples "
+                f"({self.clips_per_batch} clips x {self.views_per_decode} views): lower the batch size"
             )
         # What a checkpointed position depends on. Every batch carries it (it travels to the
         # checkpoint), so it is built once here; the shard list goes in as a digest, not 10^4 names.
@@ -98,6 +110,7 @@ class ShardedSamples(IterableDataset):
         self._identity = {
             "world_size": world_size,
             "batch_size": batch_size,
+            "views_per_decode": self.views_per_decode,
             "seed": cfg.data.seed,
             "shuffle_buffer": cfg.data.shuffle_buffer,
             "num_shards": len(shards),
@@ -107,7 +120,8 @@ class ShardedSamples(IterableDataset):
         self._order: list[tuple[int, str]] = []
         self._order_epoch = -1
 
-    def load_sample(self, shard: int, key: str, epoch: int) -> dict:
+    def load_samples(self, shard: int, key: str, epoch: int) -> list[dict]:
+        """The clip's views_per_decode samples of this epoch."""
         raise NotImplementedError
 
     def on_decode_error(self, key: str, error: VideoDecodeError) -> str:
@@ -148,20 +162,23 @@ class ShardedSamples(IterableDataset):
                 )
         self.start_batch = int(state["next_batch"])
 
-    def clip_and_masks(self, shard: int, key: str, view: int, mask_epoch: int) -> tuple[dict, str]:
+    def sample(self, key: str, view: int, clip: torch.Tensor, mask_epoch: int) -> dict:
+        masks = sample_masks(self.cfg.masking.generators, self.grid, seed=self.cfg.data.seed, key=key, view=view, epoch=mask_epoch)
+        return {"key": key, "view": view, "clip": clip, "masks": masks}
+
+    def decoded_views(self, shard: int, key: str, views: list[int]) -> list[tuple[torch.Tensor, str]]:
+        """(clip, clip hash) per view, from one decode of the clip's video."""
         member = video_member(self.indexes[shard].get(key, {}))
         video = read_member(self.shards[shard], member) if member else b""
-        clip, digest = load_clip(video, self.cfg.data, key=key, view=view)
-        masks = sample_masks(self.cfg.masking.generators, self.grid, seed=self.cfg.data.seed, key=key, view=view, epoch=mask_epoch)
-        return {"key": key, "view": view, "clip": clip, "masks": masks}, digest
+        return load_clips(video, self.cfg.data, key=key, views=views)
 
     def batch(self, g: int) -> dict:
         epoch, offset = divmod(g, self.batches_per_epoch)
-        picks = self.epoch_samples(epoch)[offset * self.batch_size : (offset + 1) * self.batch_size]
+        picks = self.epoch_samples(epoch)[offset * self.clips_per_batch : (offset + 1) * self.clips_per_batch]
         samples, skipped = [], []
         for s, k in picks:
             try:
-                samples.append(self.load_sample(s, k, epoch))
+                samples += self.load_samples(s, k, epoch)
             except VideoDecodeError as e:
                 skipped.append(f"{k}: {self.on_decode_error(k, e)}")
         if not samples:
@@ -179,29 +196,43 @@ class ShardedSamples(IterableDataset):
 
 
 class ClipStream(ShardedSamples):
-    """Stage 1: every video of the shards; view = epoch (a fresh crop per pass), masks of epoch 0's
-    draw per view. A video that fails to decode is skipped with its reason in the batch."""
+    """Stage 1: every video of the shards; views epoch * k + j (fresh crops per pass), masks of
+    epoch 0's draw per view. A video that fails to decode is skipped with its reason in the batch."""
 
     def __init__(self, cfg: Config, shards: list[str], **position):
         self.indexes = [index_shard(s) for s in shards]
         super().__init__(cfg, shards, [sorted(k for k, m in idx.items() if video_member(m)) for idx in self.indexes], **position)
 
-    def load_sample(self, shard: int, key: str, epoch: int) -> dict:
-        return self.clip_and_masks(shard, key, epoch, 0)[0]
+    def load_samples(self, shard: int, key: str, epoch: int) -> list[dict]:
+        views = [epoch * self.views_per_decode + j for j in range(self.views_per_decode)]
+        return [self.sample(key, v, clip, 0) for v, (clip, _) in zip(views, self.decoded_views(shard, key, views))]
 
     def on_decode_error(self, key: str, error: VideoDecodeError) -> str:
         return str(error)  # stage 1 trains on what decodes; extraction records the rest
 
 
 class TargetStream(ShardedSamples):
-    """Stage 2: the samples a target store holds, each with its stored teacher tokens; the clip
-    must hash to what the teacher saw. Fresh masks per epoch unless masking.fresh_per_epoch=false."""
+    """Stage 2: the samples a target store holds, each with its stored teacher tokens. From video,
+    the clip must hash to what the teacher saw; from the pixel cache, the pixels are what the
+    teacher saw (their checksum is checked). Fresh masks per epoch unless masking.fresh_per_epoch=false."""
 
     def __init__(self, cfg: Config, shards: list[str], *, store: str, **position):
-        self.indexes = [index_shard(s) for s in shards]
         self.store_path = store
         target_store = self._store = TargetStore(store)
+        self.from_pixels = cfg.data.stage2_input == "pixels"
+        if self.from_pixels and not target_store.has_pixels:
+            raise ValueError(
+                f"data.stage2_input=pixels, but target store {store} has no pixel cache: "
+                "extract it with extract.pixel_cache=true, or train with data.stage2_input=video"
+            )
+        # the pixel cache replaces the videos: their shards are not even opened
+        self.indexes = [] if self.from_pixels else [index_shard(s) for s in shards]
         self.views_per_clip = int(target_store.meta["views_per_clip"])
+        if cfg.data.views_per_decode > self.views_per_clip:
+            raise ValueError(
+                f"data.views_per_decode={cfg.data.views_per_decode}, but target store {store} holds "
+                f"{self.views_per_clip} view(s) per clip (extract.views_per_clip): a decode can serve at most that many"
+            )
         missing = [shard_name(s) for s in shards if shard_name(s) not in target_store.shards]
         if missing:
             raise FileNotFoundError(f"target store {store} has no committed shard for source shard(s) {missing}")
@@ -224,23 +255,40 @@ class TargetStream(ShardedSamples):
             )
         super().__init__(cfg, shards, [sorted(v) for v in self.stored_views], **position)
 
-    def view_for(self, shard: int, key: str, epoch: int) -> int:
+    def views_for(self, shard: int, key: str, epoch: int) -> list[int]:
         stored = self.stored_views[shard][key]
-        return stored[epoch % len(stored)]
+        k = self.views_per_decode
+        return [stored[(epoch * k + j) % len(stored)] for j in range(k)]
 
-    def load_sample(self, shard: int, key: str, epoch: int) -> dict:
-        view = self.view_for(shard, key, epoch)
-        sample, digest = self.clip_and_masks(shard, key, view, epoch if self.cfg.masking.fresh_per_epoch else 0)
-        row = self.manifests[shard][(key, view)]
-        if row["clip_hash"] != digest:
-            raise ClipHashMismatch(
-                f"clip hash mismatch for key {key!r} view {view} of shard {shard_name(self.shards[shard])}: the store's "
-                f"teacher saw {row['clip_hash'][:16]}..., this decode gives {digest[:16]}... "
-                f"(different decoder build, edited video, or the wrong shard)"
-            )
-        stored = self._store.latents(row["shard"], row["row"])
-        check_row(stored, row, self.store_path)
-        return sample | {"targets": torch.from_numpy(stored.astype(np.float32))}
+    def load_samples(self, shard: int, key: str, epoch: int) -> list[dict]:
+        views = self.views_for(shard, key, epoch)
+        rows = [self.manifests[shard][(key, v)] for v in views]
+        clips = [self.cached_clip(row) for row in rows] if self.from_pixels else self.checked_clips(shard, key, rows)
+        mask_epoch = epoch if self.cfg.masking.fresh_per_epoch else 0
+        samples = []
+        for row, clip in zip(rows, clips):
+            stored = self._store.latents(row["shard"], row["row"])
+            check_row(stored, row, self.store_path)
+            targets = torch.from_numpy(stored.astype(np.float32))
+            samples.append(self.sample(key, row["view"], clip, mask_epoch) | {"targets": targets})
+        return samples
+
+    def cached_clip(self, row: dict) -> torch.Tensor:
+        """The stored crop box (checksum-checked) through the same resize, flip and normalisation."""
+        pixels = self._store.pixels(row["shard"], row)
+        return to_model_input(torch.from_numpy(pixels), bool(row["flip"]), self.cfg.data)
+
+    def checked_clips(self, shard: int, key: str, rows: list[dict]) -> list[torch.Tensor]:
+        clips = []
+        for row, (clip, digest) in zip(rows, self.decoded_views(shard, key, [r["view"] for r in rows])):
+            if row["clip_hash"] != digest:
+                raise ClipHashMismatch(
+                    f"clip hash mismatch for key {key!r} view {row['view']} of shard {shard_name(self.shards[shard])}: "
+                    f"the store's teacher saw {row['clip_hash'][:16]}..., this decode gives {digest[:16]}... "
+                    f"(different decoder build, edited video, or the wrong shard)"
+                )
+            clips.append(clip)
+        return clips
 
     def on_decode_error(self, key: str, error: VideoDecodeError) -> str:
         raise error  # the teacher decoded it: failing now means the bytes changed

@@ -7,7 +7,12 @@ Layout of a store folder:
     targets/shard-000000.zarr/      committed shard: Zarr array [rows, tokens, width] plus
         manifest.parquet            key, view, row, clip hash, sample spec of each row
         errors.parquet              key, view, reason of each sample that could not be extracted
-        shard.json                  counts; its presence marks the shard complete
+        pixels.bin                  with extract.pixel_cache: each row's uint8 crop box, compressed
+                                    (pipeline/pixels.py), concatenated in row order; the manifest
+                                    then has pixels_offset, pixels_bytes, pixels_crc32
+        shard.json                  counts, sha256 of every file; its presence marks the shard complete
+    targets/.parts/shard-000001/    while a job runs: the teacher actors' outputs of a shard not yet
+                                    committed (pipeline/extract.py); gone from a finished store
     manifest.parquet, errors.parquet  all shards' tables, rebuilt when a job finishes
 
 A shard is written under a temporary name and renamed into place once whole, so a
@@ -29,7 +34,7 @@ import pyarrow.parquet as pq
 import zarr
 from safetensors.torch import load as safetensors_load
 
-from pipeline import fs
+from pipeline import fs, pixels
 from salt.config import Config, to_dict
 from salt.storage import StorageFormat
 
@@ -46,6 +51,19 @@ MANIFEST_SCHEMA = pa.schema(
         ("crc32", pa.int64()),  # of the row as stored: reading it back must give the same bytes
     ]
 )
+# only in stores extracted with extract.pixel_cache: stores without it keep the schema above
+PIXEL_COLUMNS = [
+    ("pixels_offset", pa.int64()),  # where the row's blob starts in the shard's pixels.bin
+    ("pixels_bytes", pa.int64()),  # the blob's length
+    ("pixels_crc32", pa.int64()),  # of the uncompressed uint8 crop box
+]
+PIXEL_SCHEMA = pa.schema([*MANIFEST_SCHEMA, *PIXEL_COLUMNS])
+PIXELS = "pixels.bin"
+# store.json's "pixel_cache" entry, present exactly when the store keeps one
+PIXEL_CACHE = {
+    "layout": "uint8 [frames, h, w, 3] crop box before resize and flip; h, w = manifest crop[2], crop[3]",
+    "codec": pixels.CODEC_INFO,
+}
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("view", pa.int32()), ("shard", pa.string()), ("reason", pa.string())])
 PROJECTION = "projection.safetensors"
 
@@ -67,10 +85,18 @@ class ExtractedRow:
     crop: tuple[int, int, int, int]
     flip: bool
     latents: np.ndarray  # [tokens, width]
+    pixels: bytes | None = None  # the crop box as pipeline.pixels.encode made it, with a pixel cache
+    pixels_crc32: int | None = None  # of the uncompressed crop box (row_crc32)
 
 
 def shard_dir(store: str, shard: str) -> str:
     return fs.join(str(store), "targets", f"{shard}.zarr")
+
+
+def parts_dir(store: str, shard: str | None = None) -> str:
+    """Where the teacher's actors leave a shard's rows until its commit (all shards' without `shard`)."""
+    root = fs.join(str(store), "targets", ".parts")
+    return fs.join(root, shard) if shard else root
 
 
 def committed_shards(store: str) -> list[str]:
@@ -80,12 +106,16 @@ def committed_shards(store: str) -> list[str]:
 
 
 def remove_partial_shards(store: str) -> int:
-    """Temporary folders, and shard folders without their marker, left by a killed job."""
+    """Temporary folders, shard folders without their marker and part files left by a killed
+    job. Every part is stale when a job starts: those of uncommitted shards are extracted again,
+    and those of a shard committed just before the kill are no longer needed."""
     targets = fs.join(str(store), "targets")
     committed = {f"{s}.zarr" for s in committed_shards(store)}
     stale = fs.glob(fs.join(targets, ".*.tmp-*")) + [
         d for d in fs.glob(fs.join(targets, "*.zarr")) if d.rstrip("/").split("/")[-1] not in committed
     ]
+    if fs.exists(parts_dir(store)):
+        stale.append(parts_dir(store))
     for d in stale:
         fs.remove(d)
     return len(stale)
@@ -103,15 +133,18 @@ def commit_shard(
     *,
     fmt: StorageFormat,
     store_id: str,
+    pixel_cache: bool = False,
 ) -> str:
     """Write one shard whole under a temporary name, move it into place, then write its
     marker (shard.json). On a local disk the move is a rename; on an object store it is a
-    copy, which is why the marker comes last and readers go by the marker."""
+    copy, which is why the marker comes last and readers go by the marker.
+
+    With `pixel_cache`, every row must carry its encoded pixels; they go to pixels.bin."""
     final = shard_dir(store, shard)
     tmp = fs.join(str(store), "targets", f".{shard}.zarr.tmp-{uuid.uuid4().hex[:8]}")
     try:
         fs.makedirs(tmp)  # zarr's fsspec store writes files, it does not make folders
-        _write_shard(tmp, shard, rows, errors, fmt)
+        _write_shard(tmp, shard, rows, errors, fmt, pixel_cache)
         files = {name: fs.sha256(fs.join(tmp, name)) for name in fs.files_under(tmp)}
         fs.move(tmp, final)
         meta = {"shard": shard, "store_id": store_id, "rows": len(rows), "errors": len(errors), "storage": fmt.describe(), "sha256": files}
@@ -134,8 +167,11 @@ def read_parquet(location: str) -> pa.Table:
     return pq.read_table(pa.BufferReader(fs.read_bytes(location)))
 
 
-def _write_shard(folder: str, shard: str, rows: list[ExtractedRow], errors: list[tuple[str, int, str]], fmt: StorageFormat) -> None:
-    """The array, then the manifest and errors tables.
+def _write_shard(
+    folder: str, shard: str, rows: list[ExtractedRow], errors: list[tuple[str, int, str]], fmt: StorageFormat,
+    pixel_cache: bool = False,
+) -> None:
+    """The array, the pixel cache (if kept), then the manifest and errors tables.
 
     The array is read back once: the manifest's per-row checksums are of what a reader
     will get (after lossy bit-rounding), and a write that did not land fails here
@@ -165,7 +201,10 @@ def _write_shard(folder: str, shard: str, rows: list[ExtractedRow], errors: list
         "flip": [r.flip for r in rows],
         "crc32": checksums,
     }
-    fs.write_bytes(fs.join(folder, "manifest.parquet"), parquet_bytes(pa.table(manifest, schema=MANIFEST_SCHEMA)))
+    if pixel_cache:
+        manifest |= _write_pixels(folder, shard, rows)
+    schema = PIXEL_SCHEMA if pixel_cache else MANIFEST_SCHEMA
+    fs.write_bytes(fs.join(folder, "manifest.parquet"), parquet_bytes(pa.table(manifest, schema=schema)))
     error_table = {
         "key": [e[0] for e in errors],
         "view": [e[1] for e in errors],
@@ -173,6 +212,23 @@ def _write_shard(folder: str, shard: str, rows: list[ExtractedRow], errors: list
         "reason": [e[2] for e in errors],
     }
     fs.write_bytes(fs.join(folder, "errors.parquet"), parquet_bytes(pa.table(error_table, schema=ERRORS_SCHEMA)))
+
+
+def _write_pixels(folder: str, shard: str, rows: list[ExtractedRow]) -> dict[str, list[int]]:
+    """pixels.bin (the rows' blobs back to back, streamed: a shard's blobs can be large) and
+    the manifest columns that find each blob."""
+    missing = [(r.key, r.view) for r in rows if r.pixels is None or r.pixels_crc32 is None]
+    if missing:
+        raise ValueError(f"shard {shard}: rows {missing[:5]} have no pixels, but this store keeps a pixel cache")
+    sizes = [len(r.pixels) for r in rows]
+    with fs.open_file(fs.join(folder, PIXELS), "wb") as f:
+        for r in rows:
+            f.write(r.pixels)
+    return {
+        "pixels_offset": [int(x) for x in np.cumsum([0, *sizes])[:-1]],
+        "pixels_bytes": sizes,
+        "pixels_crc32": [r.pixels_crc32 for r in rows],
+    }
 
 
 def read_tables(store: str | Path) -> tuple[pa.Table, pa.Table]:
@@ -245,6 +301,11 @@ class TargetStore:
     def teacher_width(self) -> int:
         return int(self.meta["teacher"]["width"])
 
+    @property
+    def has_pixels(self) -> bool:
+        """Whether extraction kept each row's crop box (extract.pixel_cache)."""
+        return "pixel_cache" in self.meta
+
     def check_identity(self, shard: str) -> None:
         """A shard written for another store (or a store.json copied from one) is refused."""
         written_for = json.loads(fs.read_bytes(fs.join(shard_dir(self.path, shard), "shard.json"))).get("store_id")
@@ -262,6 +323,24 @@ class TargetStore:
         if shard not in self._arrays:
             self._arrays[shard] = zarr.open_array(fs.for_zarr(shard_dir(self.path, shard)), mode="r")
         return self._arrays[shard][row]
+
+    def pixels(self, shard: str, entry: dict) -> np.ndarray:
+        """The crop box the teacher saw for a manifest row: uint8 [frames, crop h, crop w, 3],
+        before resize and flip, checked against the row's crc32."""
+        if not self.has_pixels:
+            raise StoreMismatchError(
+                f"target store {self.path} has no pixel cache; extract it with extract.pixel_cache=true "
+                "to train from stored pixels"
+            )
+        where = f"target store {self.path}: pixels of key {entry['key']!r} view {entry['view']} in shard {shard}"
+        try:
+            blob = fs.read_range(fs.join(shard_dir(self.path, shard), PIXELS), entry["pixels_offset"], entry["pixels_bytes"])
+            crop = pixels.decode(blob, (len(entry["frame_indices"]), entry["crop"][2], entry["crop"][3], 3))
+        except (EOFError, ValueError, RuntimeError) as e:  # a truncated pixels.bin, a wrong size in a header, a blob the codec refuses
+            raise CorruptStoreError(f"{where} cannot be decoded ({e}); run `make inspect STORE={self.path} VERIFY=1`") from None
+        if row_crc32(crop) != entry["pixels_crc32"]:
+            raise CorruptStoreError(f"{where} do not match their checksum; run `make inspect STORE={self.path} VERIFY=1`")
+        return crop
 
 
 def check_row(row: np.ndarray, entry: dict, store: str | Path) -> None:
@@ -306,6 +385,8 @@ def verify_store(path: str | Path) -> list[str]:
         for entry in entries.values():
             try:
                 check_row(store.latents(shard, entry["row"]), entry, path)
+                if store.has_pixels:
+                    store.pixels(shard, entry)
             except Exception as e:
                 problems.append(f"shard {shard}: key {entry['key']!r} view {entry['view']}: {type(e).__name__}: {e}")
     return problems
@@ -348,4 +429,16 @@ def summarize(path: str | Path) -> dict:
         "tokens_per_sample": store.meta["geometry"]["num_tokens"],
         "teacher": store.meta["teacher"],
         "decoder": store.meta["decoder"],
+        **({"pixel_cache": pixel_cache_summary(manifest, store.meta["pixel_cache"])} if store.has_pixels else {}),
+    }
+
+
+def pixel_cache_summary(manifest: pa.Table, recorded: dict) -> dict:
+    """Mean stored and raw (uint8) bytes of a sample's crop box, and the codec."""
+    stored = manifest.column("pixels_bytes").to_numpy()
+    raw = np.array([len(f) * c[2] * c[3] * 3 for f, c in zip(manifest.column("frame_indices").to_pylist(), manifest.column("crop").to_pylist())])
+    return {
+        "bytes_per_sample": float(stored.mean()) if len(stored) else 0.0,
+        "raw_bytes_per_sample": float(raw.mean()) if len(raw) else 0.0,
+        "codec": recorded["codec"],
     }

@@ -1,6 +1,6 @@
 """Video bytes -> the clip a model sees, through one sample spec per (seed, key, view).
 
-Every stage (teacher training, extraction, student, probe) goes through `load_clip`,
+Every stage (teacher training, extraction, student, probe) goes through `decode_views`,
 so they all pick the same frames, crop and flip for a sample. The clip hash is taken
 over the decoded uint8 frames before any augmentation: it changes when the decoder or
 the video changes, which is exactly when stored targets stop matching the pixels.
@@ -12,6 +12,7 @@ import hashlib
 import io
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -95,8 +96,11 @@ class VideoDecodeError(RuntimeError):
     pass
 
 
-def decode(video: bytes, cfg: DataConfig, *, key: str, view: int) -> tuple[np.ndarray, SampleSpec]:
-    """Decode the spec's frames -> (uint8 [T, H, W, 3], spec)."""
+def decode_views(video: bytes, cfg: DataConfig, *, key: str, views: Sequence[int]) -> list[tuple[np.ndarray, SampleSpec]]:
+    """Decode once for several views of a clip -> one (uint8 [T, H, W, 3], spec) per view.
+
+    The container is opened and the union of the views' frames decoded in one pass, so k views
+    cost about one decode (stage 2's data.views_per_decode)."""
     import decord
 
     try:
@@ -106,10 +110,12 @@ def decode(video: bytes, cfg: DataConfig, *, key: str, view: int) -> tuple[np.nd
             raise VideoDecodeError("video has no frames")
         height, width = reader[0].shape[:2]
         # the spec needs the frame size, and decord reports it only through a frame
-        spec = sample_spec(
-            cfg, key=key, view=view, num_frames=num_frames, height=height, width=width, video_fps=reader.get_avg_fps()
-        )
-        unique = sorted(set(spec.frame_indices))
+        fps = reader.get_avg_fps()
+        specs = [
+            sample_spec(cfg, key=key, view=v, num_frames=num_frames, height=height, width=width, video_fps=fps)
+            for v in views
+        ]
+        unique = sorted({i for spec in specs for i in spec.frame_indices})
         decoded = reader.get_batch(unique).asnumpy()
     except VideoDecodeError:
         raise
@@ -117,8 +123,13 @@ def decode(video: bytes, cfg: DataConfig, *, key: str, view: int) -> tuple[np.nd
         raise VideoDecodeError(f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}") from None
     if decoded.shape[1:] != (height, width, 3):  # decord mis-sizes some narrow videos instead of failing
         raise VideoDecodeError(f"decoder returned frames of shape {decoded.shape[1:]} for a {width}x{height} video")
-    frames = decoded[[unique.index(i) for i in spec.frame_indices]]
-    return frames, spec
+    position = {frame: i for i, frame in enumerate(unique)}
+    return [(decoded[[position[i] for i in spec.frame_indices]], spec) for spec in specs]
+
+
+def decode(video: bytes, cfg: DataConfig, *, key: str, view: int) -> tuple[np.ndarray, SampleSpec]:
+    """Decode the spec's frames -> (uint8 [T, H, W, 3], spec)."""
+    return decode_views(video, cfg, key=key, views=[view])[0]
 
 
 def crop(frames: np.ndarray, spec: SampleSpec) -> np.ndarray:
@@ -145,7 +156,10 @@ def augment(frames: np.ndarray, spec: SampleSpec, cfg: DataConfig) -> torch.Tens
     return to_model_input(torch.from_numpy(crop(frames, spec)), spec.flip, cfg)
 
 
+def load_clips(video: bytes, cfg: DataConfig, *, key: str, views: Sequence[int]) -> list[tuple[torch.Tensor, str]]:
+    """The one path from bytes to model input: (clip [3, T, S, S], clip hash) per view, one decode."""
+    return [(augment(frames, spec, cfg), clip_hash(frames)) for frames, spec in decode_views(video, cfg, key=key, views=views)]
+
+
 def load_clip(video: bytes, cfg: DataConfig, *, key: str, view: int) -> tuple[torch.Tensor, str]:
-    """The one path from bytes to model input: (clip [3, T, S, S], clip hash)."""
-    frames, spec = decode(video, cfg, key=key, view=view)
-    return augment(frames, spec, cfg), clip_hash(frames)
+    return load_clips(video, cfg, key=key, views=[view])[0]

@@ -21,6 +21,7 @@ from salt.storage import Codec, StorageFormat, StoredDtype
 Attention = Literal["auto", "sdpa", "xformers"]
 PixelLoss = Literal["l1", "mse"]
 Projection = Literal["none", "orthogonal", "gaussian"]
+StageTwoInput = Literal["video", "pixels"]
 
 
 @dataclass(kw_only=True)
@@ -40,6 +41,17 @@ class DataConfig:
     # Samples pass through a seeded buffer of this many before batching, so a batch mixes
     # shards; 0 or 1 keeps the shard-by-shard order. The order stays a function of (seed, epoch).
     shuffle_buffer: int = 256
+    # Decode less (docs/design.md, "Feeding the GPUs"). views_per_decode: one decode serves this
+    # many views of a clip, all in the same batch (repeated augmentation; stage 2 takes them from
+    # the store's views_per_clip; batch_size must be a multiple). stage2_input=pixels: stage 2
+    # reads the clips the teacher saw from the store's pixel cache (extract.pixel_cache=true)
+    # and decodes no video.
+    views_per_decode: int = 1
+    stage2_input: StageTwoInput = "video"
+
+    def __post_init__(self):
+        if self.views_per_decode < 1:
+            raise ConfigError(f"data.views_per_decode={self.views_per_decode}: want at least 1")
 
 
 @dataclass(kw_only=True)
@@ -123,6 +135,9 @@ class ExtractConfig:
     projection: Projection = "none"
     projection_dim: int = 0
     projection_seed: int = 0
+    # also store each view's uint8 crop box (the pixels the teacher saw, before resize and flip),
+    # compressed, so stage 2 can train with data.stage2_input=pixels and decode no video
+    pixel_cache: bool = False
 
     @property
     def storage(self) -> StorageFormat:

@@ -43,9 +43,16 @@ Where this accounting differs
 What feeds a GPU
 ----------------
 At the stated throughput a GPU consumes `gpu_flops_per_s / FLOPs per sample` clips per
-second. Every stage decodes one clip per sample (stage 1, extraction, both stage-2 modes),
-which takes `clips/s / decode_clips_per_s_per_core` cores; stage 2 with cached targets also
-reads one stored view per sample, and extraction writes one. A node offers
+second. The input side costs CPU cores ("decode" below) and store bandwidth per sample:
+- stage 1, extraction, stage 2 online, stage 2 cached from video: one decode per sample,
+  `clips/s / decode_clips_per_s_per_core` cores;
+- stage 2 cached, k views per decode (data.views_per_decode, needs views_per_clip >= k):
+  `multiview_samples_per_s_per_core` (measured at this k; unset: k x the decode rate, the
+  decode shared and the crops free, an upper bound);
+- stage 2 cached from the pixel cache (extract.pixel_cache, data.stage2_input=pixels): no video;
+  reading, decompressing and resizing the stored crop at `pixel_samples_per_s_per_core`, and
+  `pixel_mb_per_view` more from the store per sample.
+Stage 2 cached reads one stored view per sample and extraction writes one. A node offers
 `cpu_cores_per_node / gpus_per_node` cores and `storage_mb_per_s_per_node / gpus_per_node`
 MB/s to each GPU; the GPU runs at the fraction of its rate the scarcest of the three allows,
 and that resource binds. The video bytes the decoders read, augmentation beyond the crop
@@ -93,6 +100,7 @@ _POSITIVE_INTS = (
     "student_runs",
     "gpus_per_node",
     "cpu_cores_per_node",
+    "views_per_decode",
 )
 
 
@@ -126,6 +134,12 @@ class PlanInputs:
     # The node is an assumption to replace with yours: 8 GPUs, 128 cores, and a storage share of
     # 10 GB/s per node.
     decode_clips_per_s_per_core: float = 6.12
+    views_per_decode: int = 1  # > 1 adds the stage-2 row of that many views per decode
+    multiview_samples_per_s_per_core: float | None = None
+    # the pixel-cache loader (make bench's loader_pixels_samples_per_s_per_core and
+    # pixel_cache_mb_per_view, on its 640x360 clip; make plan reads them from benchmarks.json)
+    pixel_samples_per_s_per_core: float = 20.0
+    pixel_mb_per_view: float = 5.0
     gpus_per_node: int = 8
     cpu_cores_per_node: int = 128
     storage_mb_per_s_per_node: float = 10_000.0
@@ -136,8 +150,11 @@ class PlanInputs:
             _require(getattr(self, name) >= 1, name, "must be >= 1")
         _require(self.teacher_steps >= 0, "teacher_steps", "must be >= 0")
         _require(0 < self.context_fraction <= 1, "context_fraction", "must be in (0, 1]")
+        _require(self.views_per_decode <= self.views_per_clip, "views_per_decode",
+                 f"{self.views_per_decode} views per decode need at least as many stored views (views_per_clip={self.views_per_clip})")
         for name in ("gpu_flops_per_s", "extract_flops_per_s", "compression_ratio", "decode_clips_per_s_per_core",
-                     "storage_mb_per_s_per_node"):
+                     "storage_mb_per_s_per_node", "multiview_samples_per_s_per_core", "pixel_samples_per_s_per_core",
+                     "pixel_mb_per_view"):
             value = getattr(self, name)
             _require(value is None or value > 0, name, "must be > 0")
         for name in ("teacher", "student"):
@@ -173,8 +190,8 @@ class Feed:
 
     stage: str
     clips_per_s_per_gpu: float  # at gpu_flops_per_s (extract_flops_per_s for extraction)
-    decode_cores_per_gpu: float
-    target_mb_per_s_per_gpu: float  # stored views read (stage 2 cached) or written (extraction)
+    decode_cores_per_gpu: float  # CPU cores of input work: video decode, or the pixel cache's
+    target_mb_per_s_per_gpu: float  # store bytes read (stage 2 cached: targets, and pixels) or written (extraction)
     target_mb_per_s_per_node: float
     binding: str  # "gpu", "decode" or "storage"
     gpu_utilisation: float  # the fraction of clips_per_s_per_gpu the node sustains
@@ -195,7 +212,7 @@ class Plan:
     store_bytes: float
     break_even_runs: int  # fewest student runs for which caching costs fewer FLOPs
     break_even_runs_gpu_hours: int  # the same in GPU-hours (differs if extraction runs at another rate)
-    feeds: list[Feed]  # stage 1, extraction, stage 2 cached, stage 2 online
+    feeds: list[Feed]  # stage 1, extraction, stage 2 cached (video, k views per decode, pixel cache), online
 
 
 def tokens_per_view(inp: PlanInputs) -> int:
@@ -265,9 +282,13 @@ def break_even_runs(once: Fraction, saving_per_run: Fraction) -> int:
     return math.floor(once / saving_per_run) + 1
 
 
-def feed(inp: PlanInputs, stage: str, flops_per_sample: float, rate: float, target_bytes_per_sample: float) -> Feed:
+def feed(
+    inp: PlanInputs, stage: str, flops_per_sample: float, rate: float, target_bytes_per_sample: float,
+    samples_per_s_per_core: float | None = None,
+) -> Feed:
+    """samples_per_s_per_core: the input side's rate per core (default: one decode per sample)."""
     clips = rate / flops_per_sample
-    decode_cores = clips / inp.decode_clips_per_s_per_core
+    decode_cores = clips / (samples_per_s_per_core or inp.decode_clips_per_s_per_core)
     target_mb = clips * target_bytes_per_sample / 1e6
     allowed = {  # the fraction of the GPU's rate each resource sustains
         "gpu": 1.0,
@@ -301,10 +322,18 @@ def plan(inp: PlanInputs) -> Plan:
         return Cost(flops=float(flops), gpu_hours=gpu_hours(flops, rate))
 
     runs = inp.student_runs
+    k = inp.views_per_decode
+    multiview = [feed(
+        inp, f"stage 2: cached, {k} views/decode", per_sample_cached, train_rate, bytes_per_view,
+        inp.multiview_samples_per_s_per_core or k * inp.decode_clips_per_s_per_core,
+    )] if k > 1 else []
     feeds = [
         feed(inp, "stage 1: teacher", per_sample_stage1, train_rate, 0.0),
         feed(inp, "extraction", teacher_fwd, extract_rate, bytes_per_view),
         feed(inp, "stage 2: cached targets", per_sample_cached, train_rate, bytes_per_view),
+        *multiview,
+        feed(inp, "stage 2: cached, pixel cache", per_sample_cached, train_rate,
+             bytes_per_view + inp.pixel_mb_per_view * 1e6, inp.pixel_samples_per_s_per_core),
         feed(inp, "stage 2: online teacher", per_sample_cached + teacher_fwd, train_rate, 0.0),
     ]
     return Plan(

@@ -210,7 +210,7 @@ def test_ranks_split_an_epoch_without_overlap(digits):
     assert ranks[0].epoch_samples(1) != ranks[0].epoch_samples(0)  # reshuffled each epoch
     # a sample is the same whichever rank loads it
     shard, key = ranks[1].epoch_samples(0)[0]
-    a, b = ranks[0].load_sample(shard, key, epoch=0), ranks[1].load_sample(shard, key, epoch=0)
+    (a,), (b,) = ranks[0].load_samples(shard, key, epoch=0), ranks[1].load_samples(shard, key, epoch=0)
     assert torch.equal(a["clip"], b["clip"])
     assert all(np.array_equal(x.target, y.target) for x, y in zip(a["masks"], b["masks"]))
 
@@ -263,6 +263,22 @@ def test_two_views_per_clip_are_stored_and_both_used(digits, teacher_dir, ray_lo
     dataset = TargetStream(cfg, list_shards(digits), batch_size=4, store=store)
     assert dataset.batches_per_epoch == 4
     assert set(dataset.batch(0)["views"]) == {0} and set(dataset.batch(4)["views"]) == {1}
+
+    # one decode serves both views (data.views_per_decode=2): a batch holds 2 clips x 2 views, each
+    # sample exactly what a one-view decode gives, and an epoch visits every clip once
+    two = TargetStream(tiny_config("extract.views_per_clip=2", "data.views_per_decode=2"), list_shards(digits), batch_size=4, store=store)
+    assert two.batches_per_epoch == 8
+    batch = two.batch(0)
+    assert batch["keys"][0] == batch["keys"][1] and batch["keys"][2] == batch["keys"][3] and batch["views"] == [0, 1, 0, 1]
+    for i, (key, view) in enumerate(zip(batch["keys"], batch["views"])):
+        shard = next(s for s, k in dataset.epoch_samples(0) if k == key)
+        (single,) = dataset.load_samples(shard, key, epoch=view)  # epoch v reads view v here
+        assert torch.equal(batch["clips"][i], single["clip"]) and torch.equal(batch["targets"][i], single["targets"])
+    assert sorted(k for g in range(8) for k in two.batch(g)["keys"][::2]) == sorted(by_key)
+    with pytest.raises(ValueError, match="not a multiple of data.views_per_decode=2"):
+        TargetStream(tiny_config("data.views_per_decode=2"), list_shards(digits), batch_size=3, store=store)
+    with pytest.raises(ValueError, match="holds 2 view"):
+        TargetStream(tiny_config("data.views_per_decode=3"), list_shards(digits), batch_size=3, store=store)
 
 
 def drop_view(store: str, shard: str, key: str, view: int) -> None:

@@ -125,11 +125,43 @@ def test_feed_arithmetic_names_what_binds():
     assert {(f.binding, f.gpu_utilisation) for f in fed} == {("gpu", 1.0)}
 
 
+def test_stage_2_input_modes_decode_less():
+    """The same 160 clips/s per GPU: 2 views per decode at 8 samples/s per core need 20 cores (the
+    node offers 16: 80%); the pixel cache at 40 samples/s needs 4 cores but reads 4 MB of pixels
+    more per sample: 160 x (3.21 + 4) MB/s per GPU, against 8,000 / 8 = 1,000 MB/s (storage binds)."""
+    paper = plan(PlanInputs())
+    per_sample = paper.student_run_cached.flops / (paper.inputs.student_steps * paper.inputs.batch_size)
+    node = dict(gpu_flops_per_s=160 * per_sample, decode_clips_per_s_per_core=5.0, storage_mb_per_s_per_node=8000.0)
+    modes = dict(views_per_clip=2, views_per_decode=2, multiview_samples_per_s_per_core=8.0,
+                 pixel_samples_per_s_per_core=40.0, pixel_mb_per_view=4.0)
+    feeds = {f.stage: f for f in plan(PlanInputs(**node, **modes)).feeds}
+    view_mb = 1568 * 1024 * 2 / 1e6
+    two = feeds["stage 2: cached, 2 views/decode"]
+    assert two.decode_cores_per_gpu == pytest.approx(20)
+    assert (two.binding, two.gpu_utilisation) == ("decode", pytest.approx(16 / 20))
+    pixels = feeds["stage 2: cached, pixel cache"]
+    assert pixels.decode_cores_per_gpu == pytest.approx(4)
+    assert pixels.target_mb_per_s_per_gpu == pytest.approx(160 * (view_mb + 4.0))
+    assert (pixels.binding, pixels.gpu_utilisation) == ("storage", pytest.approx(1000 / (160 * (view_mb + 4.0))))
+    # unmeasured, k views per decode count the decode once and the crops as free
+    unmeasured = {f.stage: f for f in plan(PlanInputs(**node, views_per_clip=2, views_per_decode=2)).feeds}
+    assert unmeasured["stage 2: cached, 2 views/decode"].decode_cores_per_gpu == pytest.approx(16)
+    assert "stage 2: cached, 2 views/decode" not in {f.stage for f in paper.feeds}  # one view per decode: no row
+    with pytest.raises(ConfigError, match="views_per_decode"):
+        PlanInputs(views_per_decode=2)  # a single stored view cannot serve two
+
+
 def test_plan_reads_the_measured_decode_rate(tmp_path, capsys):
     bench = tmp_path / "benchmarks.json"
-    bench.write_text(json.dumps([{"name": "decode_clips_per_s_per_core", "value": 2.5}]))
+    measured = {"decode_clips_per_s_per_core": 2.5, "loader_views2_samples_per_s_per_core": 4.5,
+                "loader_pixels_samples_per_s_per_core": 30.0, "pixel_cache_mb_per_view": 2.0}
+    bench.write_text(json.dumps([{"name": k, "value": v} for k, v in measured.items()]))
     out = json.loads(plan_job.main(["--json", "--bench", str(bench)]))
     assert out["inputs"]["decode_clips_per_s_per_core"] == 2.5
+    assert (out["inputs"]["pixel_samples_per_s_per_core"], out["inputs"]["pixel_mb_per_view"]) == (30.0, 2.0)
+    assert out["inputs"]["multiview_samples_per_s_per_core"] is None  # measured at 2 views per decode, not 1
+    two = json.loads(plan_job.main(["--json", "--bench", str(bench), "views_per_clip=2", "views_per_decode=2"]))
+    assert two["inputs"]["multiview_samples_per_s_per_core"] == 4.5
     cached = next(f for f in out["feeds"] if f["stage"] == "stage 2: cached targets")
     assert cached["decode_cores_per_gpu"] == pytest.approx(cached["clips_per_s_per_gpu"] / 2.5)
     # an override wins over the file; a file that is not make bench's is named in the error

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
@@ -17,11 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import targets
 from pipeline.extract import extract_targets
 from pipeline.shards import index_shard, list_shards
 from pipeline.stream import TargetStream
-from pipeline.targets import CorruptStoreError, committed_shards, verify_store
+from pipeline.targets import CorruptStoreError, verify_store
 from salt.checkpoint import load_tensors, read_meta
 from salt.models.teachers import load_teacher
 from tests.conftest import FAST, ROOT, tiny_config, tree_digest
@@ -134,29 +132,6 @@ def test_a_kill_between_the_writes_of_a_checkpoint_resumes_to_the_exact_batch(st
     assert [r["loss"] for r in read(killed)] == [r["loss"] for r in read(whole)]
     a, b = load_tensors(whole / "student"), load_tensors(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_full_disk_during_a_shard_write_leaves_nothing_partial(digits, teacher_dir, ray_local, store_fp32, tmp_path, monkeypatch):
-    store = tmp_path / "store"
-    real = targets._write_shard
-    calls = []
-
-    def disk_full_on_second_shard(folder, shard, *args):
-        calls.append(shard)
-        if len(calls) == 2:
-            (Path(folder) / "c").mkdir(parents=True, exist_ok=True)
-            (Path(folder) / "c" / "partial").write_bytes(b"\0" * 100)  # what a half-done write leaves
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(folder, shard, *args)
-
-    monkeypatch.setattr(targets, "_write_shard", disk_full_on_second_shard)
-    with pytest.raises(OSError, match="No space left on device"):
-        extract_targets(tiny_config("extract.dtype=float32"), data=digits, teacher=teacher_dir, store=str(store), progress=False)
-    assert len(committed_shards(store)) == 1
-    assert sorted(p.name for p in (store / "targets").iterdir()) == [f"{committed_shards(store)[0]}.zarr"]
-    monkeypatch.setattr(targets, "_write_shard", real)
-    extract_targets(tiny_config("extract.dtype=float32"), data=digits, teacher=teacher_dir, store=str(store), progress=False)
-    assert_same_store(store_fp32, str(store))
 
 
 def test_store_json_from_another_store_is_caught(store_fp32, digits, teacher_dir, ray_local, tmp_path):

@@ -20,7 +20,7 @@ from jobs import inspect_store
 from pipeline.extract import extract_targets
 from pipeline.shards import list_shards
 from pipeline.stream import TargetStream
-from pipeline.targets import CorruptStoreError, TargetStore, shard_dir, verify_store
+from pipeline.targets import CorruptStoreError, StoreMismatchError, TargetStore, parts_dir, shard_dir, summarize, verify_store
 from tests.conftest import FAST, ROOT, tiny_config
 from tests.test_pipeline import assert_same_store, store_contents
 
@@ -107,23 +107,119 @@ def stop_cluster(temp: Path) -> None:
             pass
 
 
+def shard_files(store: str) -> dict[str, bytes]:
+    """Every file of every committed shard, by path below targets/, except shard.json (it holds the
+    store's id): equal dicts, byte-identical shards."""
+    targets = Path(store) / "targets"
+    return {str(f.relative_to(targets)): f.read_bytes() for f in sorted(targets.rglob("*")) if f.is_file() and f.name != "shard.json"}
+
+
+def test_shard_files_are_written_by_worker_processes(six_shards, teacher_dir, clean_six, ray_local, tmp_path, monkeypatch):
+    """The teacher's actors write the latents as parts and Ray tasks write the shards: the driver (this
+    process, Ray being local) writes neither, and the store is byte for byte the clean one."""
+    from ray.data import DataContext
+
+    # Ray Data queues up to 4 batches on the first actor that is up, and the decoded shards are all
+    # waiting by then: with one at a time, the second actor gets its share once its teacher is loaded
+    monkeypatch.setattr(DataContext.get_current(), "max_tasks_in_flight_per_actor", 1)
+    store = str(tmp_path / "workers")
+    cfg = tiny_config(*FP32, "extract.num_actors=2", "extract.actor_num_cpus=0.5", "extract.decode_num_cpus=0.5")
+    summary = extract_targets(cfg, data=six_shards, teacher=teacher_dir, store=store, progress=False)
+    assert len(summary["part_writers"]) == 2 and summary["shard_writers"]
+    assert os.getpid() not in summary["part_writers"] + summary["shard_writers"]
+    assert summary["teacher_forward_samples"] == 24 and summary["write_s"] > 0
+    assert not Path(parts_dir(store)).exists()
+    assert shard_files(store) == shard_files(clean_six) and len(shard_files(store)) >= 6 * 4
+    assert verify_store(store) == []
+
+
+FULL_DISK_AFTER_THE_FIRST_SHARD = """
+import errno, os, runpy, sys
+import ray
+
+def disk_full_after_the_first_shard():
+    # runs in every Ray worker, where shards are written: the job's first commit goes through
+    # (it makes the marker file), every later one finds the disk full halfway
+    from pathlib import Path
+    from pipeline import targets
+    real = targets._write_shard
+    def write(folder, shard, *args):
+        try:
+            os.close(os.open(os.environ["FIRST_COMMIT_MARKER"], os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            (Path(folder) / "c").mkdir(parents=True, exist_ok=True)
+            (Path(folder) / "c" / "partial").write_bytes(b"\\0" * 100)  # what a half-done write leaves
+            raise OSError(errno.ENOSPC, "No space left on device") from None
+        return real(folder, shard, *args)
+    targets._write_shard = write
+
+ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+         runtime_env={"worker_process_setup_hook": disk_full_after_the_first_shard})
+sys.argv = ["jobs.extract_targets", *sys.argv[1:]]
+runpy.run_module("jobs.extract_targets", run_name="__main__")
+"""
+
+
+def test_full_disk_in_a_shard_writing_worker_names_the_shard_and_leaves_nothing_partial(digits, teacher_dir, store_fp32, tmp_path):
+    store = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"FIRST_COMMIT_MARKER": str(tmp_path / "first-commit"),
+                                                                        "SALT_TRACEBACK": "1"}
+    failed = subprocess.run([sys.executable, "-c", FULL_DISK_AFTER_THE_FIRST_SHARD, *extract_cli(digits, teacher_dir, str(store))[3:]],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0
+    assert "OSError: [Errno 28] No space left on device" in failed.stderr
+    assert "while committing shard shard-00000" in failed.stderr  # the failing shard, named in the error
+    committed = sorted(p.parent.name for p in (store / "targets").glob("*.zarr/shard.json"))
+    assert len(committed) == 1 and sorted(p.name for p in (store / "targets").iterdir()) == committed  # no temp folder, no parts
+    rerun = subprocess.run(extract_cli(digits, teacher_dir, str(store)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert '"shards_extracted_now": 1' in rerun.stdout
+    assert shard_files(str(store)) == shard_files(store_fp32)
+
+
+def rows_of_a_task(store: str, latents: list[float]) -> list[dict]:
+    """What a teacher actor returns for rows a and b of one shard, their latents in a part of its own."""
+    from pipeline.extract import write_parts
+
+    shards, orders = np.array(["shard-000000"] * 2), np.arange(2)
+    part, part_row = write_parts(store, shards, orders, np.stack([np.full((3, 2), x, np.float32) for x in latents]), None)
+    return [{"shard": "shard-000000", "shard_total": 2, "order": i, "key": key, "view": 0, "error": "", "clip_hash": "h" + key,
+             "frame_indices": np.arange(4, dtype=np.int32), "crop": np.zeros(4, np.int32), "flip": False,
+             "part": part[i], "part_row": part_row[i], "writer_pid": 0} for i, key in enumerate("ab")]
+
+
 def test_retried_rows_are_written_once(tmp_path, ray_local):
     import ray
 
     from pipeline.extract import _commit_as_complete
     from salt.storage import StorageFormat
 
-    def row(key: str, order: int) -> dict:
-        return {"shard": "shard-000000", "shard_total": 2, "order": order, "key": key, "view": 0, "error": "",
-                "clip_hash": "h" + key, "frame_indices": np.arange(4, dtype=np.int32), "crop": np.zeros(4, np.int32),
-                "flip": False, "latents": np.full((3, 2), order, np.float32)}
+    store = str(tmp_path)
+    (a, b), (a_again, b_again) = rows_of_a_task(store, [0, 1]), rows_of_a_task(store, [10, 11])
+    # rows arrive twice, as when Ray re-runs a task whose output was already seen, before and
+    # after their shard is complete; the re-run wrote parts of its own, which are never read
+    ds = ray.data.from_items([a, a_again, b, b_again], override_num_blocks=1)
+    summary = _commit_as_complete(ds, store, StorageFormat(dtype="float32"), "test-store")
+    manifest, array = store_contents(store)["shard-000000"]
+    assert summary["teacher_forward_samples"] == 2 and [m["key"] for m in manifest] == ["a", "b"]
+    assert np.array_equal(array, np.stack([np.full((3, 2), x, np.float32) for x in (0, 1)]))
+    assert summary["shard_writers"] and os.getpid() not in summary["shard_writers"]
+    assert sorted(p.name for p in (tmp_path / "targets").iterdir()) == ["shard-000000.zarr"]  # no parts left
 
-    # rows arrive twice, as when Ray re-runs a task whose output was already seen,
-    # before and after their shard is complete
-    ds = ray.data.from_items([row("a", 0), row("a", 0), row("b", 1), row("b", 1)], override_num_blocks=1)
-    forwarded, _ = _commit_as_complete(ds, tmp_path, StorageFormat(dtype="float32"), "test-store")
-    manifest, array = store_contents(str(tmp_path))["shard-000000"]
-    assert forwarded == 2 and [m["key"] for m in manifest] == ["a", "b"] and array.shape == (2, 3, 2)
+
+def test_a_failed_shard_commit_names_the_shard_and_leaves_nothing_partial(tmp_path, ray_local):
+    import ray
+
+    from pipeline.extract import _commit_as_complete
+    from salt.storage import StorageFormat
+
+    store = str(tmp_path)
+    rows = rows_of_a_task(store, [0, 1])
+    Path(rows[1]["part"]).unlink()  # a part lost between the actor's write and the commit
+    ds = ray.data.from_items(rows, override_num_blocks=1)
+    with pytest.raises(FileNotFoundError, match="while committing shard shard-000000 of target store"):
+        _commit_as_complete(ds, store, StorageFormat(dtype="float32"), "test-store")
+    assert list((tmp_path / "targets").iterdir()) == []  # no shard, no temporary folder, no parts
 
 
 def test_lossy_formats_are_smaller_and_close(store_fp32, digits, teacher_dir, tmp_path):
@@ -174,6 +270,68 @@ def test_truncated_manifest_missing_shard_and_foreign_store_json(store_fp32, tmp
     assert any(p.startswith("shard shard-000000: manifest.parquet unreadable") for p in problems)
     assert "shard shard-000001: missing (not committed)" in problems
     assert verify_store(store_fp32) == []
+
+
+PIXELS = [*FP32, "extract.pixel_cache=true"]
+
+
+@pytest.fixture(scope="module")
+def pixel_store(digits, teacher_dir, ray_local, tmp_path_factory) -> str:
+    store = str(tmp_path_factory.mktemp("pixels") / "store")
+    extract_targets(tiny_config(*PIXELS), data=digits, teacher=teacher_dir, store=store, progress=False)
+    return store
+
+
+def test_pixel_cache_holds_the_crops_the_teacher_saw(pixel_store, store_fp32, digits):
+    """Each row's stored pixels are the uint8 crop box decoding its (key, view) gives, byte for byte;
+    the latents and the rest of the manifest are those of the same extraction without the cache."""
+    from pipeline.shards import iter_shard
+    from pipeline.video import crop, decode
+
+    cfg = tiny_config(*PIXELS)
+    store = TargetStore(pixel_store)
+    assert store.has_pixels and not TargetStore(store_fp32).has_pixels
+    videos = {s.key: s.video for shard in list_shards(digits) for s in iter_shard(shard)}
+    with_cache, without = store_contents(pixel_store), store_contents(store_fp32)
+    assert with_cache.keys() == without.keys()
+    for shard, (manifest, latents) in with_cache.items():
+        assert np.array_equal(latents, without[shard][1])
+        columns = ("pixels_offset", "pixels_bytes", "pixels_crc32")
+        assert [{k: v for k, v in m.items() if k not in columns} for m in manifest] == without[shard][0]
+        for entry in manifest:
+            stored = store.pixels(shard, entry)
+            expected = crop(*decode(videos[entry["key"]], cfg.data, key=entry["key"], view=entry["view"]))
+            assert stored.dtype == np.uint8 and stored.shape == expected.shape and stored.tobytes() == expected.tobytes()
+    assert verify_store(pixel_store) == []
+    cache = summarize(pixel_store)["pixel_cache"]
+    assert 0 < cache["bytes_per_sample"] < cache["raw_bytes_per_sample"] and cache["codec"]["cname"] == "zstd"
+    assert not Path(parts_dir(pixel_store)).exists()
+
+
+def test_a_store_without_pixels_says_how_to_get_them(store_fp32, digits, teacher_dir):
+    store = TargetStore(store_fp32)
+    entry = next(iter(store.manifest("shard-000000").values()))
+    with pytest.raises(StoreMismatchError, match=r"has no pixel cache; extract it with extract.pixel_cache=true"):
+        store.pixels("shard-000000", entry)
+    with pytest.raises(StoreMismatchError, match=r"pixel_cache: store has None"):  # no cache added to a store by a rerun
+        extract_targets(tiny_config(*PIXELS), data=digits, teacher=teacher_dir, store=store_fp32, progress=False)
+
+
+def test_flipped_byte_in_pixels_is_found_by_verify(pixel_store, tmp_path, capsys):
+    copy = damaged_copy(pixel_store, tmp_path)
+    store = TargetStore(copy)
+    entry = sorted(store.manifest("shard-000001").values(), key=lambda e: e["row"])[3]
+    pixels_bin = Path(shard_dir(copy, "shard-000001")) / "pixels.bin"
+    blob = bytearray(pixels_bin.read_bytes())
+    blob[entry["pixels_offset"] + entry["pixels_bytes"] // 2] ^= 0xFF  # inside row 3's blob
+    pixels_bin.write_bytes(bytes(blob))
+    with pytest.raises(SystemExit):
+        inspect_store.main([str(copy), "--verify"])
+    out = capsys.readouterr().out
+    assert "shard shard-000001: file pixels.bin changed since extraction" in out
+    assert f"shard shard-000001: key {entry['key']!r} view 0: CorruptStoreError" in out and out.count("CORRUPT") == 2
+    with pytest.raises(CorruptStoreError, match=rf"pixels of key {entry['key']!r} view 0 in shard shard-000001"):
+        store.pixels("shard-000001", entry)
 
 
 def test_teacher_actors_ask_the_cluster_for_gpus(ray_local, monkeypatch):
