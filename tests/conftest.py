@@ -81,16 +81,22 @@ def teacher_dir(digits, tmp_path_factory) -> str:
     return str(out)
 
 
-def extract_fp32(data: str, teacher_dir: str, store: str) -> str:
+def extract_fp32(data: str, teacher_dir: str, store: str, *overrides: str) -> str:
     from pipeline.extract import extract_targets
 
-    extract_targets(tiny_config("extract.dtype=float32"), data=data, teacher=teacher_dir, store=store, progress=False)
+    extract_targets(tiny_config("extract.dtype=float32", *overrides), data=data, teacher=teacher_dir, store=store, progress=False)
     return store
 
 
 @pytest.fixture(scope="session")
 def store_fp32(digits, teacher_dir, ray_local, tmp_path_factory) -> str:
     return extract_fp32(digits, teacher_dir, str(tmp_path_factory.mktemp("stores") / "fp32"))
+
+
+@pytest.fixture(scope="session")
+def pixel_store(digits, teacher_dir, ray_local, tmp_path_factory) -> str:
+    """store_fp32's job with the pixel cache (extract.pixel_cache=true)."""
+    return extract_fp32(digits, teacher_dir, str(tmp_path_factory.mktemp("stores") / "pixels"), "extract.pixel_cache=true")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Stage 2 fed from the pixel cache: the same batches and losses as from video, no video read."""
+"""Stage 2 fed from the pixel cache (the conftest pixel_store): the same batches and losses as from video, no video read."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.extract import extract_targets
 from pipeline.shards import list_shards
 from pipeline.stream import TargetStream
 from pipeline.targets import TargetStore
@@ -17,13 +16,6 @@ from salt.train.student import train_student
 from tests.conftest import tiny_config
 
 PIXELS = "data.stage2_input=pixels"
-
-
-@pytest.fixture(scope="module")
-def pixel_store(digits, teacher_dir, ray_local, tmp_path_factory) -> str:
-    store = str(tmp_path_factory.mktemp("pixel-cache") / "store")
-    extract_targets(tiny_config("extract.pixel_cache=true"), data=digits, teacher=teacher_dir, store=store, progress=False)
-    return store
 
 
 def assert_same_batch(a: dict, b: dict) -> None:

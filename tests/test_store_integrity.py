@@ -275,13 +275,6 @@ def test_truncated_manifest_missing_shard_and_foreign_store_json(store_fp32, tmp
 PIXELS = [*FP32, "extract.pixel_cache=true"]
 
 
-@pytest.fixture(scope="module")
-def pixel_store(digits, teacher_dir, ray_local, tmp_path_factory) -> str:
-    store = str(tmp_path_factory.mktemp("pixels") / "store")
-    extract_targets(tiny_config(*PIXELS), data=digits, teacher=teacher_dir, store=store, progress=False)
-    return store
-
-
 def test_pixel_cache_holds_the_crops_the_teacher_saw(pixel_store, store_fp32, digits):
     """Each row's stored pixels are the uint8 crop box decoding its (key, view) gives, byte for byte;
     the latents and the rest of the manifest are those of the same extraction without the cache."""
