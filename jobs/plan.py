@@ -21,6 +21,7 @@ from salt.flops import Plan, PlanInputs, inputs_from_config, inputs_from_overrid
 # make bench rows -> the PlanInputs fields they measure
 MEASURED = {
     "decode_clips_per_s_per_core": "decode_clips_per_s_per_core",
+    "loader_video_samples_per_s_per_core": "cached_video_samples_per_s_per_core",
     "loader_pixels_samples_per_s_per_core": "pixel_samples_per_s_per_core",
     "pixel_cache_mb_per_view": "pixel_mb_per_view",
 }
@@ -105,6 +106,7 @@ def format_plan(pl: Plan) -> str:
         f"(GPU-hours: from run {pl.break_even_runs_gpu_hours})",
         "",
         f"feeding one GPU: per core, decode {i.decode_clips_per_s_per_core:.3g} clips/s"
+        + (f" (stage 2 {i.cached_video_samples_per_s_per_core:.3g} with its targets)" if i.cached_video_samples_per_s_per_core else "")
         + (f", {i.views_per_decode} views/decode {i.multiview_samples_per_s_per_core or i.views_per_decode * i.decode_clips_per_s_per_core:.3g} samples/s"
            if i.views_per_decode > 1 else "")
         + f", pixel cache {i.pixel_samples_per_s_per_core:.3g} samples/s ({i.pixel_mb_per_view:.2f} MB/view); "

@@ -44,8 +44,10 @@ What feeds a GPU
 ----------------
 At the stated throughput a GPU consumes `gpu_flops_per_s / FLOPs per sample` clips per
 second. The input side costs CPU cores ("decode" below) and store bandwidth per sample:
-- stage 1, extraction, stage 2 online, stage 2 cached from video: one decode per sample,
-  `clips/s / decode_clips_per_s_per_core` cores;
+- stage 1, extraction, stage 2 online: one decode per sample, `clips/s /
+  decode_clips_per_s_per_core` cores;
+- stage 2 cached from video: the same decode, plus reading and checking the stored view, at
+  `cached_video_samples_per_s_per_core` (make bench's stage-2 loader; unset: the decode rate);
 - stage 2 cached, k views per decode (data.views_per_decode, needs views_per_clip >= k):
   `multiview_samples_per_s_per_core` (measured at this k; unset: k x the decode rate, the
   decode shared and the crops free, an upper bound);
@@ -134,6 +136,7 @@ class PlanInputs:
     # The node is an assumption to replace with yours: 8 GPUs, 128 cores, and a storage share of
     # 10 GB/s per node.
     decode_clips_per_s_per_core: float = 6.12
+    cached_video_samples_per_s_per_core: float | None = None
     views_per_decode: int = 1  # > 1 adds the stage-2 row of that many views per decode
     multiview_samples_per_s_per_core: float | None = None
     # the pixel-cache loader (make bench's loader_pixels_samples_per_s_per_core and
@@ -153,7 +156,7 @@ class PlanInputs:
         _require(self.views_per_decode <= self.views_per_clip, "views_per_decode",
                  f"{self.views_per_decode} views per decode need at least as many stored views (views_per_clip={self.views_per_clip})")
         for name in ("gpu_flops_per_s", "extract_flops_per_s", "compression_ratio", "decode_clips_per_s_per_core",
-                     "storage_mb_per_s_per_node", "multiview_samples_per_s_per_core", "pixel_samples_per_s_per_core",
+                     "storage_mb_per_s_per_node", "cached_video_samples_per_s_per_core", "multiview_samples_per_s_per_core", "pixel_samples_per_s_per_core",
                      "pixel_mb_per_view"):
             value = getattr(self, name)
             _require(value is None or value > 0, name, "must be > 0")
@@ -330,7 +333,8 @@ def plan(inp: PlanInputs) -> Plan:
     feeds = [
         feed(inp, "stage 1: teacher", per_sample_stage1, train_rate, 0.0),
         feed(inp, "extraction", teacher_fwd, extract_rate, bytes_per_view),
-        feed(inp, "stage 2: cached targets", per_sample_cached, train_rate, bytes_per_view),
+        feed(inp, "stage 2: cached targets", per_sample_cached, train_rate, bytes_per_view,
+             inp.cached_video_samples_per_s_per_core),
         *multiview,
         feed(inp, "stage 2: cached, pixel cache", per_sample_cached, train_rate,
              bytes_per_view + inp.pixel_mb_per_view * 1e6, inp.pixel_samples_per_s_per_core),

@@ -153,7 +153,7 @@ def test_stage_2_input_modes_decode_less():
 
 def test_plan_reads_the_measured_decode_rate(tmp_path, capsys):
     bench = tmp_path / "benchmarks.json"
-    measured = {"decode_clips_per_s_per_core": 2.5, "loader_views2_samples_per_s_per_core": 4.5,
+    measured = {"decode_clips_per_s_per_core": 2.5, "loader_video_samples_per_s_per_core": 2.0, "loader_views2_samples_per_s_per_core": 4.5,
                 "loader_pixels_samples_per_s_per_core": 30.0, "pixel_cache_mb_per_view": 2.0}
     bench.write_text(json.dumps([{"name": k, "value": v} for k, v in measured.items()]))
     out = json.loads(plan_job.main(["--json", "--bench", str(bench)]))
@@ -162,8 +162,10 @@ def test_plan_reads_the_measured_decode_rate(tmp_path, capsys):
     assert out["inputs"]["multiview_samples_per_s_per_core"] is None  # measured at 2 views per decode, not 1
     two = json.loads(plan_job.main(["--json", "--bench", str(bench), "views_per_clip=2", "views_per_decode=2"]))
     assert two["inputs"]["multiview_samples_per_s_per_core"] == 4.5
-    cached = next(f for f in out["feeds"] if f["stage"] == "stage 2: cached targets")
-    assert cached["decode_cores_per_gpu"] == pytest.approx(cached["clips_per_s_per_gpu"] / 2.5)
+    feeds = {f["stage"]: f for f in out["feeds"]}
+    assert feeds["stage 1: teacher"]["decode_cores_per_gpu"] == pytest.approx(feeds["stage 1: teacher"]["clips_per_s_per_gpu"] / 2.5)
+    cached = feeds["stage 2: cached targets"]  # the stage-2 loader's own rate: decode plus the targets
+    assert cached["decode_cores_per_gpu"] == pytest.approx(cached["clips_per_s_per_gpu"] / 2.0)
     # an override wins over the file; a file that is not make bench's is named in the error
     assert json.loads(plan_job.main(["--json", "--bench", str(bench), "decode_clips_per_s_per_core=4"]))[
         "inputs"]["decode_clips_per_s_per_core"] == 4

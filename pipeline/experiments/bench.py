@@ -159,7 +159,7 @@ def loader_rows(work: Path, batches: int = 8) -> list[dict]:
     rows.append(row("pixel_cache_mb_per_view", pixel_mb, "MB", raw_mb,
                     "pixels.bin bytes per view (blosc-zstd of the uint8 crop box; synthetic texture, not natural "
                     "video); bound: the raw crop box"))
-    paper = PlanInputs(views_per_clip=2, views_per_decode=2, decode_clips_per_s_per_core=rates["video"],
+    paper = PlanInputs(views_per_clip=2, views_per_decode=2, cached_video_samples_per_s_per_core=rates["video"],
                        multiview_samples_per_s_per_core=rates["views2"], pixel_samples_per_s_per_core=rates["pixels"],
                        pixel_mb_per_view=pixel_mb)
     feeds = {f.stage: f for f in plan(paper).feeds}
