@@ -137,13 +137,22 @@ def is_remote(location: str) -> bool:
     return not isinstance(resolve(location)[0], LocalFileSystem)
 
 
+def _version(info: dict) -> object:
+    for field in ("ETag", "etag", "LastModified", "mtime", "updated", "created"):
+        if info.get(field) is not None:
+            return info[field]
+    return None
+
+
 def local_copy(folder: str, cache_root: str) -> str:
     """A folder at a URL, copied once into `cache_root` on this machine: every worker of a
-    cluster reads the same URL and gets its own local copy (named by the URL and the files'
-    sizes, written under a temporary name and renamed, so processes sharing a disk agree)."""
+    cluster reads the same URL and gets its own local copy (named by the URL and each file's
+    size and version, written under a temporary name and renamed, so processes sharing a disk
+    agree). The version (ETag, modification or creation time, whichever the store reports) is
+    in the name because a checkpoint rewritten at the same URL can keep every size."""
     fs, path = resolve(folder)
     root = path.rstrip("/")
-    files = {p[len(root) + 1:]: info["size"] for p, info in fs.find(root, detail=True).items()}
+    files = {p[len(root) + 1:]: (info["size"], str(_version(info))) for p, info in fs.find(root, detail=True).items()}
     if not files:
         raise FileNotFoundError(f"{folder}: no files there")
     key = hashlib.sha256(repr((str(folder), sorted(files.items()))).encode()).hexdigest()[:16]

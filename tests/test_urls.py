@@ -137,3 +137,10 @@ def test_teacher_specs_with_urls_name_local_folders(teacher_dir):
     for f in Path(teacher_dir).iterdir():
         if f.is_file():
             assert (Path(copy) / f.name).read_bytes() == f.read_bytes()
+    # the checkpoint rewritten at the same URL with every size unchanged: a fresh copy, not the stale one
+    meta = Path(teacher_dir) / "checkpoint.json"
+    edited = meta.read_bytes().replace(b"1", b"7", 1)
+    assert len(edited) == meta.stat().st_size and edited != meta.read_bytes()
+    memory.pipe_file("/teacher-url/checkpoint.json", edited)
+    fresh = local_teacher("memory://teacher-url")
+    assert fresh != copy and (Path(fresh) / "checkpoint.json").read_bytes() == edited
