@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = bench.decode_throughput()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.run or tmp)
-        teacher_cfg = with_overrides(cfg, "teacher.optim.steps=2", "teacher.optim.batch_size=4", "data.num_workers=0")
+        teacher_cfg = with_overrides(cfg, *bench.QUICK_TEACHER)
         run_teacher(teacher_cfg, args.data, work / "teacher", progress=False)  # as make teacher starts it
         init_ray()
         extract, made = bench.extraction_rows(cfg, args.data, str(work / "teacher"), work)

@@ -99,8 +99,9 @@ class VideoDecodeError(RuntimeError):
 def decode_views(video: bytes, cfg: DataConfig, *, key: str, views: Sequence[int]) -> list[tuple[np.ndarray, SampleSpec]]:
     """Decode once for several views of a clip -> one (uint8 [T, H, W, 3], spec) per view.
 
-    The container is opened and the union of the views' frames decoded in one pass, so k views
-    cost about one decode (stage 2's data.views_per_decode)."""
+    The container is opened once and the union of the views' frames decoded in one call
+    (stage 2's data.views_per_decode). What that saves depends on how much the views' windows
+    share: make bench measured two views of a 10 s 360p clip at ~1.5 single decodes."""
     import decord
 
     try:

@@ -27,7 +27,17 @@ from pipeline.extract import extract_targets
 from pipeline.shards import list_shards, write_shard
 from pipeline.experiments.runs import run_student, run_teacher
 from pipeline.stream import ClipStream, TargetStream
-from pipeline.targets import PIXEL_CACHE, ExtractedRow, TargetStore, commit_shard, row_crc32, shard_dir, store_bytes
+from pipeline.targets import (
+    PIXEL_CACHE,
+    ExtractedRow,
+    TargetStore,
+    commit_shard,
+    pixel_cache_summary,
+    read_tables,
+    row_crc32,
+    shard_dir,
+    store_bytes,
+)
 from pipeline.video import augment, clip_hash, crop, decode, decode_views
 from salt.config import Config, DataConfig, load_config, with_overrides
 from salt.flops import PlanInputs, forward_flops, plan, train_flops
@@ -43,6 +53,8 @@ COMMAND = "make bench"
 # demo's 128 tokens a CPU step is mostly fixed overhead, which says little about the GPU case
 # the speedup figures are for.
 OVERRIDES = ["data.crop_size=64"]
+# The bench's teachers are for timing and for extraction's plumbing, not for quality: 2 steps.
+QUICK_TEACHER = ["teacher.optim.steps=2", "teacher.optim.batch_size=4", "data.num_workers=0"]
 
 
 def bench_config(config: str, *overrides: str) -> Config:
@@ -149,9 +161,8 @@ def loader_rows(work: Path, batches: int = 8) -> list[dict]:
     for mode, overrides in LOADER_MODES.items():
         dataset = TargetStream(load_config(None, overrides), [source], batch_size=2, store=store)
         rates[mode] = timed_rate(lambda g: dataset.batch(max(g, 0)), batches) * 2
-    entries = TargetStore(store).manifest("shard-000000").values()
-    pixel_mb = float(np.mean([e["pixels_bytes"] for e in entries])) / 1e6
-    raw_mb = float(np.mean([e["crop"][2] * e["crop"][3] for e in entries])) * 16 * 3 / 1e6
+    cache = pixel_cache_summary(read_tables(store)[0], PIXEL_CACHE)  # what make inspect reports
+    pixel_mb, raw_mb = cache["bytes_per_sample"] / 1e6, cache["raw_bytes_per_sample"] / 1e6
     rows = [row(f"loader_{mode}_samples_per_s_per_core", rates[mode], "samples/s", rates["video"],
                 f"stage-2 TargetStream, {overrides or 'one view per decode'}, 640x360 H.264 -> 16x224x224, "
                 f"{VITL_TOKENS}x{VITL_WIDTH} fp16 targets; bound: from video, one view per decode")
@@ -322,8 +333,7 @@ BIG_TEACHER = "vit_cpu_m"
 
 def student_rows(cfg, data: str, stores: dict[str, str], teacher, work: Path) -> list[dict]:
     batch = TargetStream(cfg, list_shards(data), batch_size=cfg.student.optim.batch_size, store=stores["fp16"]).batch(0)
-    big_cfg = with_overrides(cfg, f"model.teacher={BIG_TEACHER}", "teacher.optim.steps=2", "teacher.optim.batch_size=4",
-                             "data.num_workers=0")
+    big_cfg = with_overrides(cfg, f"model.teacher={BIG_TEACHER}", *QUICK_TEACHER)
     run_teacher(big_cfg, data, work / "teacher-big", progress=False)
     big_teacher = load_teacher(str(work / "teacher-big"), big_cfg)
     torch.set_num_threads(os.cpu_count() or 1)
