@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import zarr
+from torch import nn
 
 from pipeline.extract import extract_targets
 from pipeline.experiments.runs import run_student
@@ -29,7 +30,9 @@ from pipeline.targets import (
     verify_store,
 )
 from salt.storage import StorageFormat
-from salt.train.loop import masked_prediction_loss
+from salt.checkpoint import save_checkpoint
+from salt.optim import make_optimizer
+from salt.train.loop import TrainState, fit, masked_prediction_loss
 from salt.train.student import build_student_state, cached_targets, online_targets, train_student
 from salt.models.teachers import load_teacher
 from tests.conftest import tiny_config
@@ -232,6 +235,38 @@ def test_student_resume_equals_uninterrupted_run(store_fp32, digits, tmp_path):
     assert len(losses(split)) == 2
     train_student(cfg, split, batches, teacher_width=96, store_meta=meta, progress=False)
     assert losses(split) == losses(whole) and len(losses(whole)) == 4
+
+
+def test_resume_places_the_model_before_it_loads_the_optimizer_state(tmp_path):
+    """torch's Optimizer.load_state_dict puts each state tensor on its parameter's device, so the
+    model must be on the training device first: loaded the other way round, a CUDA run's Adam
+    moments stay on the CPU and its first step fails. A CPU has no second device to show that
+    on, so this watches the order; tests/test_gpu.py resumes on CUDA."""
+    cfg = tiny_config()
+
+    def state() -> TrainState:
+        torch.manual_seed(0)
+        encoder, predictor = nn.Linear(4, 4), nn.Linear(4, 4)
+        return TrainState(encoder, predictor, make_optimizer([encoder, predictor], cfg.student.optim))
+
+    trained = state()
+    trained.predictor(trained.encoder(torch.randn(2, 4))).sum().backward()
+    trained.optimizer.step()
+    save_checkpoint(tmp_path, trained.modules(), trained.optimizer, {"step": 1})
+    resumed, events = state(), []
+
+    def spy(name, method):
+        def call(*args, **kwargs):
+            events.append(name)
+            return method(*args, **kwargs)
+        return call
+
+    for name, module in resumed.modules().items():
+        module.to = spy(f"{name}.to", module.to)
+    resumed.optimizer.load_state_dict = spy("optimizer.load_state_dict", resumed.optimizer.load_state_dict)
+    fit(resumed, tmp_path, lambda loader_state: [], cached_targets, cfg.student, checkpoint_meta={}, stop_after=0, progress=False)
+    assert events == ["encoder.to", "predictor.to", "optimizer.load_state_dict"]
+    assert resumed.step == 1 and resumed.optimizer.state[resumed.encoder.weight]["exp_avg"].device == resumed.encoder.weight.device
 
 
 def test_inspect_reports_the_store(store_fp32, capsys):

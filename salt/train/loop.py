@@ -235,9 +235,11 @@ def fit(
     rank = current()
     device = rank.device if rank.world_size > 1 else default_device()
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    meta = resume(state, run_dir)
+    # placed before the resume: Optimizer.load_state_dict puts each state tensor on its
+    # parameter's device, so moments loaded first would stay on the CPU under CUDA parameters
     state.encoder.to(device)
     state.predictor.to(device)
+    meta = resume(state, run_dir)
     if rank.world_size > 1:
         state.model = DistributedDataParallel(state.model, device_ids=[device.index] if device.type == "cuda" else None)
     return run_training(
