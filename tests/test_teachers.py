@@ -126,6 +126,16 @@ def test_bad_teachers_fail_before_any_work(tmp_path, digits):
     assert not store.exists()
 
 
+@pytest.mark.parametrize("key, trained, asked", [("data.frames", 16, 8), ("data.crop_size", 32, 48)])
+def test_a_run_folder_teacher_refuses_clips_other_than_it_was_trained_on(key, trained, asked, teacher_dir, digits, tmp_path):
+    """The encoder's rotary positions fit any grid, so a teacher trained on 16 frames of 32 px would
+    run on 8 frames or 48 px and write a complete store of targets it never learned to give."""
+    store = tmp_path / "never"
+    with pytest.raises(TeacherSpecError, match=rf"trained with {key}={trained}, but this config has {key}={asked}:"):
+        extract_targets(tiny_config(f"{key}={asked}"), data=digits, teacher=teacher_dir, store=str(store), progress=False)
+    assert not store.exists()
+
+
 def test_adapter_converts_our_normalisation_to_the_models(tmp_path):
     spec = save_tiny("hf-vjepa2", tmp_path / "m")
     (tmp_path / "m" / "video_preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from salt.checkpoint import WEIGHTS, load_module_weights, read_meta
-from salt.config import Config
+from salt.config import Config, to_dict
 from salt.models.factory import build_encoder, config_grid
 
 
@@ -130,6 +130,12 @@ class FrozenTeacher(nn.Module):
         }
 
 
+# what a run folder's teacher must be given as it was trained: the clips' geometry, sampling and
+# normalisation (frame_step only matters when clips are not sampled by data.fps)
+TRAINED_INPUT = (("data", "frames"), ("data", "crop_size"), ("model", "patch_size"), ("model", "tubelet"),
+                 ("data", "fps"), ("data", "mean"), ("data", "std"))
+
+
 class RunFolderTeacher(FrozenTeacher):
     """A V-Pixel teacher trained by this project: the encoder of a run folder's checkpoint."""
 
@@ -147,9 +153,24 @@ class RunFolderTeacher(FrozenTeacher):
         self.meta = read_meta(self.run_dir)
         if self.meta.get("role") != "teacher":
             raise TeacherSpecError(f"{run_dir} holds a {self.meta.get('role')!r} checkpoint, not a teacher")
+        self.check_trained_input(cfg)
         self.encoder = build_encoder(cfg, self.meta["encoder"]["size"])
         self.encoder.load_state_dict(load_module_weights(self.run_dir, "encoder"))
         self.grid, self.native_width = self.encoder.grid, self.encoder.width
+
+    def check_trained_input(self, cfg: Config) -> None:
+        """The config's clips must be the ones the teacher was trained on. The encoder is built
+        from the config, and its rotary positions fit any grid, so check_grid cannot catch a
+        teacher run on other frames, crops or normalisation: it would write wrong targets."""
+        trained, asked, defaults = self.meta["config"], to_dict(cfg), to_dict(Config())
+        keys = TRAINED_INPUT if asked["data"]["fps"] else (*TRAINED_INPUT, ("data", "frame_step"))
+        for section, name in keys:
+            had = trained.get(section, {}).get(name, defaults[section][name])  # a key newer than the checkpoint: its default
+            if had != asked[section][name]:
+                raise TeacherSpecError(
+                    f"teacher {self.run_dir} was trained with {section}.{name}={had!r}, but this config has "
+                    f"{section}.{name}={asked[section][name]!r}: set it to the teacher's"
+                )
 
     def tokens(self, clips: torch.Tensor) -> torch.Tensor:
         return self.encoder(clips)
