@@ -30,7 +30,7 @@ TINY_VJEPA2 = dict(crop_size=32, patch_size=8, frames_per_clip=16, tubelet_size=
                    num_hidden_layers=2, pred_hidden_size=32, pred_num_attention_heads=2, pred_num_hidden_layers=1)
 
 
-def save_tiny(kind: str, folder: Path, **changes) -> str:
+def save_tiny(kind: str, folder: Path, dtype: torch.dtype = torch.float32, **changes) -> str:
     from transformers import VideoMAEConfig, VideoMAEModel, VJEPA2Config, VJEPA2Model
 
     torch.manual_seed(0)
@@ -38,7 +38,7 @@ def save_tiny(kind: str, folder: Path, **changes) -> str:
         model = VideoMAEModel(VideoMAEConfig(**(TINY_VIDEOMAE | changes)))
     else:
         model = VJEPA2Model(VJEPA2Config(**(TINY_VJEPA2 | changes)))
-    model.save_pretrained(str(folder))
+    model.to(dtype).save_pretrained(str(folder))
     return f"{kind}:{folder}"
 
 
@@ -63,6 +63,7 @@ def test_hf_teacher_store_equals_live_tokens_and_trains_without_the_teacher(kind
     assert teacher["adapter"] == kind and teacher["model_class"] in ("VideoMAEModel", "VJEPA2Model")
     assert teacher["sha256"] == file_sha256(folder / "model.safetensors") and teacher["width"] == 48
     assert teacher["grid"] == [8, 4, 4] and len(teacher["config_sha256"]) == 64 and teacher["projection"] is None
+    assert teacher["dtype"] == "float32"
     cfg = tiny_config()
     live = load_teacher(spec, cfg)
     dataset = TargetStream(cfg, list_shards(digits), batch_size=4, store=store)
@@ -134,6 +135,17 @@ def test_a_run_folder_teacher_refuses_clips_other_than_it_was_trained_on(key, tr
     with pytest.raises(TeacherSpecError, match=rf"trained with {key}={trained}, but this config has {key}={asked}:"):
         extract_targets(tiny_config(f"{key}={asked}"), data=digits, teacher=teacher_dir, store=str(store), progress=False)
     assert not store.exists()
+
+
+@pytest.mark.parametrize("kind", ["hf-videomae", "hf-vjepa2"])
+def test_an_hf_teacher_saved_in_bf16_computes_in_float32(kind, tmp_path):
+    """transformers loads weights in the dtype they were saved in unless told otherwise: a bf16
+    checkpoint would compute bf16 targets on every device, and the store would not say so."""
+    spec = save_tiny(kind, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert {t.dtype for t in load_file(str(tmp_path / "bf16" / "model.safetensors")).values()} == {torch.bfloat16}
+    teacher = load_teacher(spec, tiny_config())
+    assert {p.dtype for p in teacher.parameters()} == {torch.float32}
+    assert teacher.identity()["dtype"] == "float32"  # what store.json's teacher section records
 
 
 def test_adapter_converts_our_normalisation_to_the_models(tmp_path):

@@ -98,7 +98,10 @@ class HFVideoTeacher(FrozenTeacher):
     def load(self, folder: str):
         import transformers
 
-        return getattr(transformers, self.model_class).from_pretrained(folder, local_files_only=True, use_safetensors=True)
+        # float32 whatever the weights were saved in: transformers would keep a bf16 checkpoint bf16
+        return getattr(transformers, self.model_class).from_pretrained(
+            folder, local_files_only=True, use_safetensors=True, dtype=torch.float32
+        )
 
     def model_grid(self) -> tuple[int, int, int]:
         c = self.config
@@ -121,6 +124,9 @@ class HFVideoTeacher(FrozenTeacher):
 
     def model_config(self) -> dict:
         return {k: v for k, v in self.config.items() if k != "transformers_version"}
+
+    def identity(self) -> dict:
+        return super().identity() | {"dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")}
 
 
 class VideoMAETeacher(HFVideoTeacher):
