@@ -88,25 +88,32 @@ def load_any_teacher(spec: str, cfg: Config, device: torch.device | str = "cpu")
 
 def decode_shard(row: dict, *, data_cfg: dict, views: int) -> Iterator[dict]:
     """One source shard -> one row per (key, view): the clip's crop box as uint8 [T, h, w, 3] (the
-    teacher's actor resizes and normalises it on its device), or the reason it has none."""
+    teacher's actor resizes and normalises it on its device), or the reason it has none. A shard
+    without samples gives one row with shard_total 0, so that it too is committed (empty)."""
     cfg = from_dict(DataConfig, data_cfg)
     samples = list(iter_shard(row["path"]))
     total = len(samples) * views
     empty = np.zeros((cfg.frames, 1, 1, 3), np.uint8)
+
+    def blank(order: int, key: str, view: int) -> dict:
+        return {
+            "shard": row["shard"],
+            "shard_total": total,
+            "order": order,
+            "key": key,
+            "view": view,
+            "error": "",
+            "clip_hash": "",
+            "frame_indices": np.zeros(cfg.frames, np.int32),
+            "crop": np.zeros(4, np.int32),
+            "flip": False,
+        }
+
+    if not samples:  # a shard of no samples still needs a row to reach the driver, which commits it empty
+        yield blank(0, "", 0) | {"frames": empty, "error": "source shard has no samples"}
     for position, sample in enumerate(samples):
         for view in range(views):
-            out = {
-                "shard": row["shard"],
-                "shard_total": total,
-                "order": position * views + view,
-                "key": sample.key,
-                "view": view,
-                "error": "",
-                "clip_hash": "",
-                "frame_indices": np.zeros(cfg.frames, np.int32),
-                "crop": np.zeros(4, np.int32),
-                "flip": False,
-            }
+            out = blank(position * views + view, sample.key, view)
             try:
                 if not sample.video:
                     raise VideoDecodeError("sample has no video member")
@@ -378,8 +385,10 @@ def _commit_as_complete(
                 if shard in done:  # a re-run task's copy of a row already committed
                     continue
                 rows = pending.setdefault(shard, {})
-                rows.setdefault((str(batch["key"][i]), int(batch["view"][i])), {k: batch[k][i] for k in batch})
-                if len(rows) == int(batch["shard_total"][i]):
+                total = int(batch["shard_total"][i])
+                if total:  # an empty shard's one row stands for no sample: the shard commits with none
+                    rows.setdefault((str(batch["key"][i]), int(batch["view"][i])), {k: batch[k][i] for k in batch})
+                if len(rows) == total:
                     while len(in_flight) >= COMMITS_IN_FLIGHT:
                         finish(ray.wait(list(in_flight), num_returns=1)[0][0])
                     in_flight[commit.remote(store, shard, list(pending.pop(shard).values()), fmt, store_id, pixel_cache)] = shard

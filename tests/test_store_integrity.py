@@ -337,3 +337,24 @@ def test_teacher_actors_ask_the_cluster_for_gpus(ray_local, monkeypatch):
     assert actor_gpus({"CPU": 2.0}) == 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a driver that sees CUDA ...
     assert actor_gpus() == 0  # ... of this CPU-only local cluster asks for none
+
+
+def test_an_empty_source_shard_is_committed_empty_and_trains(digits, teacher_dir, ray_local, tmp_path):
+    """A valid tar without samples gives no row: it must still end up committed, or every rerun
+    stops on it and no student can start."""
+    import tarfile
+
+    from pipeline.experiments.runs import run_student
+
+    data, store = tmp_path / "data", str(tmp_path / "store")
+    shutil.copytree(digits, data)
+    tarfile.open(data / "train" / "shard-000099.tar", "w").close()
+    cfg = tiny_config(*FP32)
+    first = extract_targets(cfg, data=str(data), teacher=teacher_dir, store=store, progress=False)
+    assert first["samples"] == 16 and first["shards_extracted_now"] == 3
+    again = extract_targets(cfg, data=str(data), teacher=teacher_dir, store=store, progress=False)
+    assert again["shards_extracted_now"] == 0 and again["teacher_forward_samples"] == 0
+    assert TargetStore(store).manifest("shard-000099") == {}
+    assert verify_store(store) == [] and summarize(store)["missing_shards"] == []
+    summary = run_student(tiny_config("student.optim.steps=2"), str(data), store, tmp_path / "student", progress=False)
+    assert summary["step"] == 2 and np.isfinite(summary["final_loss"])
