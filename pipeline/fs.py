@@ -14,6 +14,8 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+from salt.checkpoint import durable_replace
+
 
 def resolve(location: str) -> tuple[AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(str(location))
@@ -56,15 +58,16 @@ def read_range(location: str, start: int, length: int) -> bytes:
     return data
 
 
-def write_bytes(location: str, data: bytes) -> None:
-    """Whole-file write; on a local disk through a temporary name, so readers see old or new."""
+def write_bytes(location: str, data: bytes, *, durable: bool = True) -> None:
+    """Whole-file write; on a local disk through a temporary name, so readers see old or new, and
+    (`durable`) on the disk before the rename, so a power cut does too (salt.checkpoint.durable_replace)."""
     fs, path = resolve(location)
     if isinstance(fs, LocalFileSystem):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        (durable_replace if durable else os.replace)(tmp, path)
     else:
         fs.pipe_file(path, data)
 
@@ -100,11 +103,12 @@ def files_under(location: str) -> list[str]:
 
 
 def move(src: str, dst: str) -> None:
-    """A rename on a local disk (atomic); copy-then-delete on object stores."""
+    """A rename on a local disk (atomic, and durable: salt.checkpoint.durable_replace); `dst` must
+    not exist there. Copy-then-delete on object stores."""
     fs, a = resolve(src)
     _, b = resolve(dst)
     if isinstance(fs, LocalFileSystem):
-        fs.mv(a, b, recursive=True)
+        durable_replace(a, b)
         return
     # object stores have no folders: a recursive mv also copies the folder's own (absent) key,
     # which S3 answers with NoSuchKey, so copy each object, then delete the sources

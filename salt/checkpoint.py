@@ -3,9 +3,10 @@
 `checkpoint.safetensors` holds `encoder.*`, `predictor.*` and `optim.<param>.<state>`
 tensors and, in its header, the metadata: step, loader position, optimizer
 hyper-parameters and model description. That one file is the checkpoint: it is written
-under a temporary name and renamed into place, so weights and the step they belong to
-change together, and a crash at any point leaves either the previous checkpoint or the
-new one, never new weights with an old position. `checkpoint.json` is a readable copy of
+under a temporary name and renamed into place (`durable_replace`: fsync before the rename,
+and of the folder after), so weights and the step they belong to change together, and a
+kill or a power cut at any point leaves either the previous checkpoint or the new one,
+never new weights with an old position. `checkpoint.json` is a readable copy of
 the metadata written afterwards; readers take the header, so a stale copy is harmless.
 """
 
@@ -25,10 +26,34 @@ META = "checkpoint.json"
 HEADER_KEY = "salt.meta"  # the metadata's key in the safetensors header (string values only)
 
 
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a folder too: its fsync makes the names in it durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_replace(src: str | Path, dst: str | Path) -> None:
+    """os.replace that also survives a power cut, not only a kill: what `src` holds (a file, or a
+    folder and everything in it) reaches the disk before the rename makes it `dst`, and the rename
+    itself does after (the fsync of the folder that holds `dst`). Local disks only; the target
+    store's object-store commits go by their marker instead (pipeline/fs.py)."""
+    if os.path.isdir(src):
+        for folder, _, files in os.walk(src, topdown=False):  # bottom-up: a folder after what it names
+            for name in files:
+                _fsync(os.path.join(folder, name))
+            _fsync(folder)
+    else:
+        _fsync(src)
+    os.replace(src, dst)
+    _fsync(os.path.dirname(os.path.abspath(dst)))
+
+
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
-    os.replace(tmp, path)
+    durable_replace(tmp, path)
 
 
 def save_checkpoint(

@@ -189,3 +189,61 @@ def test_four_students_and_a_verify_on_one_store(store_fp32, digits, tmp_path):
     assert all(rc == 0 for rc, _ in results), results
     assert all(json.loads((tmp_path / f"s{i}" / "student" / "checkpoint.json").read_text())["step"] == 2 for i in range(4))
     assert tree_digest(store_fp32) == before
+
+
+def watch_commits(monkeypatch) -> list[tuple]:
+    """os.fsync (with the path its descriptor names) and os.replace / os.rename, in call order.
+    A power cut cannot be staged in a test; the order of these calls is what survives one."""
+    events: list[tuple] = []
+    fsync, replace, rename = os.fsync, os.replace, os.rename
+
+    def spy_fsync(fd):
+        events.append(("fsync", os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))))
+        return fsync(fd)
+
+    def spy_rename(real):
+        def call(src, dst, *args, **kwargs):
+            events.append(("rename", os.path.realpath(src), os.path.realpath(dst)))
+            return real(src, dst, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_rename(replace))
+    monkeypatch.setattr(os, "rename", spy_rename(rename))
+    return events
+
+
+def assert_durable_commit(events: list[tuple], dst: Path, skip: tuple[str, ...] = ()) -> None:
+    """The rename onto `dst` comes after an fsync of everything it moves (a file, or a folder with
+    every file and folder in it), and is followed by an fsync of the folder that holds `dst`."""
+    dst = Path(os.path.realpath(dst))
+    (i, src), = [(i, Path(e[1])) for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(dst)]
+    moved = [src] + [src / p.relative_to(dst) for p in dst.rglob("*") if p.name not in skip]
+    synced = {e[1] for e in events[:i] if e[0] == "fsync"}
+    assert [str(p) for p in moved if str(p) not in synced] == []
+    assert ("fsync", str(dst.parent)) in events[i + 1 :]
+
+
+def test_checkpoints_and_shards_reach_the_disk_before_their_rename_commits_them(tmp_path, monkeypatch):
+    import numpy as np
+
+    from pipeline.targets import ExtractedRow, commit_shard, shard_dir
+    from salt.checkpoint import META, WEIGHTS, save_checkpoint
+    from salt.storage import StorageFormat
+
+    events = watch_commits(monkeypatch)
+    (tmp_path / "run").mkdir()
+    model = torch.nn.Linear(2, 2)
+    save_checkpoint(tmp_path / "run", {"encoder": model}, torch.optim.AdamW(model.parameters()), {"step": 1})
+    assert_durable_commit(events, tmp_path / "run" / WEIGHTS)
+    assert_durable_commit(events, tmp_path / "run" / META)
+
+    events.clear()
+    row = ExtractedRow(key="a", view=0, clip_hash="0" * 64, frame_indices=(0, 1), crop=(0, 0, 4, 4), flip=False,
+                       latents=np.ones((4, 3), np.float32))
+    commit_shard(str(tmp_path / "store"), "shard-000000", [row], [], fmt=StorageFormat.of(tiny_config().extract), store_id="s")
+    final = Path(shard_dir(str(tmp_path / "store"), "shard-000000"))
+    assert_durable_commit(events, final, skip=("shard.json",))  # the shard's files, before its rename
+    assert_durable_commit(events, final / "shard.json")  # then the marker that makes it count
+    renames = [e[2] for e in events if e[0] == "rename"]
+    assert renames.index(str(final.resolve())) < renames.index(str((final / "shard.json").resolve()))
