@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.experiments.runs import run_student
 from pipeline.shards import list_shards
 from pipeline.stream import TargetStream
 from pipeline.targets import TargetStore
@@ -67,3 +68,21 @@ def test_a_corrupt_pixel_blob_stops_stage_2(pixel_store, digits, tmp_path):
     with pytest.raises(Exception, match="shard-000000"):
         for g in range(dataset.batches_per_epoch):
             dataset.batch(g)
+
+
+def test_make_student_from_the_pixel_cache_needs_no_data_folder(pixel_store, digits, tmp_path):
+    """With the pixel cache the store alone feeds stage 2: its shard list comes from the store, so
+    the source shards' folder may be moved away (as make student ARGS="data.stage2_input=pixels")."""
+    cfg = tiny_config(PIXELS)
+    losses = {}
+    moved = tmp_path / "moved"
+    for name in ("present", "gone"):
+        if name == "gone":
+            shutil.move(digits, moved)
+        try:
+            run_student(cfg, digits, pixel_store, tmp_path / name, progress=False)
+        finally:
+            if moved.exists():
+                shutil.move(str(moved), digits)
+        losses[name] = [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert losses["gone"] == losses["present"] and len(losses["present"]) == 4

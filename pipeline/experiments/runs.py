@@ -45,7 +45,10 @@ def run_student(
     """Train (or resume) a student on a target store. The store is only read."""
     target_store = TargetStore(store)
     check_compatible(target_store.meta, cfg, store)
-    shards = list_shards(data, target_store.meta["source"]["split"])
+    if cfg.data.stage2_input == "pixels":  # the store holds the clips: its own shard list, no video folder needed
+        shards = [s["path"] for s in target_store.meta["source"]["shards"]]
+    else:
+        shards = list_shards(data, target_store.meta["source"]["split"])
     if current().is_main:
         write_run_info(out, cfg, data=data, store=store)
     make_batches = _loader(cfg, shards, cfg.student.optim.batch_size, store)
