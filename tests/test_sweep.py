@@ -49,3 +49,23 @@ def test_sweep_checks_every_variant_before_training(tmp_path) -> None:
         load_sweep(Path(ROOT) / TINY)
     with pytest.raises(ConfigError, match=r"repeated: \['a'\]"):
         load_sweep(write_sweep(tmp_path / "d.yaml", variants=[{"name": "a"}, {"name": "a"}]))
+
+
+def test_a_ray_sweep_asks_the_cluster_for_gpus_not_the_driver(store_fp32, digits, ray_local, tmp_path, monkeypatch) -> None:
+    """A driver that sees CUDA, on a cluster without GPUs, must not ask Ray for one: the task would
+    wait forever (and a CPU driver of a GPU cluster must ask: pipeline.cluster.actor_gpus)."""
+    import ray
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_remote = ray.remote
+
+    def feasible_remote(*args, **kwargs):  # Ray leaves an unfillable request pending without a word: fail instead
+        if kwargs.get("num_gpus", 0) > ray.cluster_resources().get("GPU", 0):
+            raise AssertionError(f"asked Ray for {kwargs} on a cluster with {ray.cluster_resources().get('GPU', 0)} GPUs")
+        return real_remote(*args, **kwargs)
+
+    monkeypatch.setattr(ray, "remote", feasible_remote)
+    sweep = load_sweep(write_sweep(tmp_path / "sweep.yaml", variants=[{"name": "base"}], executor="ray"))
+    rows = run_sweep(sweep, data=digits, store=store_fp32, out=tmp_path / "out", progress=False)
+    assert [r["steps"] for r in rows] == [2]

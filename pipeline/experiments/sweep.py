@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
 import yaml
 
 from pipeline.experiments.runs import run_student
@@ -113,11 +112,12 @@ def run_sweep(sweep: SweepConfig, *, data: str, store: str, out: str | Path, pro
 def _run_on_ray(jobs: dict[str, tuple]) -> dict[str, dict]:
     import ray
 
-    from pipeline.cluster import init_ray
+    from pipeline.cluster import actor_gpus, init_ray
 
     init_ray()
-    # one GPU per student where there are GPUs; on CPUs, a core each so students run side by side
-    resources = {"num_gpus": 1} if torch.cuda.is_available() else {"num_cpus": 1}
+    # one GPU per student where the cluster has GPUs (asked of Ray, not of the driver, as extraction
+    # does); on CPUs, a core each so students run side by side
+    resources = {"num_gpus": 1} if actor_gpus() else {"num_cpus": 1}
     remote = ray.remote(**resources)(train_variant)
     refs = {name: remote.remote(*job, False) for name, job in jobs.items()}
     return {name: ray.get(ref) for name, ref in refs.items()}
