@@ -46,7 +46,8 @@ from pipeline.targets import (
     row_crc32,
     store_bytes,
 )
-from pipeline.video import VideoDecodeError, clip_hash, crop, decode, decoder_version, to_model_input
+from pipeline.video import VideoDecodeError, clip_hash, crop, decode, decoder_version
+from salt.clips import model_clips
 from salt.config import Config, DataConfig, to_dict, from_dict
 from salt.runinfo import git_commit, package_versions, run_info_files
 from salt.models.factory import config_grid
@@ -131,10 +132,8 @@ def decode_shard(row: dict, *, data_cfg: dict, views: int) -> Iterator[dict]:
 
 
 class TeacherForward:
-    """Actor: holds the frozen teacher (any adapter, projected if the config says so); uint8
-    crops in, resized and normalised on the teacher's device; latents (in the storage dtype)
-    and, with extract.pixel_cache, the encoded crops go to part files under the store (one
-    per shard in the batch); rows naming them come out."""
+    """Actor: holds the frozen teacher (any adapter, projected if the config says so) and runs
+    `forward_and_write` on each batch of decoded rows."""
 
     def __init__(self, teacher: str, cfg: dict, torch_threads: int, store: str):
         torch.set_num_threads(torch_threads)
@@ -144,22 +143,41 @@ class TeacherForward:
         self.store = store
 
     def __call__(self, batch: dict) -> dict:
-        ok = batch["error"] == ""
-        width, tokens = self.teacher.width, self.teacher.num_tokens
-        latents = np.zeros((len(ok), tokens, width), self.cfg.extract.dtype)
-        if ok.any():
-            # crops differ in size (Ray hands them over as an object array then), so one at a time
-            clips = torch.stack([
-                to_model_input(torch.from_numpy(np.array(frames)).to(self.device), bool(flip), self.cfg.data)
-                for frames, flip in zip(batch["frames"][ok], batch["flip"][ok])
-            ])
-            with torch.no_grad(), autocast(self.device, self.cfg.teacher.bf16):
-                latents[ok] = self.teacher(clips).float().cpu().numpy().astype(self.cfg.extract.dtype)
-        crops = [np.asarray(f) for f in batch["frames"]] if self.cfg.extract.pixel_cache else None
-        out = {k: v for k, v in batch.items() if k != "frames"}
-        out["part"], out["part_row"] = write_parts(self.store, batch["shard"], batch["order"], latents, crops)
-        out["writer_pid"] = np.full(len(ok), os.getpid())
-        return out
+        return forward_and_write(self.teacher, self.cfg, self.store, batch, self.device)
+
+
+def forward_and_write(teacher: FrozenTeacher, cfg: Config, store: str, batch: dict, device: torch.device) -> dict:
+    """The actor's work, callable in-process: decoded rows (uint8 crops) in, resized and normalised
+    on `device` by the training step's own function (`salt/clips.py: model_clips`); latents (in the
+    storage dtype) and, with extract.pixel_cache, the encoded crops go to part files under the store
+    (one per shard in the batch); the rows, naming their parts, come out."""
+    ok = batch["error"] == ""
+    latents = np.zeros((len(ok), teacher.num_tokens, teacher.width), cfg.extract.dtype)
+    if ok.any():
+        # Ray hands crops of different sizes over as an object array: a list of them, as the loaders ship
+        crops = [torch.from_numpy(np.array(frames)) for frames in batch["frames"][ok]]
+        clips = model_clips(crops, batch["flip"][ok], cfg.data, device)
+        with torch.no_grad(), autocast(device, cfg.teacher.bf16):
+            latents[ok] = teacher(clips).float().cpu().numpy().astype(cfg.extract.dtype)
+    crops = [np.asarray(f) for f in batch["frames"]] if cfg.extract.pixel_cache else None
+    out = {k: v for k, v in batch.items() if k != "frames"}
+    out["part"], out["part_row"] = write_parts(store, batch["shard"], batch["order"], latents, crops)
+    out["writer_pid"] = np.full(len(ok), os.getpid())
+    return out
+
+
+def numpy_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Rows of decode_shard -> the batch Ray Data hands an actor (batch_format="numpy"): one array
+    per column, the crops (sizes differ) as an object array. For the actor's work in one process."""
+    out = {}
+    for name in rows[0]:
+        if name == "frames":
+            out[name] = np.empty(len(rows), dtype=object)
+            for i, r in enumerate(rows):  # one by one: equal-sized crops would otherwise stack into one array
+                out[name][i] = r[name]
+        else:
+            out[name] = np.array([r[name] for r in rows])
+    return out
 
 
 def write_parts(

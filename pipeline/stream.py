@@ -1,4 +1,4 @@
-"""Training loaders for both stages: shards -> batches of clips, masks (and cached targets).
+"""Training loaders for both stages: shards -> batches of uint8 crop boxes, masks (and cached targets).
 
 Order. Each epoch visits the shards in a seeded order and each shard's samples in a
 seeded order, then passes them through a seeded shuffle buffer (`data.shuffle_buffer`)
@@ -19,6 +19,11 @@ Stage 2 cycles through the views the store holds for the clip, view = stored[(ep
 whose other views failed to decode (the store's errors table) reuses the views it has, with
 one warning. With data.stage2_input=pixels, stage 2 reads each view's crop box from the
 store's pixel cache instead of decoding the video: the very uint8 pixels the teacher saw.
+
+Clips. A batch carries each sample's uint8 crop box (`crops`, a list: sizes differ) and flip
+bit (`flips`), not model input: the training step resizes them on its device
+(`salt/train/loop.py: prepare_batch`), as extraction's teacher actor does on its own, so a
+student's clips are its teacher's on any device, and the resize costs no loader core.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.shards import index_shard, read_member, shard_name, video_member
 from pipeline.targets import TargetStore, check_row
-from pipeline.video import VideoDecodeError, load_clips, to_model_input
+from pipeline.video import VideoDecodeError, load_crops
 from salt.config import Config
 from salt.masking import collate_masks, sample_masks
 from salt.seeds import sample_rng
@@ -162,15 +167,15 @@ class ShardedSamples(IterableDataset):
                 )
         self.start_batch = int(state["next_batch"])
 
-    def sample(self, key: str, view: int, clip: torch.Tensor, mask_epoch: int) -> dict:
+    def sample(self, key: str, view: int, crop: torch.Tensor, flip: bool, mask_epoch: int) -> dict:
         masks = sample_masks(self.cfg.masking.generators, self.grid, seed=self.cfg.data.seed, key=key, view=view, epoch=mask_epoch)
-        return {"key": key, "view": view, "clip": clip, "masks": masks}
+        return {"key": key, "view": view, "crop": crop, "flip": flip, "masks": masks}
 
-    def decoded_views(self, shard: int, key: str, views: list[int]) -> list[tuple[torch.Tensor, str]]:
-        """(clip, clip hash) per view, from one decode of the clip's video."""
+    def decoded_views(self, shard: int, key: str, views: list[int]) -> list[tuple[torch.Tensor, bool, str]]:
+        """(uint8 crop box, flip, clip hash) per view, from one decode of the clip's video."""
         member = video_member(self.indexes[shard].get(key, {}))
         video = read_member(self.shards[shard], member) if member else b""
-        return load_clips(video, self.cfg.data, key=key, views=views)
+        return load_crops(video, self.cfg.data, key=key, views=views)
 
     def batch(self, g: int) -> dict:
         epoch, offset = divmod(g, self.batches_per_epoch)
@@ -205,7 +210,7 @@ class ClipStream(ShardedSamples):
 
     def load_samples(self, shard: int, key: str, epoch: int) -> list[dict]:
         views = [epoch * self.views_per_decode + j for j in range(self.views_per_decode)]
-        return [self.sample(key, v, clip, 0) for v, (clip, _) in zip(views, self.decoded_views(shard, key, views))]
+        return [self.sample(key, v, box, flip, 0) for v, (box, flip, _) in zip(views, self.decoded_views(shard, key, views))]
 
     def on_decode_error(self, key: str, error: VideoDecodeError) -> str:
         return str(error)  # stage 1 trains on what decodes; extraction records the rest
@@ -263,32 +268,31 @@ class TargetStream(ShardedSamples):
     def load_samples(self, shard: int, key: str, epoch: int) -> list[dict]:
         views = self.views_for(shard, key, epoch)
         rows = [self.manifests[shard][(key, v)] for v in views]
-        clips = [self.cached_clip(row) for row in rows] if self.from_pixels else self.checked_clips(shard, key, rows)
+        boxes = [self.cached_crop(row) for row in rows] if self.from_pixels else self.checked_crops(shard, key, rows)
         mask_epoch = epoch if self.cfg.masking.fresh_per_epoch else 0
         samples = []
-        for row, clip in zip(rows, clips):
+        for row, box in zip(rows, boxes):
             stored = self._store.latents(row["shard"], row["row"])
             check_row(stored, row, self.store_path)
             targets = torch.from_numpy(stored.astype(np.float32))
-            samples.append(self.sample(key, row["view"], clip, mask_epoch) | {"targets": targets})
+            samples.append(self.sample(key, row["view"], box, bool(row["flip"]), mask_epoch) | {"targets": targets})
         return samples
 
-    def cached_clip(self, row: dict) -> torch.Tensor:
-        """The stored crop box (checksum-checked) through the same resize, flip and normalisation."""
-        pixels = self._store.pixels(row["shard"], row)
-        return to_model_input(torch.from_numpy(pixels), bool(row["flip"]), self.cfg.data)
+    def cached_crop(self, row: dict) -> torch.Tensor:
+        """The stored crop box (checksum-checked): the uint8 pixels the teacher's actor received."""
+        return torch.from_numpy(self._store.pixels(row["shard"], row))
 
-    def checked_clips(self, shard: int, key: str, rows: list[dict]) -> list[torch.Tensor]:
-        clips = []
-        for row, (clip, digest) in zip(rows, self.decoded_views(shard, key, [r["view"] for r in rows])):
+    def checked_crops(self, shard: int, key: str, rows: list[dict]) -> list[torch.Tensor]:
+        boxes = []
+        for row, (box, _, digest) in zip(rows, self.decoded_views(shard, key, [r["view"] for r in rows])):
             if row["clip_hash"] != digest:
                 raise ClipHashMismatch(
                     f"clip hash mismatch for key {key!r} view {row['view']} of shard {shard_name(self.shards[shard])}: "
                     f"the store's teacher saw {row['clip_hash'][:16]}..., this decode gives {digest[:16]}... "
                     f"(different decoder build, edited video, or the wrong shard)"
                 )
-            clips.append(clip)
-        return clips
+            boxes.append(box)
+        return boxes
 
     def on_decode_error(self, key: str, error: VideoDecodeError) -> str:
         raise error  # the teacher decoded it: failing now means the bytes changed
@@ -298,7 +302,8 @@ def collate(samples: list[dict], *, epoch: int, index: int) -> dict:
     out = {
         "keys": [s["key"] for s in samples],
         "views": [s["view"] for s in samples],
-        "clips": torch.stack([s["clip"] for s in samples]),  # [B, 3, T, H, W]
+        "crops": [s["crop"] for s in samples],  # uint8 [T, h, w, 3] each, h and w per sample
+        "flips": torch.tensor([s["flip"] for s in samples]),
         "masks": collate_masks([s["masks"] for s in samples]),
         "epoch": epoch,
         "index": index,

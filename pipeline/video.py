@@ -1,4 +1,7 @@
-"""Video bytes -> the clip a model sees, through one sample spec per (seed, key, view).
+"""Video bytes -> a clip's uint8 crop box and flip bit, through one sample spec per (seed, key, view).
+
+The resize, flip and normalisation into model input run on the model's device, in the
+training step or the teacher's actor (`salt/clips.py`, re-exported here as `to_model_input`).
 
 Every stage (teacher training, extraction, student, probe) goes through `decode_views`,
 so they all pick the same frames, crop and flip for a sample. The clip hash is taken
@@ -16,8 +19,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from salt.clips import to_model_input  # the resize both stages and extraction run on their device
 from salt.config import DataConfig
 from salt.seeds import sample_rng
 
@@ -139,28 +142,21 @@ def crop(frames: np.ndarray, spec: SampleSpec) -> np.ndarray:
     return frames[:, top : top + h, left : left + w]
 
 
-def to_model_input(cropped: torch.Tensor, flip: bool, cfg: DataConfig) -> torch.Tensor:
-    """uint8 [T, h, w, 3] on any device -> normalised float32 [3, T, S, S]: resize, flip, normalise.
-
-    Extraction runs it on the teacher's device, so clips cross the cluster as uint8."""
-    x = cropped.permute(0, 3, 1, 2).float()  # [T, 3, h, w]
-    x = F.interpolate(x, size=(cfg.crop_size, cfg.crop_size), mode="bilinear", align_corners=False, antialias=True)
-    if flip:
-        x = x.flip(-1)
-    mean = torch.tensor(cfg.mean, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(cfg.std, device=x.device).view(1, 3, 1, 1) * 255
-    return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()  # [3, T, S, S]
-
-
 def augment(frames: np.ndarray, spec: SampleSpec, cfg: DataConfig) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> normalised float32 [3, T, S, S]: crop, resize, flip."""
+    """uint8 [T, H, W, 3] -> normalised float32 [3, T, S, S] here: crop, resize, flip (the probe's clips)."""
     return to_model_input(torch.from_numpy(crop(frames, spec)), spec.flip, cfg)
 
 
-def load_clips(video: bytes, cfg: DataConfig, *, key: str, views: Sequence[int]) -> list[tuple[torch.Tensor, str]]:
-    """The one path from bytes to model input: (clip [3, T, S, S], clip hash) per view, one decode."""
-    return [(augment(frames, spec, cfg), clip_hash(frames)) for frames, spec in decode_views(video, cfg, key=key, views=views)]
+def load_crops(video: bytes, cfg: DataConfig, *, key: str, views: Sequence[int]) -> list[tuple[torch.Tensor, bool, str]]:
+    """The one path from bytes to what a loader ships: (uint8 crop box [T, h, w, 3], flip, clip hash)
+    per view, one decode. `salt/clips.py: model_clips` makes the model input on the training device."""
+    return [
+        (torch.from_numpy(np.ascontiguousarray(crop(frames, spec))), spec.flip, clip_hash(frames))
+        for frames, spec in decode_views(video, cfg, key=key, views=views)
+    ]
 
 
 def load_clip(video: bytes, cfg: DataConfig, *, key: str, view: int) -> tuple[torch.Tensor, str]:
-    return load_clips(video, cfg, key=key, views=[view])[0]
+    """A view's model input on the CPU, and its clip hash (a reference for tests and tools)."""
+    box, flip, digest = load_crops(video, cfg, key=key, views=[view])[0]
+    return to_model_input(box, flip, cfg), digest

@@ -13,6 +13,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`t` on `device`; asynchronous only from pinned memory (the loaders pin on CUDA), where the
+    copy cannot race the host buffer being reused."""
+    return t.to(device, non_blocking=t.is_pinned())
+
+
 def set_torch_threads(train: TrainConfig) -> None:
     """The stage's torch.threads setting (0: leave torch's default)."""
     if train.torch_threads:

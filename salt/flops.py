@@ -52,8 +52,10 @@ second. The input side costs CPU cores ("decode" below) and store bandwidth per 
   `multiview_samples_per_s_per_core` (measured at this k; unset: k x the decode rate, the
   decode shared and the crops free, an upper bound);
 - stage 2 cached from the pixel cache (extract.pixel_cache, data.stage2_input=pixels): no video;
-  reading, decompressing and resizing the stored crop at `pixel_samples_per_s_per_core`, and
+  reading and decompressing the stored crop at `pixel_samples_per_s_per_core`, and
   `pixel_mb_per_view` more from the store per sample.
+The loaders ship uint8 crop boxes: the resize to model input runs on the training GPU (its
+cost there is make bench's resize row, not counted here), so no row pays a core for it.
 Stage 2 cached reads one stored view per sample and extraction writes one. A node offers
 `cpu_cores_per_node / gpus_per_node` cores and `storage_mb_per_s_per_node / gpus_per_node`
 MB/s to each GPU; the GPU runs at the fraction of its rate the scarcest of the three allows,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from salt.config import BlockMaskConfig
+from salt.devices import to_device
 from salt.seeds import sample_rng
 
 
@@ -75,7 +76,10 @@ class MaskBatch:
     tgt_valid: torch.Tensor  # [B, Kt] bool
 
     def to(self, device: torch.device | str) -> "MaskBatch":
-        return MaskBatch(*(t.to(device, non_blocking=True) for t in (self.ctx_idx, self.ctx_valid, self.tgt_idx, self.tgt_valid)))
+        return MaskBatch(*(to_device(t, device) for t in self.tensors()))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.ctx_idx, self.ctx_valid, self.tgt_idx, self.tgt_valid
 
 
 def _pad(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,6 +54,15 @@ def tree_digest(root: str) -> str:
     return h.hexdigest()
 
 
+def assert_same_batch(a: dict, b: dict) -> None:
+    """Two loader batches hold the same samples: keys, views, uint8 crops, flips, targets and masks."""
+    assert (a["keys"], a["views"]) == (b["keys"], b["views"])
+    assert len(a["crops"]) == len(b["crops"]) and all(torch.equal(x, y) for x, y in zip(a["crops"], b["crops"]))
+    assert torch.equal(a["flips"], b["flips"])
+    assert ("targets" in a) == ("targets" in b) and ("targets" not in a or torch.equal(a["targets"], b["targets"]))
+    assert all(torch.equal(x.ctx_idx, y.ctx_idx) and torch.equal(x.tgt_idx, y.tgt_idx) for x, y in zip(a["masks"], b["masks"]))
+
+
 def tiny_config(*overrides: str):
     return load_config(os.path.join(ROOT, TINY), [*FAST, *overrides])
 

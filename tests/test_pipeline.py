@@ -32,10 +32,10 @@ from pipeline.targets import (
 from salt.storage import StorageFormat
 from salt.checkpoint import save_checkpoint
 from salt.optim import make_optimizer
-from salt.train.loop import TrainState, fit, masked_prediction_loss
+from salt.train.loop import TrainState, fit, masked_prediction_loss, prepare_batch
 from salt.train.student import build_student_state, cached_targets, online_targets, train_student
 from salt.models.teachers import load_teacher
-from tests.conftest import tiny_config
+from tests.conftest import assert_same_batch, tiny_config
 
 
 def store_contents(store: str) -> dict:
@@ -109,13 +109,13 @@ def test_cached_targets_equal_online_teacher(store_fp32, digits, teacher_dir):
     teacher = load_teacher(teacher_dir, cfg)
     seen = set()
     for g in range(dataset.batches_per_epoch):
-        batch = dataset.batch(g)
+        batch = prepare_batch(dataset.batch(g), "cpu", cfg.data)
         with torch.no_grad():
             live = teacher(batch["clips"])
         assert relative_token_error(batch["targets"], live).max() <= 1e-5
         seen |= set(batch["keys"])
     assert len(seen) == 16  # every sample of the store
-    batch = dataset.batch(0)
+    batch = prepare_batch(dataset.batch(0), "cpu", cfg.data)
     state = build_student_state(cfg, teacher_width=96)
     with torch.no_grad():
         cached = masked_prediction_loss(state.encoder, state.predictor, batch["clips"], batch["masks"], cached_targets(batch))
@@ -199,8 +199,8 @@ def test_batches_do_not_depend_on_loader_workers(store_fp32, digits):
         return [next(it) for _ in range(n)]
 
     for a, b in zip(first_batches(0), first_batches(2)):
-        assert a["keys"] == b["keys"] and a["index"] == b["index"]
-        assert torch.equal(a["clips"], b["clips"]) and torch.equal(a["targets"], b["targets"])
+        assert a["index"] == b["index"]
+        assert_same_batch(a, b)
 
 
 def test_ranks_split_an_epoch_without_overlap(digits):
@@ -214,7 +214,7 @@ def test_ranks_split_an_epoch_without_overlap(digits):
     # a sample is the same whichever rank loads it
     shard, key = ranks[1].epoch_samples(0)[0]
     (a,), (b,) = ranks[0].load_samples(shard, key, epoch=0), ranks[1].load_samples(shard, key, epoch=0)
-    assert torch.equal(a["clip"], b["clip"])
+    assert torch.equal(a["crop"], b["crop"]) and a["flip"] == b["flip"]
     assert all(np.array_equal(x.target, y.target) for x, y in zip(a["masks"], b["masks"]))
 
 
@@ -264,7 +264,8 @@ def test_resume_places_the_model_before_it_loads_the_optimizer_state(tmp_path):
     for name, module in resumed.modules().items():
         module.to = spy(f"{name}.to", module.to)
     resumed.optimizer.load_state_dict = spy("optimizer.load_state_dict", resumed.optimizer.load_state_dict)
-    fit(resumed, tmp_path, lambda loader_state: [], cached_targets, cfg.student, checkpoint_meta={}, stop_after=0, progress=False)
+    fit(resumed, tmp_path, lambda loader_state: [], cached_targets, cfg.student, data=cfg.data, checkpoint_meta={},
+        stop_after=0, progress=False)
     assert events == ["encoder.to", "predictor.to", "optimizer.load_state_dict"]
     assert resumed.step == 1 and resumed.optimizer.state[resumed.encoder.weight]["exp_avg"].device == resumed.encoder.weight.device
 
@@ -308,7 +309,8 @@ def test_two_views_per_clip_are_stored_and_both_used(digits, teacher_dir, ray_lo
     for i, (key, view) in enumerate(zip(batch["keys"], batch["views"])):
         shard = next(s for s, k in dataset.epoch_samples(0) if k == key)
         (single,) = dataset.load_samples(shard, key, epoch=view)  # epoch v reads view v here
-        assert torch.equal(batch["clips"][i], single["clip"]) and torch.equal(batch["targets"][i], single["targets"])
+        assert torch.equal(batch["crops"][i], single["crop"]) and torch.equal(batch["targets"][i], single["targets"])
+        assert bool(batch["flips"][i]) == single["flip"]
     assert sorted(k for g in range(8) for k in two.batch(g)["keys"][::2]) == sorted(by_key)
     with pytest.raises(ValueError, match="not a multiple of data.views_per_decode=2"):
         TargetStream(tiny_config("data.views_per_decode=2"), list_shards(digits), batch_size=3, store=store)
@@ -369,3 +371,41 @@ def test_extraction_ships_uint8_crops_that_become_the_loaders_clip(digits):
         clip, digest = load_clip(videos[r["key"]], cfg.data, key=r["key"], view=r["view"])
         assert digest == r["clip_hash"]
         assert torch.equal(to_model_input(torch.from_numpy(r["frames"]), bool(r["flip"]), cfg.data), clip)
+
+
+def teacher_and_student_clips(cfg, teacher_dir: str, digits: str, store: str, work: Path) -> tuple[dict, dict]:
+    """Per (key, view): the clip extraction's actor code gives its teacher (in process, on the
+    default device), and the clip a student's training step trains on (fit, same device)."""
+    from pipeline.extract import decode_shard, forward_and_write, numpy_batch
+    from salt.config import to_dict
+    from salt.devices import default_device
+
+    teacher = load_teacher(teacher_dir, cfg, default_device())
+    fed: list[torch.Tensor] = []
+    teacher.register_forward_pre_hook(lambda module, args: fed.append(args[0].clone()))
+    rows = [r for shard in list_shards(digits)
+            for r in decode_shard({"path": shard, "shard": Path(shard).stem}, data_cfg=to_dict(cfg.data), views=1)]
+    forward_and_write(teacher, cfg, str(work / "store"), numpy_batch(rows), default_device())
+    teacher_clips = dict(zip(((r["key"], r["view"]) for r in rows), torch.cat(fed)))
+    student_clips = {}
+
+    def recording_targets(batch: dict) -> torch.Tensor:
+        student_clips.update(zip(zip(batch["keys"], batch["views"]), batch["clips"].clone()))
+        return cached_targets(batch)
+
+    state = build_student_state(cfg, teacher_width=96)
+    fit(state, work / "student", lambda loader_state: TargetStream(cfg, list_shards(digits), batch_size=4, store=store),
+        recording_targets, cfg.student, data=cfg.data, checkpoint_meta={}, progress=False)
+    return teacher_clips, student_clips
+
+
+@pytest.mark.parametrize("stage2_input", ["video", "pixels"])
+def test_a_student_trains_on_the_clips_extraction_fed_its_teacher(stage2_input, pixel_store, digits, teacher_dir, tmp_path):
+    """The resize runs in the training step (prepare_batch) and in the teacher's actor, by one
+    function: every (key, view) clip a student's step trains on, from video or from the pixel
+    cache, is byte for byte the clip extraction's actor gave its teacher (here both on the CPU)."""
+    cfg = tiny_config(f"data.stage2_input={stage2_input}")
+    teacher_clips, student_clips = teacher_and_student_clips(cfg, teacher_dir, digits, pixel_store, tmp_path)
+    assert student_clips.keys() == teacher_clips.keys() and len(student_clips) == 16
+    for sample, clip in student_clips.items():
+        assert torch.equal(clip, teacher_clips[sample]), sample

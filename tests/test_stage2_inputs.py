@@ -14,15 +14,9 @@ from pipeline.shards import list_shards
 from pipeline.stream import TargetStream
 from pipeline.targets import TargetStore
 from salt.train.student import train_student
-from tests.conftest import tiny_config
+from tests.conftest import assert_same_batch, tiny_config
 
 PIXELS = "data.stage2_input=pixels"
-
-
-def assert_same_batch(a: dict, b: dict) -> None:
-    assert (a["keys"], a["views"]) == (b["keys"], b["views"])
-    assert torch.equal(a["clips"], b["clips"]) and torch.equal(a["targets"], b["targets"])
-    assert all(torch.equal(x.ctx_idx, y.ctx_idx) and torch.equal(x.tgt_idx, y.tgt_idx) for x, y in zip(a["masks"], b["masks"]))
 
 
 def test_pixel_cache_batches_equal_decoded_ones_without_the_videos(pixel_store, digits, tmp_path):

@@ -19,6 +19,7 @@ from pipeline.shards import list_shards
 from pipeline.stream import TargetStream
 from pipeline.targets import PROJECTION, TargetStore, verify_store
 from salt.models.teachers import TeacherSpecError, file_sha256, load_teacher, projection_matrix
+from salt.train.loop import prepare_batch
 from salt.train.student import TeacherMismatchError
 from tests.conftest import tiny_config
 from tests.test_pipeline import relative_token_error
@@ -68,7 +69,7 @@ def test_hf_teacher_store_equals_live_tokens_and_trains_without_the_teacher(kind
     live = load_teacher(spec, cfg)
     dataset = TargetStream(cfg, list_shards(digits), batch_size=4, store=store)
     for g in range(dataset.batches_per_epoch):  # every stored token of every sample
-        batch = dataset.batch(g)
+        batch = prepare_batch(dataset.batch(g), "cpu", cfg.data)
         with torch.no_grad():
             assert relative_token_error(batch["targets"], live(batch["clips"])).max() <= 1e-5
     moved = tmp_path / "gone"
@@ -99,7 +100,7 @@ def test_projection_is_stored_recorded_and_applied(hf_stores, digits, ray_local,
     assert torch.equal(matrix, projection_matrix("orthogonal", 48, 16, 3))
     torch.testing.assert_close(matrix.T @ matrix, torch.eye(16), atol=1e-5, rtol=0)
     assert verify_store(store) == []
-    batch = TargetStream(cfg, list_shards(digits), batch_size=4, store=store).batch(0)
+    batch = prepare_batch(TargetStream(cfg, list_shards(digits), batch_size=4, store=store).batch(0), "cpu", cfg.data)
     with torch.no_grad():
         full = load_teacher(spec, tiny_config())(batch["clips"])
     assert relative_token_error(batch["targets"], full @ matrix).max() <= 1e-5

@@ -22,7 +22,7 @@ from pipeline.shards import index_shard, list_shards, read_member
 from pipeline.stream import ClipStream, TargetStream
 from pipeline.targets import ExtractedRow, TargetStore, commit_shard, committed_shards, read_tables, verify_store
 from pipeline.experiments.runs import run_student
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, assert_same_batch, tiny_config
 from tests.test_pipeline import assert_same_store
 from tests.test_store_integrity import extract_cli
 
@@ -54,7 +54,7 @@ def test_memory_urls_for_shards_and_store(digits):
     # stage 1's loader reads shards from the URL in-process (memory:// is per process, so no Ray here)
     batch = ClipStream(tiny_config(), shards, batch_size=4).batch(0)
     local_batch = ClipStream(tiny_config(), list_shards(digits), batch_size=4).batch(0)
-    assert batch["keys"] == local_batch["keys"] and torch.equal(batch["clips"], local_batch["clips"])
+    assert_same_batch(batch, local_batch)
 
     store = "memory://stores/s1"
     fs.write_bytes(fs.join(store, "store.json"), json.dumps({"store_id": "m1", "source": {"shards": [{"name": "shard-000000"}]}}).encode())

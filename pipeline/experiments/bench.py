@@ -22,7 +22,6 @@ import torch
 import zarr
 
 from pipeline import fs, pixels
-from pipeline.digits import encode_mp4
 from pipeline.extract import extract_targets
 from pipeline.shards import list_shards, write_shard
 from pipeline.experiments.runs import run_student, run_teacher
@@ -38,12 +37,14 @@ from pipeline.targets import (
     shard_dir,
     store_bytes,
 )
-from pipeline.video import augment, clip_hash, crop, decode, decode_views
+from pipeline.digits import encode_mp4
+from pipeline.video import clip_hash, crop, decode, decode_views, load_crops
 from salt.config import Config, DataConfig, load_config, with_overrides
 from salt.flops import PlanInputs, forward_flops, plan, train_flops
 from salt.runinfo import git_commit
 from salt.checkpoint import load_checkpoint
-from salt.train.loop import train_step
+from salt.devices import default_device
+from salt.train.loop import prepare_batch, train_step
 from salt.train.student import build_student_state, cached_targets, online_targets
 from salt.models.teachers import load_teacher
 from salt.storage import StorageFormat
@@ -91,18 +92,17 @@ def timed_rate(fn: Callable[[int], object], count: int) -> float:
 
 
 def decode_throughput(clips: int = 40) -> list[dict]:
-    """decode + sample + augment per core, default geometry (16 x 224^2, step 4) on 360p.
+    """What a loader does per clip, per core: decode, hash and crop (`load_crops`; the resize runs
+    on the training device), default geometry (16 frames, step 4) on 360p.
 
-    Bound: decoding the same frames without the augmentation, in the same process.
+    Bound: decoding the same frames without the hash and crop, in the same process.
     """
     torch.set_num_threads(1)  # per core: one decode thread, one torch thread
     video = real_resolution_video()
     cfg = DataConfig()
 
     def full(i: int) -> None:
-        frames, spec = decode(video, cfg, key=f"clip{i}", view=0)
-        clip_hash(frames)
-        augment(frames, spec, cfg)
+        load_crops(video, cfg, key=f"clip{i}", views=[0])
 
     def decode_only(i: int) -> None:
         decode(video, cfg, key=f"clip{i}", view=0)
@@ -110,7 +110,8 @@ def decode_throughput(clips: int = 40) -> list[dict]:
     bound = timed_rate(decode_only, clips)
     value = timed_rate(full, clips)
     return [
-        row("decode_clips_per_s_per_core", value, "clips/s", bound, "640x360 H.264, 300 frames; bound: decode only"),
+        row("decode_clips_per_s_per_core", value, "clips/s", bound,
+            "640x360 H.264, 300 frames: decode, hash, uint8 crop (no resize); bound: decode only"),
     ]
 
 
@@ -152,21 +153,36 @@ def realistic_store(work: Path, clips: int = 8, views: int = 2) -> tuple[str, st
 
 def loader_rows(work: Path, batches: int = 8) -> list[dict]:
     """Stage-2 loader capacity per input mode on one core: samples/s of TargetStream batches
-    (read, check and convert the targets, masks, and the clip from video or from the pixel
-    cache), and what the planner makes of each rate for a ViT-L student (the paper's setting,
-    the planner's default 160 TFLOP/s effective per GPU, 16 cores per GPU)."""
+    (read, check and convert the targets, masks, and the uint8 crop box from video or from the
+    pixel cache: the loader does no resize), the resize that the training step does instead on
+    its device, and what the planner makes of each loader rate for a ViT-L student (the paper's
+    setting, the planner's default 160 TFLOP/s effective per GPU, 16 cores per GPU)."""
     torch.set_num_threads(1)
     source, store = realistic_store(work)
     rates = {}
     for mode, overrides in LOADER_MODES.items():
         dataset = TargetStream(load_config(None, overrides), [source], batch_size=2, store=store)
         rates[mode] = timed_rate(lambda g: dataset.batch(max(g, 0)), batches) * 2
+    device = default_device()
+    loaded = dataset.batch(0)
+
+    def resize(i: int) -> None:
+        prepare_batch(loaded, device, DataConfig())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    resize_rate = timed_rate(resize, batches) * len(loaded["crops"])
     cache = pixel_cache_summary(read_tables(store)[0], PIXEL_CACHE)  # what make inspect reports
     pixel_mb, raw_mb = cache["bytes_per_sample"] / 1e6, cache["raw_bytes_per_sample"] / 1e6
     rows = [row(f"loader_{mode}_samples_per_s_per_core", rates[mode], "samples/s", rates["video"],
-                f"stage-2 TargetStream, {overrides or 'one view per decode'}, 640x360 H.264 -> 16x224x224, "
+                f"stage-2 TargetStream, {overrides or 'one view per decode'}, 640x360 H.264 -> uint8 crop box (resized on "
+                f"the training device: resize row), "
                 f"{VITL_TOKENS}x{VITL_WIDTH} fp16 targets; bound: from video, one view per decode")
             for mode, overrides in LOADER_MODES.items()]
+    rows.append(row(f"resize_samples_per_s_{device.type}", resize_rate, "samples/s", rates["pixels"],
+                    f"the training step's prepare_batch on {device.type} (one thread on a CPU): copy, resize to "
+                    "16x224x224, flip, normalise, of the stage-2 crops above; no loader core pays it; bound: the "
+                    "pixel-cache loader's rate"))
     rows.append(row("pixel_cache_mb_per_view", pixel_mb, "MB", raw_mb,
                     "pixels.bin bytes per view (blosc-zstd of the uint8 crop box; synthetic texture, not natural "
                     "video); bound: the raw crop box"))
@@ -177,10 +193,11 @@ def loader_rows(work: Path, batches: int = 8) -> list[dict]:
     stages = {"video": "stage 2: cached targets", "views2": "stage 2: cached, 2 views/decode", "pixels": "stage 2: cached, pixel cache"}
     for mode, stage in stages.items():
         f = feeds[stage]
-        rows.append(row(f"plan_cores_per_gpu_vitl_{mode}", f.decode_cores_per_gpu, "cores", 12.0,
+        bound = 4.0 if mode == "pixels" else 12.0  # issue 24: the pixel cache at <= 4 cores per GPU
+        rows.append(row(f"plan_cores_per_gpu_vitl_{mode}", f.decode_cores_per_gpu, "cores", bound,
                         f"make plan views_per_clip=2 views_per_decode=2 with these rates: ViT-L student at "
                         f"{f.clips_per_s_per_gpu:.0f} clips/s per GPU; {f.binding} binds at {f.gpu_utilisation:.0%} "
-                        f"({f.target_mb_per_s_per_node:,.0f} MB/s per node); bound: 12 cores per GPU"))
+                        f"({f.target_mb_per_s_per_node:,.0f} MB/s per node); bound: {bound:g} cores per GPU"))
     return rows
 
 
@@ -191,7 +208,9 @@ def student_step_speedup(cfg: Config, batch: dict, teacher: torch.nn.Module, pai
     Cached and online steps alternate (A B A B ...) and the ratio is taken per adjacent pair, so a
     neighbour that slows the machine for a while slows both sides of the pairs it touches; the
     median ratio is reported with its interquartile range."""
+    device = batch["clips"].device  # where prepare_batch put the clips: the CPU here, a GPU in make gpu-check
     state = build_student_state(cfg, teacher.width)
+    state.encoder.to(device), state.predictor.to(device), teacher.to(device)
     with torch.no_grad():
         batch = batch | {"targets": teacher(batch["clips"])}
     online = online_targets(teacher, bf16=cfg.student.bf16)  # same precision as the student's step on CUDA
@@ -283,7 +302,7 @@ def extraction_rows(cfg, data: str, teacher_dir: str, work: Path) -> tuple[list[
     teacher = load_teacher(teacher_dir, cfg)
     dataset = ClipStream(cfg, list_shards(data), batch_size=cfg.extract.batch_size)
     t0 = time.perf_counter()
-    clips = [dataset.batch(g)["clips"] for g in range(samples // cfg.extract.batch_size)]
+    clips = [prepare_batch(dataset.batch(g), "cpu", cfg.data)["clips"] for g in range(samples // cfg.extract.batch_size)]
     decode_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -332,7 +351,8 @@ BIG_TEACHER = "vit_cpu_m"
 
 
 def student_rows(cfg, data: str, stores: dict[str, str], teacher, work: Path) -> list[dict]:
-    batch = TargetStream(cfg, list_shards(data), batch_size=cfg.student.optim.batch_size, store=stores["fp16"]).batch(0)
+    loaded = TargetStream(cfg, list_shards(data), batch_size=cfg.student.optim.batch_size, store=stores["fp16"]).batch(0)
+    batch = prepare_batch(loaded, default_device(), cfg.data)
     big_cfg = with_overrides(cfg, f"model.teacher={BIG_TEACHER}", *QUICK_TEACHER)
     run_teacher(big_cfg, data, work / "teacher-big", progress=False)
     big_teacher = load_teacher(str(work / "teacher-big"), big_cfg)
@@ -363,7 +383,7 @@ def held_out_mask_loss(cfg: Config, data: str, store: str, run_dir: Path, batche
     with torch.no_grad():
         losses = [
             state.model(b["clips"], b["masks"], cached_targets(b)).item()
-            for b in (dataset.batch(g) for g in range(first, first + batches))
+            for b in (prepare_batch(dataset.batch(g), "cpu", cfg.data) for g in range(first, first + batches))
         ]
     return float(np.mean(losses))
 

@@ -20,8 +20,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from salt.config import TrainConfig
-from salt.devices import autocast, default_device
+from salt.clips import model_clips
+from salt.config import DataConfig, TrainConfig
+from salt.devices import autocast, default_device, to_device
 from salt.losses import gather_tokens, masked_l1
 from salt.masking import MaskBatch
 from salt.optim import apply_schedule
@@ -99,12 +100,15 @@ def train_step(state: TrainState, batch: dict, targets: torch.Tensor, cfg: Train
     return {"loss": loss.item(), "lr": lr, "wd": wd, "grad_norm": grad_norm.item()}
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    out = dict(batch)
-    out["clips"] = batch["clips"].to(device, non_blocking=True)
+def prepare_batch(batch: dict, device: torch.device | str, data: DataConfig) -> dict:
+    """A loader's batch on the training device, with its model input: the uint8 crops are resized,
+    flipped and normalised there (`clips` [B, 3, T, S, S], fp32 outside autocast), by the function
+    extraction's teacher actor runs on its device, so student and teacher clips agree."""
+    out = {k: v for k, v in batch.items() if k != "crops"}
+    out["clips"] = model_clips(batch["crops"], batch["flips"], data, device)
     out["masks"] = [m.to(device) for m in batch["masks"]]
     if "targets" in batch:
-        out["targets"] = batch["targets"].to(device, non_blocking=True)
+        out["targets"] = to_device(batch["targets"], device)
     return out
 
 
@@ -134,6 +138,7 @@ def run_training(
     cfg: TrainConfig,
     run_dir: str | Path,
     *,
+    data: DataConfig,
     device: torch.device,
     checkpoint_meta: dict,
     stop_after: int | None = None,
@@ -165,8 +170,9 @@ def run_training(
     t_start = time.perf_counter()
     while state.step < last:
         t0 = time.perf_counter()
-        batch = to_device(next(iterator), device)
-        t1 = time.perf_counter()
+        loaded = next(iterator)
+        t1 = time.perf_counter()  # the resize of prepare_batch is device work: it counts as compute
+        batch = prepare_batch(loaded, device, data)
         targets = make_targets(batch)
         metrics = train_step(state, batch, targets, cfg)
         metrics["loss"] = mean_across_ranks(metrics["loss"], device)
@@ -223,11 +229,13 @@ def fit(
     make_targets: Callable[[dict], torch.Tensor],
     cfg: TrainConfig,
     *,
+    data: DataConfig,
     checkpoint_meta: dict,
     stop_after: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Resume from the run folder if it holds a checkpoint, then train.
+    """Resume from the run folder if it holds a checkpoint, then train; `data` says how the
+    batches' crops become clips (`prepare_batch`).
 
     `make_batches(loader_state)` builds the loader at the checkpoint's loader position
     (None: the start). Under torchrun the model is wrapped in DDP after loading.
@@ -248,6 +256,7 @@ def fit(
         make_targets,
         cfg,
         run_dir,
+        data=data,
         device=device,
         checkpoint_meta=checkpoint_meta,
         stop_after=stop_after,

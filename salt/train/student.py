@@ -87,6 +87,7 @@ def train_student(
         make_batches,
         cached_targets,
         cfg.student,
+        data=cfg.data,
         checkpoint_meta=meta,
         stop_after=stop_after,
         progress=progress,

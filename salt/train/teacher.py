@@ -41,6 +41,7 @@ def train_teacher(
         make_batches,
         lambda batch: pixel_targets(batch["clips"], tubelet, patch, normalize=cfg.model.pixel_norm),
         cfg.teacher,
+        data=cfg.data,
         checkpoint_meta=meta,
         stop_after=stop_after,
         progress=progress,
