@@ -313,11 +313,14 @@ def collate(samples: list[dict], *, epoch: int, index: int) -> dict:
     return out
 
 
-def make_loader(dataset: ShardedSamples, num_workers: int) -> DataLoader:
+def make_loader(dataset: ShardedSamples, num_workers: int, *, pin_memory: bool = False) -> DataLoader:
+    """pin_memory: page-locked batches (crops, masks, targets), for training on CUDA: the step's
+    copies to the GPU then run asynchronously (salt/devices.py: to_device)."""
     return DataLoader(
         dataset,
         batch_size=None,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,
+        pin_memory=pin_memory,
     )

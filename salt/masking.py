@@ -78,6 +78,10 @@ class MaskBatch:
     def to(self, device: torch.device | str) -> "MaskBatch":
         return MaskBatch(*(to_device(t, device) for t in self.tensors()))
 
+    def pin_memory(self) -> "MaskBatch":
+        """What torch's DataLoader calls with pin_memory=True (it pins only tensors and objects with this method)."""
+        return MaskBatch(*(t.pin_memory() for t in self.tensors()))
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.ctx_idx, self.ctx_valid, self.tgt_idx, self.tgt_valid
 

@@ -26,7 +26,8 @@ def _loader(cfg: Config, shards: list[str], batch_size: int, store: str | None =
 
     def make_batches(state: dict | None):
         dataset = ClipStream(cfg, shards, **position) if store is None else TargetStream(cfg, shards, store=store, **position)
-        return make_loader(dataset.at(state), cfg.data.num_workers)
+        # pinned batches on CUDA: the training step's copies of crops, masks and targets run asynchronously
+        return make_loader(dataset.at(state), cfg.data.num_workers, pin_memory=rank.device.type == "cuda")
 
     return make_batches
 
