@@ -20,7 +20,7 @@ NPROC   ?= 1
 TRAIN    = $(if $(filter 1,$(NPROC)),$(PY) -m,$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m)
 TRAIN_SEP = $(if $(filter 1,$(NPROC)),,--)
 
-.PHONY: setup lock data teacher extract-targets student sweep probe select replicate inspect plan bench demo test clean
+.PHONY: setup lock data teacher extract-targets student sweep probe select replicate inspect plan bench demo test clean gpu-wheels gpu-check
 .DEFAULT_GOAL := demo
 
 setup: .venv/.installed
@@ -100,6 +100,38 @@ bench: setup $(DEFAULT_DATA)/labels.json
 
 demo: setup
 	$(PY) -m jobs.demo --config $(CONFIG) --data $(DATA) --run $(RUN) $(ARGS)
+
+# make gpu-wheels PY=3.12 (on a machine with a package index): the light wheels a GPU node's Python
+# (that version) may miss, the embedded dataset, the tests' dataset and the bench's 360p video, in
+# GPU_BUNDLE (<= 40 MB, checked; the wheels are ~33 MB, so the chain's dataset is 128 + 64 clips). PY=3.x names the node's Python version here, not an interpreter.
+GPU_BUNDLE ?= gpu-bundle
+GPU_PYVER  ?= 3.12
+ifneq ($(filter 3.%,$(PY)),)
+override GPU_PYVER := $(PY)
+override PY := .venv/bin/python
+endif
+GPU_PLATFORMS = $(foreach p,manylinux1 manylinux2010 manylinux2014 manylinux_2_5 manylinux_2_17 manylinux_2_27 manylinux_2_28,--platform $(p)_x86_64)
+gpu-wheels: setup
+	rm -rf $(GPU_BUNDLE) && mkdir -p $(GPU_BUNDLE)
+	$(PY) -m pip download -q --only-binary=:all: --no-deps -c constraints.txt --python-version $(GPU_PYVER) --implementation cp \
+	    $(GPU_PLATFORMS) -d $(GPU_BUNDLE) $$($(PY) -m jobs.gpu_bundle list)
+	$(PY) -m jobs.data --data $(GPU_BUNDLE)/data --num-train 128 --num-val 64 --samples-per-shard 32 --no-progress
+	$(PY) -c "from tests.conftest import TEST_DIGITS; from pipeline.digits import write_moving_digits as w; \
+	    w('$(GPU_BUNDLE)/test-digits', **TEST_DIGITS, progress=False)"
+	$(PY) -c "from pipeline.experiments.bench import real_resolution_video as v; open('$(GPU_BUNDLE)/video-360p.mp4', 'wb').write(v())"
+	$(PY) -m jobs.gpu_bundle size $(GPU_BUNDLE)
+
+# make gpu-check [GPU_PY=python3] on a GPU node, offline: the bundle's wheels this Python lacks go to
+# a folder of their own (never its site-packages), then jobs/gpu_check.py -> GPU_CHECK.md, GPU_CHECK.json.
+GPU_PY   ?= python3
+GPU_SITE ?= /tmp/salt-gpu-site
+gpu-check:
+	test -d $(GPU_BUNDLE) || { echo "no $(GPU_BUNDLE)/: run make gpu-wheels PY=<the node's Python version> where there is a package index, and copy it here"; exit 2; }
+	$(GPU_PY) -m jobs.gpu_bundle node
+	rm -rf $(GPU_SITE) && mkdir -p $(GPU_SITE)
+	missing="$$($(GPU_PY) -m jobs.gpu_bundle missing)"; test -z "$$missing" || \
+	    $(GPU_PY) -m pip install -q --no-index --no-deps --find-links $(GPU_BUNDLE) --target $(GPU_SITE) $$missing
+	PYTHONPATH=$(CURDIR):$(GPU_SITE) OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(GPU_PY) -m jobs.gpu_check --bundle $(GPU_BUNDLE) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q --durations=15 tests

@@ -292,12 +292,12 @@ def open_store(store: str, meta: dict, old: dict | None) -> str:
 
 
 def extract_targets(
-    cfg: Config, *, data: str, teacher: str, store: str, split: str = "train", progress: bool = True
+    cfg: Config, *, data: str, teacher: str, store: str, split: str = "train", progress: bool = True,
+    in_process: bool = False,
 ) -> dict:
     """Run (or resume) extraction with the teacher a spec names (a run folder, hf-videomae:<folder>,
-    hf-vjepa2:<folder>); returns a summary of what this call did."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    hf-vjepa2:<folder>); returns a summary of what this call did. `in_process`: the same work
+    without Ray, in this process (`extract_in_process`), for a machine without Ray."""
 
     t0 = time.perf_counter()
     store_path = str(store).rstrip("/")
@@ -317,7 +317,12 @@ def extract_targets(
     todo = [s for s in shards if shard_name(s) not in done]
     committed = {"teacher_forward_samples": 0, "write_s": 0.0, "part_writers": [], "shard_writers": []}
     ray_address = None
-    if todo:
+    if todo and in_process:
+        committed = extract_in_process(cfg, todo, teacher, store_path, store_id)
+    elif todo:
+        import ray
+        from ray.data import ActorPoolStrategy, DataContext
+
         init_ray()
         ray_address = ray.get_runtime_context().gcs_address
         DataContext.get_current().enable_progress_bars = progress
@@ -356,6 +361,30 @@ def extract_targets(
     metrics = fs.join(store_path, "metrics.jsonl")  # appended by rewriting: object stores cannot append
     old = fs.read_bytes(metrics) if fs.exists(metrics) else b""
     fs.write_bytes(metrics, old + (json.dumps(summary) + "\n").encode())
+    return summary
+
+
+def extract_in_process(cfg: Config, shards: list[str], teacher: str, store: str, store_id: str) -> dict:
+    """The Ray graph's work in this process, shard by shard and in the same code: decode_shard,
+    the actor's forward_and_write in batches of extract.batch_size on this process's device,
+    then commit_from_parts. Same part files, same commits, same store (for make gpu-check on a
+    node without Ray; no parallelism)."""
+    device = default_device()
+    frozen = load_any_teacher(teacher, cfg, device)
+    summary = {"teacher_forward_samples": 0, "write_s": 0.0, "part_writers": [os.getpid()], "shard_writers": [os.getpid()]}
+    size = cfg.extract.batch_size
+    for path in shards:
+        rows = list(decode_shard({"path": path, "shard": shard_name(path)}, data_cfg=to_dict(cfg.data),
+                                 views=cfg.extract.views_per_clip))
+        written = []
+        for start in range(0, len(rows), size):
+            out = forward_and_write(frozen, cfg, store, numpy_batch(rows[start : start + size]), device)
+            written += [{k: v[i] for k, v in out.items()} for i in range(len(out["key"]))]
+        # an empty shard's one row stands for no sample: the shard commits with none (as the driver does)
+        forwarded, _, seconds = commit_from_parts(store, shard_name(path), [r for r in written if int(r["shard_total"])],
+                                                  cfg.extract.storage, store_id, cfg.extract.pixel_cache)
+        summary["teacher_forward_samples"] += forwarded
+        summary["write_s"] += seconds
     return summary
 
 

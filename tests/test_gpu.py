@@ -96,6 +96,7 @@ BF16_TOKEN_RTOL = 5e-2
 def test_gpu_extraction_under_bf16_equals_the_online_teacher(digits, teacher_dir, ray_local, tmp_path):
     """Ray extraction with a GPU actor (bf16): the stored tokens against the live teacher on the
     student's clips, same device and precision; and the student's clips are the actor's, bit for bit."""
+    pytest.importorskip("ray", reason="Ray is not installed")
     from pipeline.cluster import actor_gpus
     from salt.devices import autocast
     from salt.models.teachers import load_teacher

@@ -26,8 +26,8 @@ def test_bad_input_ends_in_one_line(argv, says, digits, tmp_path):
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], done.stderr[-2000:]
 
 
-JOBS = ["bench", "data", "demo", "extract_targets", "inspect_store", "plan", "probe", "replicate", "select",
-        "student", "sweep", "teacher"]
+JOBS = ["bench", "data", "demo", "extract_targets", "gpu_check", "inspect_store", "plan", "probe", "replicate",
+        "select", "student", "sweep", "teacher"]
 
 
 @pytest.mark.parametrize("job", JOBS)
@@ -85,3 +85,25 @@ def test_plan_of_a_training_config_has_its_grid_and_format():
     assert "512 clips" in printed and "float32" in printed
     with pytest.raises(SystemExit):
         plan_job.main(["--run", "runs/demo"])  # plan has no use for a run folder: refused, not ignored
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only answer of make gpu-check")
+def test_gpu_check_on_a_cpu_only_machine_says_so_in_one_line_and_succeeds(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "jobs.gpu_check", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "skipped: no CUDA device\n", done.stdout + done.stderr[-2000:]
+    assert not list(tmp_path.iterdir())  # no report of a check that did not run
+
+
+def test_gpu_bundle_lists_what_is_missing_and_refuses_an_oversized_folder(tmp_path, capsys):
+    from jobs import gpu_bundle
+
+    assert gpu_bundle.main(["missing"]) == 0
+    absent = capsys.readouterr().out.split()
+    assert set(absent) <= set(gpu_bundle.BUNDLE) and not {"zarr", "decord", "pytest"} & set(absent)
+    assert gpu_bundle.main(["node"]) == 0  # torch, numpy, pyarrow and matplotlib are here
+    (tmp_path / "wheel.whl").write_bytes(b"\0" * 1000)
+    assert gpu_bundle.main(["size", str(tmp_path)]) == 0
+    (tmp_path / "big.whl").write_bytes(b"\0" * gpu_bundle.LIMIT_BYTES)
+    assert gpu_bundle.main(["size", str(tmp_path)]) == 1
+    assert "40.0 MB (limit 40 MB)" in capsys.readouterr().out

@@ -92,6 +92,17 @@ def test_rerun_skips_committed_shards_and_resumes_missing_ones(store_fp32, digit
     assert_same_store(store_fp32, str(partial))
 
 
+def test_extraction_in_process_writes_the_store_ray_writes(store_fp32, digits, teacher_dir, tmp_path):
+    """Without Ray (make gpu-check's chain on a node that has none): the actor's and the commit
+    task's own code run in this process and give the same manifests and arrays."""
+    local = str(tmp_path / "local")
+    summary = extract_targets(tiny_config("extract.dtype=float32"), data=digits, teacher=teacher_dir, store=local,
+                              progress=False, in_process=True)
+    assert summary["teacher_forward_samples"] == 16 and summary["ray_address"] is None
+    assert_same_store(store_fp32, local)
+    assert verify_store(local) == []
+
+
 def test_store_of_another_job_is_refused(store_fp32, digits, teacher_dir):
     with pytest.raises(StoreMismatchError, match=r"storage\.dtype: store has 'float32', this job has 'float16'"):
         extract_targets(tiny_config("extract.dtype=float16"), data=digits, teacher=teacher_dir, store=store_fp32, progress=False)

@@ -37,10 +37,9 @@ from pipeline.targets import (
     shard_dir,
     store_bytes,
 )
-from pipeline.digits import encode_mp4
 from pipeline.video import clip_hash, crop, decode, decode_views, load_crops
 from salt.config import Config, DataConfig, load_config, with_overrides
-from salt.flops import PlanInputs, forward_flops, plan, train_flops
+from salt.flops import DEFAULT_GPU_FLOPS_PER_S, PlanInputs, forward_flops, plan, train_flops
 from salt.runinfo import git_commit
 from salt.checkpoint import load_checkpoint
 from salt.devices import default_device
@@ -77,6 +76,7 @@ def row(name: str, value: float, unit: str, bound: float | None, note: str = "")
 
 def real_resolution_video(width: int = 640, height: int = 360, frames: int = 300, fps: int = 30) -> bytes:
     """10 s of 360p H.264 with moving texture: the size of a typical Kinetics clip."""
+    from pipeline.digits import encode_mp4  # PyAV: make gpu-wheels writes this video for GPU nodes without it
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
     return encode_mp4(np.stack([np.roll(base, 3 * i, axis=1) for i in range(frames)]), fps=fps)
@@ -124,12 +124,13 @@ LOADER_MODES = {  # row suffix: stage-2 input overrides
 }
 
 
-def realistic_store(work: Path, clips: int = 8, views: int = 2) -> tuple[str, str]:
+def realistic_store(work: Path, clips: int = 8, views: int = 2, video: bytes | None = None) -> tuple[str, str]:
     """One source shard of 640x360 H.264 clips and a store of `views` views each, with random
     ViT-L-shaped fp16 targets (the loader's cost does not depend on their values; a CPU ViT-L
     forward would take minutes) and the pixel cache. The rows are what extraction writes:
-    real clip hashes, crop boxes and sample specs, through the store's own writer."""
-    video = real_resolution_video()
+    real clip hashes, crop boxes and sample specs, through the store's own writer. `video`:
+    real_resolution_video()'s bytes, made here when not given."""
+    video = video or real_resolution_video()
     source = work / "realistic" / "shard-000000.tar"
     source.parent.mkdir(parents=True, exist_ok=True)
     keys = [f"clip{i:03d}" for i in range(clips)]
@@ -151,14 +152,14 @@ def realistic_store(work: Path, clips: int = 8, views: int = 2) -> tuple[str, st
     return str(source), store
 
 
-def loader_rows(work: Path, batches: int = 8) -> list[dict]:
+def loader_rows(work: Path, batches: int = 8, video: bytes | None = None) -> list[dict]:
     """Stage-2 loader capacity per input mode on one core: samples/s of TargetStream batches
     (read, check and convert the targets, masks, and the uint8 crop box from video or from the
     pixel cache: the loader does no resize), the resize that the training step does instead on
     its device, and what the planner makes of each loader rate for a ViT-L student (the paper's
     setting, the planner's default 160 TFLOP/s effective per GPU, 16 cores per GPU)."""
     torch.set_num_threads(1)
-    source, store = realistic_store(work)
+    source, store = realistic_store(work, video=video)
     rates = {}
     for mode, overrides in LOADER_MODES.items():
         dataset = TargetStream(load_config(None, overrides), [source], batch_size=2, store=store)
@@ -244,6 +245,9 @@ def student_step_speedup(cfg: Config, batch: dict, teacher: torch.nn.Module, pai
             f"bound: student_speedup_flop_ideal{label}"),
         row(f"student_speedup_flop_ideal{label}", ideal, "x", None, f"{sizes}: 6ND/2ND on this batch's real token counts"),
         row(f"student_step_s_cached{label}", float(cached_s), "s", float(online_s), f"{sizes}: bound: step with the online teacher"),
+        row(f"student_tflops_cached{label}", cached_flops / cached_s / 1e12, "TFLOP/s", DEFAULT_GPU_FLOPS_PER_S / 1e12,
+            f"{sizes}: 6ND FLOPs of the cached step (this batch's real token counts) per second; bound: the "
+            "planner's assumed effective GPU rate"),
         row(f"train_over_forward_flop_rate{label}", rate_ratio, "x", 1.0,
             f"{sizes}: 6ND FLOP/s of the cached student step over 2ND FLOP/s of the teacher forward (online minus "
             "cached step time); the FLOP-ideal assumes 1"),
