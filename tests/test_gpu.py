@@ -71,7 +71,7 @@ def test_xformers_equals_sdpa_forward_and_backward_on_padded_batches():
 
     if not xformers_works("cuda"):
         pytest.skip("xformers is installed but its probe call fails on this GPU")
-    for dtype, tol in ((torch.float32, 2e-3), (torch.bfloat16, 2e-2)):
+    for dtype, tol in ((torch.float32, 2e-3), (torch.bfloat16, 5e-2)):  # bf16: 8 mantissa bits, sums of ~100 terms
         torch.manual_seed(0)
         lengths = [5, 97, 64, 1, 33]
         n = max(lengths)
@@ -157,15 +157,17 @@ def nccl_rank(rank: int, world: int, port: int, data: str, store: str, out: str)
         t = torch.ones(1, device="cuda")
         dist.all_reduce(t)
         assert t.item() == world
-        run_student(tiny_config("student.optim.steps=2", "student.log_samples=true"), data, store, out, progress=False)
+        run_student(tiny_config("student.optim.steps=2", "student.optim.batch_size=2", "student.log_samples=true"),
+                    data, store, out, progress=False)
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_with_nccl_on_the_visible_gpus(store_fp32, digits, tmp_path):
-    world = torch.cuda.device_count()
+    # at most 4 ranks: the test data's 16 clips give each 2 batches of 2 in the first epoch, so no sample repeats
+    world = min(torch.cuda.device_count(), 4)
     torch.multiprocessing.spawn(nccl_rank, args=(world, free_port(), digits, store_fp32, str(tmp_path / "ddp")), nprocs=world)
     assert len(logged_losses(tmp_path / "ddp")) == 2 and np.isfinite(logged_losses(tmp_path / "ddp")).all()
     seen = [k for r in range(world) for line in (tmp_path / "ddp" / f"samples.rank{r}.jsonl").read_text().splitlines()
             for k in json.loads(line)["keys"]]
-    assert len(seen) == len(set(seen)) == 2 * 4 * world  # each rank its own samples
+    assert len(seen) == len(set(seen)) == 2 * 2 * world  # each rank its own samples
