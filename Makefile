@@ -11,7 +11,7 @@ TEACHER ?= $(RUN)/teacher
 TORCH   ?= torch==2.13.0
 DEFAULT_DATA := data/moving-digits
 # OpenMP threads that spin-wait crawl when anything else wants the cores (Ray workers,
-# loader workers, a neighbour): measured 1.78 s vs 0.50 s per tiny step on a loaded 2-core box.
+# loader workers, a neighbour): on a loaded 2-core box a tiny step took several times longer.
 export OMP_WAIT_POLICY ?= PASSIVE
 COMMON   = --config $(CONFIG) --data $(DATA) --run $(RUN)
 # NPROC=N trains teacher/student data-parallel on N local processes (torchrun; NCCL on GPUs,

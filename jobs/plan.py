@@ -1,6 +1,6 @@
 """make plan [ARGS="key=value ..."] [PRESET=table10] [JSON=1]: FLOPs, store size, GPU-hours of a SALT pipeline.
 
-Keys are the fields of salt.flops.PlanInputs (defaults: the paper's setting), e.g.
+Keys are the fields of pipeline.feeding.PlanInputs (defaults: the paper's setting), e.g.
 `student=vit_h views_per_clip=4 storage.keepbits=5 storage.codec=blosc gpu_flops_per_s=250e12`.
 The input-side rates (video decode, the k-views-per-decode and pixel-cache loaders, and the pixel
 cache's bytes per view) are this machine's measured ones (--bench, which `make bench` writes)
@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from jobs.cli import entry, parser
+from pipeline.feeding import Plan, PlanInputs, plan
 from salt.config import ConfigError, load_config
-from salt.flops import Plan, PlanInputs, inputs_from_config, inputs_from_overrides, plan, table10
+from salt.flops import inputs_from_config, inputs_from_overrides, table10
 
 # make bench rows -> the PlanInputs fields they measure
 MEASURED = {
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> str:
             rows = table10()
             text = json.dumps(rows, indent=1) if args.json else format_table10(rows)
         else:
-            base = inputs_from_config(load_config(args.config)) if args.config else PlanInputs()
+            base = inputs_from_config(load_config(args.config), PlanInputs) if args.config else PlanInputs()
             result = plan(with_measured_rates(base, args.overrides, measured_rates(args.bench)))
             text = json.dumps(dataclasses.asdict(result), indent=1) if args.json else format_plan(result)
     except ConfigError as e:

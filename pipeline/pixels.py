@@ -13,11 +13,10 @@ import struct
 import numpy as np
 from numcodecs import Blosc
 
-# Blosc(zstd, level 3). Measured on the moving-digits crops (the only video at hand; 32 crops of
-# 16 x ~50 x ~50 x 3, 122 kB raw each): 3.15x at 152 MB/s encode and 860 MB/s decode. zstd level 7
-# gave 3.41x at 28 MB/s encode, plain Zstd(3) 3.23x, Blosc lz4 1.91x, bitshuffle 2.19x: none
-# clearly better. Byte shuffle is a no-op on uint8 (item size 1); it is kept so the config reads
-# as the usual Blosc one.
+# Blosc(zstd, level 3): on the moving-digits crops, a higher zstd level compressed little more at a
+# fraction of the encode speed, and plain Zstd, Blosc lz4 and bitshuffle were no better. Its ratio on
+# make bench's 640x360 clip is BENCHMARKS.md's pixel_cache_mb_per_view. Byte shuffle is a no-op on
+# uint8 (item size 1); it is kept so the config reads as the usual Blosc one.
 CODEC = Blosc(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE)
 CODEC_INFO: dict = CODEC.get_config()
 

@@ -15,11 +15,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from salt.config import Config, to_dict
 
 WEIGHTS = "checkpoint.safetensors"
 META = "checkpoint.json"
@@ -54,6 +57,14 @@ def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     durable_replace(tmp, path)
+
+
+def checkpoint_meta(cfg: Config, role: Literal["teacher", "student"], width: int, **extra) -> dict:
+    """What every checkpoint of an encoder says about it (teachers of both kinds, students): its
+    role, its size (the config's model.<role>) and width, and the whole config; `extra` adds the
+    rest (a student's teacher, a control's step and what it was trained with)."""
+    size = getattr(cfg.model, role)
+    return {"role": role, "encoder": {"size": size, "width": width}, "config": to_dict(cfg), **extra}
 
 
 def save_checkpoint(

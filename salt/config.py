@@ -106,6 +106,27 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True)
+class LogConfig:
+    """Where a training run's log goes besides metrics.jsonl (salt/train/runlog.py). The writers are
+    off by default, need the `track` extra, and write on rank 0 only."""
+
+    # TensorBoard event files in tensorboard_dir (relative: from the run folder)
+    tensorboard: bool = False
+    tensorboard_dir: str = "tensorboard"
+    # Weights & Biases, offline only (never a network call): <run>/wandb/offline-run-*, uploaded
+    # later, if ever, with `wandb sync`
+    wandb: bool = False
+    wandb_project: str = "salt"
+    # the device's dense bf16 peak in TFLOP/s, the denominator of MFU. None: by device kind
+    # (salt/train/runlog.py: PEAK_TFLOPS); 0: unknown, so no MFU is logged
+    peak_tflops: float | None = None
+
+    def __post_init__(self):
+        if self.peak_tflops is not None and self.peak_tflops < 0:
+            raise ConfigError(f"log.peak_tflops={self.peak_tflops}: want a peak in TFLOP/s, 0 for unknown")
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 0  # model initialisation
@@ -117,6 +138,7 @@ class TrainConfig:
     # with the mean training loss of the steps before it), for choosing checkpoints by loss
     snapshot_every: int = 0
     log_samples: bool = False  # write samples.rank<r>.jsonl: the (key, view) of every sample each rank trained on
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 @dataclass(kw_only=True)

@@ -65,6 +65,15 @@ def assert_same_batch(a: dict, b: dict) -> None:
     assert all(torch.equal(x.ctx_idx, y.ctx_idx) and torch.equal(x.tgt_idx, y.tgt_idx) for x, y in zip(a["masks"], b["masks"]))
 
 
+def read_tensorboard(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] of every scalar in a TensorBoard log folder, as TensorBoard reads it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})  # 0: keep every event
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def tiny_config(*overrides: str):
     return load_config(os.path.join(ROOT, TINY), [*FAST, *overrides])
 

@@ -73,11 +73,11 @@ def test_a_sweep_file_takes_overrides_like_a_config():
 def test_plan_of_a_training_config_has_its_grid_and_format():
     from jobs import plan as plan_job
     from salt.config import load_config
-    from salt.flops import inputs_from_config, plan
+    from salt.flops import costs, inputs_from_config
     from salt.models.factory import config_grid
 
     cfg = load_config("jobs/configs/tiny.yaml", ["extract.dtype=float32"])
-    planned = plan(inputs_from_config(cfg))
+    planned = costs(inputs_from_config(cfg))
     grid = config_grid(cfg)
     assert planned.tokens_per_view == grid[0] * grid[1] * grid[2]
     assert planned.inputs.storage == cfg.extract.storage and planned.inputs.student_steps == cfg.student.optim.steps

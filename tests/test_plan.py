@@ -5,7 +5,8 @@ import pytest
 
 from jobs import plan as plan_job
 from salt.config import ConfigError
-from salt.flops import TABLE10_TOTALS, PlanInputs, inputs_from_overrides, plan, table10
+from pipeline.feeding import PlanInputs, plan
+from salt.flops import TABLE10_TOTALS, CostInputs, costs, inputs_from_overrides, table10
 from salt.storage import StorageFormat
 
 
@@ -23,27 +24,27 @@ def test_table10_totals_within_5_percent():
 
 
 def test_paper_default_split_matches_table16():
-    pl = plan(PlanInputs())  # 40k teacher + 200k student steps: 0.121 + 1.190 = 1.311 x1e21
+    pl = costs(CostInputs())  # 40k teacher + 200k student steps: 0.121 + 1.190 = 1.311 x1e21
     assert pl.stage1.flops == pytest.approx(0.121e21, rel=0.05)
     assert pl.student_run_online.flops == pytest.approx(1.190e21, rel=0.05)
     assert pl.total_online.flops == pytest.approx(1.311e21, rel=0.05)
 
 
 def test_storage_arithmetic():
-    assert plan(PlanInputs()).bytes_per_view / 1e6 == pytest.approx(3.2, abs=0.05)  # 1568 x 1024 x 2 B
-    assert plan(PlanInputs(teacher="vit_b")).bytes_per_view / 1e6 == pytest.approx(2.4, abs=0.05)
-    assert plan(PlanInputs()).store_bytes / 1e12 == pytest.approx(11.6, rel=0.03)
-    assert plan(PlanInputs(views_per_clip=3)).store_bytes == pytest.approx(3 * plan(PlanInputs()).store_bytes)
+    assert costs(CostInputs()).bytes_per_view / 1e6 == pytest.approx(3.2, abs=0.05)  # 1568 x 1024 x 2 B
+    assert costs(CostInputs(teacher="vit_b")).bytes_per_view / 1e6 == pytest.approx(2.4, abs=0.05)
+    assert costs(CostInputs()).store_bytes / 1e12 == pytest.approx(11.6, rel=0.03)
+    assert costs(CostInputs(views_per_clip=3)).store_bytes == pytest.approx(3 * costs(CostInputs()).store_bytes)
     fp32 = StorageFormat(dtype="float32")
-    assert plan(PlanInputs(storage=fp32)).bytes_per_view == 2 * plan(PlanInputs()).bytes_per_view
+    assert costs(CostInputs(storage=fp32)).bytes_per_view == 2 * costs(CostInputs()).bytes_per_view
     # bit-rounding under a codec keeps sign + exponent + kept bits at best: 1 + 8 + 7 of 32 bits
     assert StorageFormat(dtype="float32", keepbits=7, codec="blosc").value_bytes() == 2.0
     assert StorageFormat(dtype="float16", keepbits=5, codec="zstd").value_bytes() == 2 * 11 / 16
     assert StorageFormat(dtype="float16", keepbits=5).value_bytes() == 2.0  # rounded but not compressed
     assert StorageFormat(dtype="float32", keepbits=7, codec="blosc").value_bytes(compression_ratio=4.0) == 1.0
     # the planner takes the store's own format, through the same override syntax as configs
-    pl = plan(inputs_from_overrides(["storage.dtype=float16", "storage.keepbits=5", "storage.codec=blosc"]))
-    assert pl.bytes_per_view == plan(PlanInputs()).bytes_per_view * 11 / 16
+    pl = costs(inputs_from_overrides(["storage.dtype=float16", "storage.keepbits=5", "storage.codec=blosc"]))
+    assert pl.bytes_per_view == costs(CostInputs()).bytes_per_view * 11 / 16
     with pytest.raises(ConfigError, match=re.escape("plan.storage.dtype='bfloat16': expected one of float32, float16")):
         inputs_from_overrides(["storage.dtype=bfloat16"])
     with pytest.raises(ConfigError, match=re.escape("plan.storage.keepbits=10: expected 0 (off) to 9 for float16")):
@@ -51,7 +52,7 @@ def test_storage_arithmetic():
 
 
 def test_break_even():
-    pl = plan(PlanInputs())
+    pl = costs(CostInputs())
     # ViT-L/ViT-L: the teacher forward is about half of an online step, so one run pays for the store
     forward = pl.student_run_online.flops - pl.student_run_cached.flops
     assert forward / pl.student_run_online.flops == pytest.approx(0.5, abs=0.05)
@@ -59,11 +60,11 @@ def test_break_even():
     assert pl.total_cached.flops < pl.total_online.flops
     # a store read ~once per run: 1000 clips, 10 x 100 samples per run
     small = dict(num_clips=1000, batch_size=10, student_steps=100)
-    runs = [plan(PlanInputs(views_per_clip=v, **small)).break_even_runs for v in range(1, 8)]
+    runs = [costs(CostInputs(views_per_clip=v, **small)).break_even_runs for v in range(1, 8)]
     assert runs == [2, 3, 4, 5, 6, 7, 8]  # an exact tie at 1 view is not yet cheaper
     assert runs == sorted(runs)
     # extraction at half the training throughput doubles its cost in GPU-hours only
-    slow = plan(PlanInputs(views_per_clip=3, extract_flops_per_s=80e12, **small))
+    slow = costs(CostInputs(views_per_clip=3, extract_flops_per_s=80e12, **small))
     assert (slow.break_even_runs, slow.break_even_runs_gpu_hours) == (4, 7)
 
 
@@ -100,6 +101,8 @@ def test_feed_arithmetic_names_what_binds():
     clips/s per core that is 32 decode cores against the 16 a node of 8 GPUs and 128 cores
     offers (50%); a ViT-L fp16 view is 1568 x 1024 x 2 B, so 160 clips/s read 513.8 MB/s."""
     paper = plan(PlanInputs())
+    cost_only = costs(CostInputs())  # the feed rows are added to salt.flops' costs, which they leave as they were
+    assert {k: v for k, v in vars(paper).items() if k not in ("inputs", "feeds")} == {k: v for k, v in vars(cost_only).items() if k != "inputs"}
     per_sample = paper.student_run_cached.flops / (paper.inputs.student_steps * paper.inputs.batch_size)
     node = dict(gpu_flops_per_s=160 * per_sample, decode_clips_per_s_per_core=5.0, gpus_per_node=8, cpu_cores_per_node=128)
     view_mb = 1568 * 1024 * 2 / 1e6

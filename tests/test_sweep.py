@@ -10,7 +10,7 @@ import yaml
 
 from pipeline.experiments.sweep import load_sweep, run_sweep
 from salt.config import ConfigError
-from tests.conftest import FAST, ROOT, TINY, tree_digest
+from tests.conftest import FAST, ROOT, TINY, read_tensorboard, tree_digest
 
 
 def write_sweep(path: Path, **fields) -> Path:
@@ -34,6 +34,14 @@ def test_sweep_trains_every_variant_on_one_store_and_tabulates(executor, store_f
     table = (tmp_path / "out" / "results.md").read_text()
     assert table.startswith("| variant | overrides | steps | final_loss | wall_s |") and "| xs | model.student=vit_cpu_xs | 2 |" in table
     assert tree_digest(store_fp32) == before  # students only read the store
+    # one TensorBoard root holds every student; results.md links the plot of all their loss curves
+    root = tmp_path / "out" / "tensorboard"
+    assert sorted(p.name for p in root.iterdir()) == ["base", "seed-1", "xs"]
+    for v in ("base", "seed-1", "xs"):
+        losses = [json.loads(l)["loss"] for l in (tmp_path / "out" / v / "metrics.jsonl").read_text().splitlines()]
+        assert read_tensorboard(root / v)["train/loss"] == [(i + 1, pytest.approx(x)) for i, x in enumerate(losses)]
+    assert "![loss_curves](loss_curves.png)" in table
+    assert (tmp_path / "out" / "loss_curves.png").read_bytes().startswith(b"\x89PNG")
     # rerun: finished variants are reported, not retrained
     again = run_sweep(sweep, data=digits, store=store_fp32, out=tmp_path / "out", progress=False)
     assert again == rows

@@ -18,7 +18,8 @@ from pipeline.experiments.runs import run_student
 from pipeline.shards import list_shards
 from pipeline.stream import TargetStream
 from pipeline.targets import PROJECTION, TargetStore, verify_store
-from salt.models.teachers import TeacherSpecError, file_sha256, load_teacher, projection_matrix
+from salt.models.frozen import TeacherSpecError, file_sha256, projection_matrix
+from salt.models.teachers import load_teacher
 from salt.train.loop import prepare_batch
 from salt.train.student import TeacherMismatchError
 from tests.conftest import tiny_config

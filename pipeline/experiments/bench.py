@@ -23,6 +23,7 @@ import zarr
 
 from pipeline import fs, pixels
 from pipeline.extract import extract_targets
+from pipeline.feeding import PlanInputs, plan
 from pipeline.shards import list_shards, write_shard
 from pipeline.experiments.runs import run_student, run_teacher
 from pipeline.stream import ClipStream, TargetStream
@@ -39,7 +40,7 @@ from pipeline.targets import (
 )
 from pipeline.video import clip_hash, crop, decode, decode_views, load_crops
 from salt.config import Config, DataConfig, load_config, with_overrides
-from salt.flops import DEFAULT_GPU_FLOPS_PER_S, PlanInputs, forward_flops, plan, train_flops
+from salt.flops import DEFAULT_GPU_FLOPS_PER_S, forward_flops, train_flops
 from salt.runinfo import git_commit
 from salt.checkpoint import load_checkpoint
 from salt.devices import default_device

@@ -20,8 +20,8 @@ import torch
 
 from pipeline.labelled import load_labelled
 from pipeline.experiments.probe import probe_data_config
-from salt.checkpoint import has_checkpoint, save_snapshot
-from salt.config import Config, to_dict
+from salt.checkpoint import checkpoint_meta, has_checkpoint, save_snapshot
+from salt.config import Config
 from salt.models.factory import build_encoder
 from salt.runinfo import write_run_info
 from salt.supervised import train_with_labels
@@ -30,11 +30,6 @@ from salt.supervised import train_with_labels
 def _as_teacher(cfg: Config, size: str) -> Config:
     """The config a teacher of `size` records (its run_info and checkpoint say what it is)."""
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, teacher=size))
-
-
-def _teacher_meta(cfg: Config, width: int, step: int, trained_with: str) -> dict:
-    return {"role": "teacher", "encoder": {"size": cfg.model.teacher, "width": width}, "config": to_dict(cfg),
-            "step": step, "trained_with": trained_with}
 
 
 def label_teacher_dir(out_root: str | Path, step: int) -> Path:
@@ -63,7 +58,7 @@ def train_label_teachers(
     trained_with = f"labels ({', '.join(sorted(train.labels))}), seed {seed}"
 
     def save(step: int, trained: torch.nn.Module) -> None:
-        save_snapshot(folders[step], trained, _teacher_meta(cfg, trained.width, step, trained_with))
+        save_snapshot(folders[step], trained, checkpoint_meta(cfg, "teacher", trained.width, step=step, trained_with=trained_with))
         write_run_info(folders[step], cfg, data=data)
 
     train_with_labels(
@@ -80,6 +75,6 @@ def save_untrained_teacher(cfg: Config, out: str | Path, *, size: str, seed: int
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             encoder = build_encoder(cfg, size).eval()
-        save_snapshot(out, encoder, _teacher_meta(cfg, encoder.width, 0, f"nothing (random init, seed {seed})"))
+        save_snapshot(out, encoder, checkpoint_meta(cfg, "teacher", encoder.width, step=0, trained_with=f"nothing (random init, seed {seed})"))
         write_run_info(out, cfg)
     return str(out)

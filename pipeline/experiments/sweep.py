@@ -5,7 +5,10 @@ after another on this machine or as Ray tasks (one GPU each where there are GPUs
 store is only read, so any number of students may share it. A variant whose run folder
 already holds a finished run is not trained again: rerunning a sweep resumes it.
 Results (variant, steps, final loss, wall time, probe top-1 when probing is on) go to
-results.json / results.csv / results.md in the sweep folder.
+results.json / results.csv / results.md in the sweep folder, with loss_curves.png (every student's
+loss curve) linked from results.md. Every student logs to one TensorBoard root,
+<out>/tensorboard/<variant> (`tensorboard: false` in the sweep file turns that off):
+`tensorboard --logdir <out>/tensorboard` shows them side by side.
 """
 
 from __future__ import annotations
@@ -15,15 +18,17 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import yaml
 
 from pipeline.experiments.runs import run_student
 from salt.config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict
 from salt.devices import set_torch_threads
+from salt.plots import plot_loss_curves, read_jsonl
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+LOSS_CURVES = "loss_curves.png"
 
 
 @dataclass(kw_only=True)
@@ -40,6 +45,7 @@ class SweepConfig:
     executor: Literal["local", "ray"] = "local"  # local: one after another; ray: one Ray task per variant
     probe: bool = False  # attentive-probe every student afterwards (clips decoded once for all)
     tasks: list[str] = field(default_factory=list)  # probe tasks; empty: every task in labels.json
+    tensorboard: bool = True  # every student's TensorBoard log under <out>/tensorboard/<variant> (the track extra)
 
 
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig:
@@ -66,8 +72,10 @@ def variant_configs(sweep: SweepConfig) -> dict[str, Config]:
     """name -> resolved config; every variant is checked before any trains (a typo fails in seconds)."""
     configs = {}
     for v in sweep.variants:
+        # relative to the run folder <out>/<variant>, so the sweep folder can move
+        logs = ["student.log.tensorboard=true", f"student.log.tensorboard_dir=../tensorboard/{v.name}"] if sweep.tensorboard else []
         try:
-            configs[v.name] = load_config(sweep.base, [*sweep.overrides, *v.overrides])
+            configs[v.name] = load_config(sweep.base, [*sweep.overrides, *v.overrides, *logs])
         except ConfigError as e:
             raise ConfigError(f"sweep variant {v.name!r}: {e}") from None
     return configs
@@ -105,7 +113,9 @@ def run_sweep(sweep: SweepConfig, *, data: str, store: str, out: str | Path, pro
         for task, r in probes.get(v.name, {}).items():
             row[f"top1_{task}"] = round(r["top1"], 4)
         rows.append(row)
-    write_results(rows, out)
+    curves = [r | {"variant": v.name} for v in sweep.variants for r in read_jsonl(out / v.name / "metrics.jsonl")]
+    plot_loss_curves(curves, out / LOSS_CURVES, title="training loss of every student", group_by="variant")
+    write_results(rows, out, figures=[LOSS_CURVES])
     return rows
 
 
@@ -135,7 +145,8 @@ def _probe(sweep: SweepConfig, configs: dict[str, Config], data: str, out: Path,
     return {name: selected["probes"][finals[name]] for name in runs}
 
 
-def write_results(rows: list[dict], out: Path) -> None:
+def write_results(rows: list[dict], out: Path, figures: Sequence[str] = ()) -> None:
+    """results.json, .csv and .md; the markdown links `figures` (PNGs in `out`) under its table."""
     (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with (out / "results.csv").open("w", newline="") as f:
@@ -144,4 +155,5 @@ def write_results(rows: list[dict], out: Path) -> None:
         writer.writerows(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+    lines += [f"\n![{Path(f).stem}]({f})" for f in figures]
     (out / "results.md").write_text("\n".join(lines) + "\n")

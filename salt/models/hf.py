@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from salt.config import Config
-from salt.models.teachers import FrozenTeacher, TeacherSpecError, check_grid
+from salt.models.frozen import FrozenTeacher, TeacherSpecError, check_grid
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -142,5 +142,3 @@ class VJEPA2Teacher(HFVideoTeacher):
     adapter, model_class, model_type = "hf-vjepa2", "VJEPA2Model", "vjepa2"
     frames_key, size_key, input_name, call_kwargs = "frames_per_clip", "crop_size", "pixel_values_videos", {"skip_predictor": True}
 
-
-ADAPTERS = {cls.adapter: cls for cls in (VideoMAETeacher, VJEPA2Teacher)}

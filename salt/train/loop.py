@@ -7,9 +7,6 @@ each stage passes a `make_targets(batch) -> [B, N, D]`.
 
 from __future__ import annotations
 
-import json
-import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +15,6 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from salt.clips import model_clips
 from salt.config import DataConfig, TrainConfig
@@ -26,14 +22,9 @@ from salt.devices import autocast, default_device, to_device
 from salt.losses import gather_tokens, masked_l1
 from salt.masking import MaskBatch
 from salt.optim import apply_schedule
-from salt.plots import plot_loss_curves
-from salt.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, save_snapshot
+from salt.checkpoint import has_checkpoint, load_checkpoint
 from salt.train.distributed import current, mean_across_ranks
-
-
-# A snapshot's loss is the mean training loss of the steps just before it: one batch is too noisy
-# to rank checkpoints by.
-SNAPSHOT_LOSS_WINDOW = 50
+from salt.train.runlog import RunLog, cut_logs
 
 
 Distance = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -112,22 +103,13 @@ def prepare_batch(batch: dict, device: torch.device | str, data: DataConfig) -> 
     return out
 
 
-def _cut_log(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint's step: the resumed run logs them again."""
-    if path.is_file():
-        kept = [l for l in path.read_text().splitlines() if json.loads(l).get("step", 0) <= step]
-        path.write_text("".join(l + "\n" for l in kept))
-
-
 def resume(state: TrainState, run_dir: str | Path) -> dict | None:
-    """Load the run folder's checkpoint into `state` if there is one; its logs are cut back to it."""
-    if not has_checkpoint(run_dir):
-        return None
-    meta = load_checkpoint(run_dir, state.modules(), state.optimizer)
-    state.step = meta["step"]
-    if current().is_main:
-        _cut_log(Path(run_dir) / "metrics.jsonl", state.step)
-    _cut_log(Path(run_dir) / f"samples.rank{current().rank}.jsonl", state.step)
+    """Load the run folder's checkpoint into `state` if there is one; its logs are cut back to it
+    (to nothing when a run was killed before its first checkpoint)."""
+    meta = load_checkpoint(run_dir, state.modules(), state.optimizer) if has_checkpoint(run_dir) else None
+    if meta:
+        state.step = meta["step"]
+    cut_logs(run_dir, state.step)
     return meta
 
 
@@ -144,82 +126,27 @@ def run_training(
     stop_after: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train until cfg.optim.steps (or `stop_after` more steps); log, checkpoint, summarise.
+    """Train until cfg.optim.steps (or `stop_after` more steps): fetch a batch, step, record.
 
-    Data-wait time (waiting on the loader) and compute time are logged apart. Under
-    torchrun only rank 0 writes metrics and checkpoints; the logged loss is the mean
-    over ranks. The checkpoint carries the loader position of the last trained batch.
+    Data-wait time (waiting on the loader) and compute time are measured apart; the run log
+    (salt/train/runlog.py) writes metrics, snapshots, checkpoints and the summary. The logged loss
+    is the mean over ranks.
     """
-    run_dir = Path(run_dir)
-    rank = current()
     last = cfg.optim.steps if stop_after is None else min(cfg.optim.steps, state.step + stop_after)
-    metrics_file = (run_dir / "metrics.jsonl").open("a") if rank.is_main else None
-    samples_file = (run_dir / f"samples.rank{rank.rank}.jsonl").open("a") if cfg.log_samples else None
-    bar = tqdm(
-        total=last,
-        initial=state.step,
-        desc=run_dir.name,
-        disable=not (progress and rank.is_main),
-        dynamic_ncols=True,
-        mininterval=0.1 if sys.stderr.isatty() else 30,  # logs get a line every 30 s, not every step
-    )
-    history: list[float] = []
-    wait_total = compute_total = 0.0
     iterator = iter(batches) if state.step < last else None  # a finished run starts no loader workers
-    start_step = state.step
-    t_start = time.perf_counter()
-    while state.step < last:
-        t0 = time.perf_counter()
-        loaded = next(iterator)
-        t1 = time.perf_counter()  # the resize of prepare_batch is device work: it counts as compute
-        batch = prepare_batch(loaded, device, data)
-        targets = make_targets(batch)
-        metrics = train_step(state, batch, targets, cfg)
-        metrics["loss"] = mean_across_ranks(metrics["loss"], device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        wait_total += t1 - t0
-        compute_total += t2 - t1
-        history.append(metrics["loss"])
-        if samples_file is not None:
-            samples_file.write(json.dumps({"step": state.step, "batch": batch["index"], "keys": batch["keys"], "views": batch["views"]}) + "\n")
-            samples_file.flush()
-        record = {"step": state.step, **metrics, "data_wait_s": t1 - t0, "compute_s": t2 - t1, "batch": batch["index"]}
-        if batch.get("skipped"):
-            record["skipped"] = batch["skipped"]
-        if metrics_file is not None and (state.step % cfg.log_every == 0 or state.step == last):
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-        if rank.is_main and cfg.snapshot_every and state.step % cfg.snapshot_every == 0:
-            window = history[-min(cfg.snapshot_every, SNAPSHOT_LOSS_WINDOW) :]
-            save_snapshot(run_dir / "snapshots" / f"step-{state.step:06d}", state.encoder,
-                          checkpoint_meta | {"step": state.step, "train_loss": sum(window) / len(window)})
-        if rank.is_main and (state.step % cfg.checkpoint_every == 0 or state.step == last):
-            meta = checkpoint_meta | {"step": state.step, "loader": batch.get("loader_state")}
-            save_checkpoint(run_dir, state.modules(), state.optimizer, meta)
-    bar.close()
-    for f in (metrics_file, samples_file):
-        if f is not None:
-            f.close()
-    steps_run = state.step - start_step
-    summary_file = run_dir / "summary.json"
-    if steps_run == 0 and summary_file.is_file():  # a finished run, started again: report what it did
-        return json.loads(summary_file.read_text())
-    tail = history[-max(1, min(len(history), 10)) :] if history else [math.nan]
-    summary = {
-        "step": state.step,
-        "final_loss": sum(tail) / len(tail),
-        "steps_run": steps_run,
-        "wall_s": time.perf_counter() - t_start,
-        "data_wait_fraction": wait_total / max(wait_total + compute_total, 1e-9),
-    }
-    if rank.is_main:
-        summary_file.write_text(json.dumps(summary, indent=1) + "\n")
-        plot_loss_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{run_dir.name} training loss")
-    return summary
+    with RunLog(run_dir, cfg, start_step=state.step, last=last, device=device, checkpoint_meta=checkpoint_meta,
+                progress=progress) as log:
+        while state.step < last:
+            t0 = time.perf_counter()
+            loaded = next(iterator)
+            t1 = time.perf_counter()  # the resize of prepare_batch is device work: it counts as compute
+            batch = prepare_batch(loaded, device, data)
+            metrics = train_step(state, batch, make_targets(batch), cfg)
+            metrics["loss"] = mean_across_ranks(metrics["loss"], device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            log.record(state, batch, metrics, wait_s=t1 - t0, compute_s=time.perf_counter() - t1)
+    return log.summary(state.step)
 
 
 def fit(

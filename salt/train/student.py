@@ -13,10 +13,10 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from salt.config import Config, to_dict
+from salt.config import Config
 from salt.losses import latent_targets
 from salt.optim import make_optimizer
-from salt.checkpoint import has_checkpoint, read_meta
+from salt.checkpoint import checkpoint_meta, has_checkpoint, read_meta
 from salt.devices import autocast
 from salt.train.loop import TrainState, fit
 from salt.models.factory import build_encoder, build_predictor
@@ -75,12 +75,7 @@ def train_student(
 ) -> dict:
     check_same_teacher(run_dir, store_meta)
     state = build_student_state(cfg, teacher_width)
-    meta = {
-        "role": "student",
-        "encoder": {"size": cfg.model.student, "width": state.encoder.width},
-        "teacher": store_meta["teacher"],
-        "config": to_dict(cfg),
-    }
+    meta = checkpoint_meta(cfg, "student", state.encoder.width, teacher=store_meta["teacher"])
     return fit(
         state,
         run_dir,

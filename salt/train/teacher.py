@@ -8,7 +8,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from salt.config import Config, to_dict
+from salt.checkpoint import checkpoint_meta
+from salt.config import Config
 from salt.losses import MASKED_DISTANCES, pixel_targets
 from salt.models.factory import build_encoder, build_predictor
 from salt.optim import make_optimizer
@@ -34,7 +35,7 @@ def train_teacher(
     """Train (or resume) a V-Pixel teacher; `make_batches(loader_state)` gives the loader."""
     state = build_teacher_state(cfg)
     tubelet, patch = cfg.model.tubelet, cfg.model.patch_size
-    meta = {"role": "teacher", "encoder": {"size": cfg.model.teacher, "width": state.encoder.width}, "config": to_dict(cfg)}
+    meta = checkpoint_meta(cfg, "teacher", state.encoder.width)
     return fit(
         state,
         run_dir,
