@@ -20,7 +20,7 @@ NPROC   ?= 1
 TRAIN    = $(if $(filter 1,$(NPROC)),$(PY) -m,$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m)
 TRAIN_SEP = $(if $(filter 1,$(NPROC)),,--)
 
-.PHONY: setup lock data teacher extract-targets student sweep probe select replicate inspect plan bench demo test clean gpu-wheels gpu-check
+.PHONY: setup lock data teacher extract-targets student sweep probe select replicate yardstick inspect plan bench demo test clean gpu-wheels gpu-check
 .DEFAULT_GOAL := demo
 
 setup: .venv/.installed
@@ -88,6 +88,10 @@ select: setup $(DATA_DEP)
 # The CPU-scale replication study over 3 seeds (each generates its own data) -> runs/replication, REPLICATION.md.
 replicate: setup
 	$(PY) -m jobs.replicate --command "make replicate $(ARGS)" $(ARGS)
+
+# the probe's spread over probe seeds and the tasks' margins over data seeds -> docs/YARDSTICK.md
+yardstick: setup
+	$(PY) -m jobs.yardstick $(ARGS)
 
 inspect: setup
 	$(PY) -m jobs.inspect_store $(STORE) $(if $(JSON),--json) $(if $(VERIFY),--verify)

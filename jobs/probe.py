@@ -1,4 +1,4 @@
-"""make probe: attentive probe of a frozen checkpoint (teacher or student run folder, or
+"""make probe: the readouts (attentive probe over probe seeds, k-NN, linear) of a frozen checkpoint (teacher or student run folder, or
 random:<size> for the untrained floor) on a labelled dataset's train/ and val/ splits."""
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ def default_out(ckpt: str) -> Path:
 
 
 def format_table(results: dict[str, dict]) -> str:
-    rows = [f"{'task':<12} {'top-1':>7} {'chance':>7} {'lr':>8} {'wd':>6} {'grid':>5}"]
+    """Top-1 per task: the linear readout (reported), k-NN, and the attentive probe's mean +- sd
+    over probe seeds with the setting the held-out train clips chose for the first seed."""
+    rows = [f"{'task':<12} {'linear':>7} {'k-NN':>6} {'chance':>7} {'attentive':>15} {'lr':>8} {'wd':>6}"]
     for task, r in results.items():
-        rows.append(
-            f"{task:<12} {r['top1']:>7.3f} {r['chance']:>7.3f} {r['lr']:>8.1e} {r['wd']:>6g} {len(r['heads']):>5}"
-        )
+        a = r.get("attentive")
+        attentive = f"{a['top1']:.3f} ± {a['sd']:.3f} {a['lr']:>8.1e} {a['wd']:>6g}" if a else f"{'(probe.seeds=0)':>15}"
+        rows.append(f"{task:<12} {r['top1']:>7.3f} {r['knn_top1']:>6.3f} {r['chance']:>7.3f} {attentive}")
     return "\n".join(rows)
 
 

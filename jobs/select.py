@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or (args.runs[0] if len(args.runs) == 1 else "runs/selection")
     result = select_runs(runs, cfg, args.data, out, tasks=args.task, progress=not args.no_progress)
     for task, r in result["selection"]["tasks"].items():
-        print(f"{task:12s} R^2 {r['r2']:.3f} over {r['points']} checkpoints; lowest loss: {r['lowest_loss']}, "
+        print(f"{task:12s} R^2 {r['r2']:.3f} (k-NN {r['r2_knn']:.3f}, linear {r['r2_linear']:.3f}) over {r['points']} "
+              f"checkpoints; lowest loss: {r['lowest_loss']}, "
               f"best probe: {r['best_probe']}  ({Path(out) / r['png']})")
     return result
 

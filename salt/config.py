@@ -22,6 +22,7 @@ Attention = Literal["auto", "sdpa", "xformers"]
 PixelLoss = Literal["l1", "mse"]
 Projection = Literal["none", "orthogonal", "gaussian"]
 StageTwoInput = Literal["video", "pixels"]
+ProbeNorm = Literal["none", "standardize", "whiten"]
 
 
 @dataclass(kw_only=True)
@@ -176,23 +177,33 @@ class ExtractConfig:
 
 @dataclass(kw_only=True)
 class ProbeConfig:
-    """Attentive probe over frozen encoder tokens (docs/method.md, "Evaluation")."""
+    """Frozen-encoder readouts (docs/method.md, "Evaluation"; the choices measured in docs/yardstick.md)."""
 
-    depth: int = 4  # blocks; the last one is the cross-attention from one learned query
+    depth: int = 1  # blocks; the last one is the cross-attention from one learned query
     heads: int = 0  # 0: the encoder's head count
     epochs: int = 20
-    batch_size: int = 16
-    lrs: list[float] = field(default_factory=lambda: [1e-3])  # heads of the grid: every (lr, wd) pair
-    wds: list[float] = field(default_factory=lambda: [0.01])
-    warmup_epochs: int = 0
+    batch_size: int = 64
+    # heads of the grid, each its own init: every (lr, wd) pair, trained in one pass
+    lrs: list[float] = field(default_factory=lambda: [1e-2, 3e-3])
+    wds: list[float] = field(default_factory=lambda: [0.01, 0.1])
+    warmup_epochs: int = 1
+    # tokens go through this map, fitted on the train split, before every readout: standardize
+    # (per feature, a BatchNorm without affine), whiten (ZCA: a diagnostic), none
+    norm: ProbeNorm = "standardize"
+    # this share of the train split chooses the head (and the linear readout's l2); the rest trains
+    select_fraction: float = 0.2
+    # the attentive probe runs for probe seeds seed .. seed + seeds - 1 (mean +- sd); 0: not at all
+    # (the linear readout is the reported top-1, k-NN beside it: neither has a seed)
+    seeds: int = 3
+    # the cheap readouts on mean-pooled standardised tokens: cosine k-NN and logistic regression
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    linear_l2s: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2])
     # The multi-view protocol: eval_views temporal windows (seeded per view, as in training) x
     # eval_crops spatial crops (1: centre square; 3: start, centre and end of the long side) per
     # val video, softmax averaged over all of them. 1 x 1 is the fast protocol.
     eval_views: int = 1
     eval_crops: int = 1
-    # ZCA-whiten the frozen tokens with train-split statistics before the probe (salt.probe.whitening):
-    # tokens can hold a task in low-variance directions the probe does not find otherwise
-    whiten: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -200,6 +211,10 @@ class ProbeConfig:
             raise ConfigError(f"probe.eval_views={self.eval_views}: want at least 1")
         if self.eval_crops not in (1, 3):
             raise ConfigError(f"probe.eval_crops={self.eval_crops}: want 1 (centre) or 3 (start, centre, end)")
+        if self.seeds < 0:
+            raise ConfigError(f"probe.seeds={self.seeds}: want 0 (no attentive probe) or more")
+        if not 0 < self.select_fraction < 1:
+            raise ConfigError(f"probe.select_fraction={self.select_fraction}: want a share strictly between 0 and 1")
 
 
 @dataclass(kw_only=True)

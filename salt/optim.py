@@ -26,8 +26,9 @@ def weight_decay_at(step: int, cfg: OptimConfig) -> float:
     return end + 0.5 * (start - end) * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(modules: list[nn.Module], cfg: OptimConfig) -> torch.optim.AdamW:
-    """Two groups: weights decay; biases and other 1-D parameters (norm gains) do not."""
+def make_optimizer(modules: list[nn.Module], cfg: OptimConfig, *, fused: bool = False) -> torch.optim.AdamW:
+    """Two groups: weights decay; biases and other 1-D parameters (norm gains) do not. fused: one
+    kernel per step (the probe's small heads, where the per-tensor steps cost more than the math)."""
     decay, no_decay = [], []
     for module in modules:
         for p in module.parameters():
@@ -37,7 +38,7 @@ def make_optimizer(modules: list[nn.Module], cfg: OptimConfig) -> torch.optim.Ad
         {"params": decay, "weight_decay": cfg.weight_decay[0], "decays": True},
         {"params": no_decay, "weight_decay": 0.0, "decays": False},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.start_lr, betas=cfg.betas)
+    return torch.optim.AdamW(groups, lr=cfg.start_lr, betas=cfg.betas, fused=fused or None)
 
 
 def apply_schedule(optimizer: torch.optim.Optimizer, step: int, cfg: OptimConfig) -> tuple[float, float]:

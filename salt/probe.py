@@ -1,9 +1,9 @@
-"""Frozen-backbone evaluation: encode clips once, then train a grid of attentive probes.
+"""Frozen-backbone evaluation: encode clips once, then read them three ways.
 
-Pure torch, no files. Every head of the grid sees the same shuffled batches of the same
-cached features, so the grid costs one pass over the data (docs/method.md, "Evaluation":
-the heads differ only by lr and weight decay; they also share their initialisation, so
-the comparison is between settings, not seeds).
+Pure torch, no files. The attentive probe (docs/method.md, "Evaluation") trains a grid of
+heads in one pass over cached features, chooses one on rows of the train split it never
+trained on, and is repeated over probe seeds; k-NN and a logistic regression on mean-pooled
+tokens are the cheap, seed-free readouts beside it. Why each choice: docs/yardstick.md.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from torch import nn
 from tqdm import tqdm
 
 from salt.config import OptimConfig, ProbeConfig
-from salt.models.probe import AttentiveProbe
+from salt.models.probe import AttentiveProbe, layer_norm
 from salt.optim import apply_schedule, make_optimizer
+from salt.seeds import sample_rng
 
 
 def encode_features(
@@ -55,15 +56,9 @@ def effective_rank(features: torch.Tensor) -> float:
 def whitening(train: torch.Tensor, *, rel_eps: float = 1e-4) -> Callable[[torch.Tensor], torch.Tensor]:
     """ZCA whitening fitted on frozen train tokens [N, tokens, D]; returns the map to apply to
     any split's tokens [..., D] (centred on the train mean, unit variance along every principal
-    direction, rotated back to the original axes).
-
-    Why: a frozen encoder's tokens can carry a task in directions that hold a tiny share of
-    their variance (a small V-Pixel teacher's tokens spend ~99% of it on a few per-clip colour
-    directions), and the probe's LayerNorm and lr cannot find them in a few epochs. Whitening
-    is linear and fitted on the train split only, so it reads what the tokens hold without
-    adding to it. Eigenvalues are floored at rel_eps x the largest, so directions that hold
-    nothing stay small instead of amplifying rounding noise.
-    """
+    direction, rotated back to the original axes). Eigenvalues are floored at rel_eps x the
+    largest, so directions that hold nothing stay small instead of amplifying rounding noise.
+    A diagnostic (probe.norm=whiten): it tells "cannot be read" from "not there"."""
     flat = train.reshape(-1, train.shape[-1]).double()
     mean = flat.mean(0)
     eigvals, eigvecs = torch.linalg.eigh(torch.cov((flat - mean).T))
@@ -74,6 +69,79 @@ def whitening(train: torch.Tensor, *, rel_eps: float = 1e-4) -> Callable[[torch.
         return ((x.double() - mean.to(x.device)) @ matrix.to(x.device)).to(x.dtype)
 
     return apply
+
+
+def standardizing(train: torch.Tensor, *, eps: float = 1e-6) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per-feature standardisation fitted on train features [..., D] (a BatchNorm without affine,
+    frozen at the train statistics, as MAE's linear probe puts before its classifier).
+
+    Why: a frozen encoder's features can spend nearly all their variance on a few directions
+    (a small V-Pixel teacher's tokens: ~99% on per-clip colour); on unit-scale features the
+    same probe lr means the same step for every encoder, so readings compare encoders, not
+    how well one lr happens to fit each one's scale."""
+    flat = train.reshape(-1, train.shape[-1])
+    mean, std = flat.mean(0), flat.std(0) + eps
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        return (x - mean.to(x.device)) / std.to(x.device)
+
+    return apply
+
+
+def feature_norm(kind: str, train: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """probe.norm: the map fitted on train tokens [N, tokens, D] that every split goes through."""
+    if kind == "standardize":
+        return standardizing(train)
+    if kind == "whiten":
+        return whitening(train)
+    if kind == "none":
+        return lambda x: x
+    raise ValueError(f"probe.norm={kind!r}: expected none, standardize or whiten")
+
+
+def selection_split(n: int, fraction: float, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, select) row indices of a seeded split of n train rows: heads train on `fit` and are
+    chosen on `select`, so the split a reading is reported on never chose it."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    cut = max(1, round(n * fraction))
+    if cut >= n:
+        raise ValueError(f"probe.select_fraction={fraction} leaves no train rows of {n} to fit on")
+    return order[cut:].sort().values, order[:cut].sort().values
+
+
+def knn_proba(
+    train_f: torch.Tensor, train_y: torch.Tensor, query_f: torch.Tensor, *, num_classes: int, k: int = 20,
+    temperature: float = 0.07,
+) -> torch.Tensor:
+    """Cosine k-NN (DINO's: similarity-weighted votes, exp(sim / T)) over pooled features
+    [N, D] -> class scores [M, C] normalised to sum to 1. Deterministic: no training."""
+    train_f, query_f = F.normalize(train_f, dim=-1), F.normalize(query_f, dim=-1)
+    sims, idx = (query_f @ train_f.T).topk(min(k, len(train_f)), dim=1)  # [M, k]
+    votes = torch.zeros(len(query_f), num_classes, device=query_f.device)
+    votes.scatter_add_(1, train_y[idx], (sims / temperature).exp())
+    return votes / votes.sum(1, keepdim=True)
+
+
+def linear_proba(
+    train_f: torch.Tensor, train_y: torch.Tensor, query_f: torch.Tensor, *, num_classes: int, l2: float,
+    max_iter: int = 200,
+) -> torch.Tensor:
+    """Multinomial logistic regression on pooled features [N, D] (mean cross-entropy + l2 x
+    |W|^2, full batch, L-BFGS from zero weights) -> softmax probabilities [M, C]. Deterministic:
+    the objective is convex and the start fixed, so no seed enters."""
+    w = torch.zeros(train_f.shape[1], num_classes, dtype=train_f.dtype, device=train_f.device, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=train_f.dtype, device=train_f.device, requires_grad=True)
+    optim = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
+
+    def objective():
+        optim.zero_grad()
+        loss = F.cross_entropy(train_f @ w + b, train_y) + l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optim.step(objective)
+    return (query_f @ w + b).detach().softmax(-1)
 
 
 def grid_settings(cfg: ProbeConfig) -> list[tuple[float, float]]:
@@ -130,41 +198,52 @@ def majority_rate(y: torch.Tensor) -> float:
 def train_probe_grid(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
+    select_x: torch.Tensor,
+    select_y: torch.Tensor,
     val_x: torch.Tensor,
     val_y: torch.Tensor,
     *,
     num_classes: int,
     probe_cfg: ProbeConfig,
     encoder_heads: int,
+    seed: int,
     val_groups: torch.Tensor | None = None,
     attention_backend: str = "auto",
     progress: bool = False,
 ) -> dict:
-    """Trains one probe per (lr, wd) of the grid in one pass; returns the best head's
-    top-1 with its setting, every head's top-1 and per-epoch mean train loss, and chance.
+    """Trains one attentive probe per (lr, wd) of the grid in one pass over train_x, chooses
+    the head with the best top-1 on the selection rows (ties: the lower selection loss) and
+    reports that head's top-1 on val; returns it with its setting, every head's selection and
+    val top-1 and per-epoch mean train loss, and chance.
 
-    train_x [N, tokens, D], train_y [N]; val_x [M, tokens, D], val_y [M]; val_groups [M]
-    maps each val row (a view) to its video. Deterministic given probe_cfg.seed.
+    train_x [N, tokens, D], train_y [N]; select_x [S, tokens, D] (rows of the train split the
+    heads never train on); val_x [M, tokens, D], val_y [M]; val_groups [M] maps each val row
+    (a view) to its video. A head is initialised from (seed, its lr and wd) and every head sees
+    the same batches (seeded by `seed`): the heads are independent draws of the probe, a head
+    trains as it would alone, and the choice among them is made on data the reported number
+    never touches. Deterministic given `seed`.
     """
     device = train_x.device
-    train_y, val_y = train_y.to(device), val_y.to(device)
+    train_y, select_y, val_y = train_y.to(device), select_y.to(device), val_y.to(device)
     val_groups = None if val_groups is None else val_groups.to(device)
     heads = probe_cfg.heads or encoder_heads
+    prenormed = probe_cfg.depth == 1  # the features are frozen: their LayerNorm is computed once, not per head and step
+    if prenormed:
+        train_x, select_x, val_x = layer_norm(train_x), layer_norm(select_x), layer_norm(val_x)
     steps_per_epoch = math.ceil(len(train_x) / probe_cfg.batch_size)
     settings = grid_settings(probe_cfg)
     probes, optims, schedules = [], [], []
     for lr, wd in settings:
         with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG alone
-            torch.manual_seed(probe_cfg.seed)
-            probe = AttentiveProbe(
-                train_x.shape[-1], num_classes, depth=probe_cfg.depth, heads=heads, attention_backend=attention_backend
-            )
+            torch.manual_seed(int(sample_rng(seed, "probe head", 0, f"{lr}/{wd}").integers(2**62)))
+            probe = AttentiveProbe(train_x.shape[-1], num_classes, depth=probe_cfg.depth, heads=heads,
+                                   attention_backend=attention_backend, prenormed=prenormed)
         schedule = head_optim(probe_cfg, lr=lr, wd=wd, steps_per_epoch=steps_per_epoch)
         probes.append(probe.to(device))
-        optims.append(make_optimizer([probe], schedule))
+        optims.append(make_optimizer([probe], schedule, fused=True))
         schedules.append(schedule)
 
-    order_rng = torch.Generator().manual_seed(probe_cfg.seed)
+    order_rng = torch.Generator().manual_seed(seed)
     losses: list[list[float]] = [[] for _ in settings]
     diverged: list[int | None] = [None] * len(settings)
     step = 0
@@ -195,14 +274,19 @@ def train_probe_grid(
 
     results = []
     for k, ((lr, wd), probe) in enumerate(zip(settings, probes)):
-        acc = None
+        row = {"lr": lr, "wd": wd, "select_top1": None, "select_loss": None, "top1": None,
+               "train_loss": losses[k], "diverged_step": diverged[k]}
         if diverged[k] is None:
-            acc = top1(predict_proba(probe, val_x, batch_size=probe_cfg.batch_size), val_y, val_groups)
-        results.append({"lr": lr, "wd": wd, "top1": acc, "train_loss": losses[k], "diverged_step": diverged[k]})
-    best = max((r for r in results if r["top1"] is not None), key=lambda r: r["top1"])  # first of ties: grid order
+            select_probs = predict_proba(probe, select_x, batch_size=probe_cfg.batch_size)
+            row["select_top1"] = top1(select_probs, select_y)
+            row["select_loss"] = F.nll_loss(select_probs.clamp_min(1e-12).log(), select_y).item()
+            row["top1"] = top1(predict_proba(probe, val_x, batch_size=probe_cfg.batch_size), val_y, val_groups)
+        results.append(row)
+    best = max((r for r in results if r["top1"] is not None), key=lambda r: (r["select_top1"], -r["select_loss"]))
     val_labels = group_labels(val_y, val_groups)
     return {
         "top1": best["top1"],
+        "select_top1": best["select_top1"],
         "lr": best["lr"],
         "wd": best["wd"],
         "train_loss": best["train_loss"],
@@ -210,8 +294,53 @@ def train_probe_grid(
         "chance_uniform": 1.0 / num_classes,
         "num_classes": num_classes,
         "num_train": len(train_x),
+        "num_select": len(select_x),
         "num_val": len(val_labels),
         "val_views": len(val_y),
         "epochs": probe_cfg.epochs,
+        "seed": seed,
         "heads": results,
     }
+
+
+def pooled_readouts(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    select_x: torch.Tensor,
+    select_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    *,
+    num_classes: int,
+    probe_cfg: ProbeConfig,
+    val_groups: torch.Tensor | None = None,
+) -> dict:
+    """The two cheap readouts on mean-pooled tokens, standardised with the train rows'
+    statistics: cosine k-NN (fixed k and temperature) and logistic regression (its l2 chosen
+    on the selection rows from probe.linear_l2s). Tokens [rows, tokens, D] in, as for
+    `train_probe_grid`; no seed enters either. Returns their val top-1 and the chosen l2."""
+    norm = standardizing(train_x.mean(1))
+    fit, select, val = norm(train_x.mean(1)), norm(select_x.mean(1)), norm(val_x.mean(1))  # [rows, D]
+    train_y, select_y, val_y = train_y.to(fit.device), select_y.to(fit.device), val_y.to(fit.device)
+    knn = dict(num_classes=num_classes, k=probe_cfg.knn_k, temperature=probe_cfg.knn_temperature)
+    scored = [
+        (top1(linear_proba(fit, train_y, select, num_classes=num_classes, l2=l2), select_y), -l2, l2)
+        for l2 in probe_cfg.linear_l2s
+    ]
+    l2 = max(scored)[2]  # ties: the stronger l2
+    return {
+        "knn_top1": top1(knn_proba(fit, train_y, val, **knn), val_y, val_groups),
+        "linear_top1": top1(linear_proba(fit, train_y, val, num_classes=num_classes, l2=l2), val_y, val_groups),
+        "linear_l2": l2,
+    }
+
+
+def over_seeds(runs: list[dict]) -> dict:
+    """One task's attentive readings over probe seeds -> {top1 (the mean), sd, per-seed readings,
+    seeds} and, for plots and the record, the first seed's chosen head (lr, wd, train_loss, heads)."""
+    readings = [r["top1"] for r in runs]
+    mean = sum(readings) / len(readings)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in readings) / (len(readings) - 1)) if len(readings) > 1 else 0.0
+    first = runs[0]
+    return {"top1": mean, "sd": sd, "per_seed": readings, "seeds": [r["seed"] for r in runs],
+            "lr": first["lr"], "wd": first["wd"], "train_loss": first["train_loss"], "heads": first["heads"]}

@@ -54,22 +54,25 @@ def test_render_clip_shape_and_dtype(digit: np.ndarray) -> None:
 def test_digit_moves_in_its_direction(digit: np.ndarray, motion: int, seed: int) -> None:
     along = np.array(EXPECTED[motion])
     delta = _displacement(digit, motion, seed, t=8)
-    # 8 frames at 0.6..1.0 px/frame; the slack is because the contrast-weighted centre
-    # wobbles (up to ~1.6 px over 400 random clips) as the digit crosses the texture.
-    assert 8 * 0.6 - 1.0 < delta @ along < 8 * 1.0 + 1.0
+    # 8 frames at 0.3..0.55 px/frame; the slack is because the contrast-weighted centre
+    # wobbles as the digit crosses the texture.
+    assert 8 * 0.3 - 1.0 < delta @ along < 8 * 0.55 + 1.0
     assert abs(delta @ along[::-1]) < 2.0
 
 
-def test_only_motion_differs_between_classes(digit: np.ndarray) -> None:
-    clips = [render_clip(digit, motion=m, rng=np.random.default_rng(7), size=SIZE, num_frames=9) for m in range(4)]
-    for clip in clips[1:]:
-        np.testing.assert_array_equal(clip[0], clips[0][0])
-    # Wrapping keeps the whole digit in view, so each frame has the same digit mass.
-    for clip in clips:
-        means = clip.reshape(len(clip), -1).mean(axis=1)
-        assert np.ptp(means) < 2.0
-    later = [clip[8].tobytes() for clip in clips]
-    assert len(set(later)) == 4
+@pytest.mark.parametrize("seed", [7, 8, 9])
+def test_classes_share_every_draw_and_the_digit_stays_whole(digit: np.ndarray, seed: int) -> None:
+    blank = np.zeros((8, 8))
+    backgrounds = [render_clip(blank, motion=m, rng=np.random.default_rng(seed), size=SIZE, num_frames=64) for m in range(4)]
+    for bare in backgrounds[1:]:
+        np.testing.assert_array_equal(bare, backgrounds[0])  # background, colour, speed: the same draws
+    clips = [render_clip(digit, motion=m, rng=np.random.default_rng(seed), size=SIZE, num_frames=64) for m in range(4)]
+    for clip, bare in zip(clips, backgrounds):
+        # the path keeps the whole digit in view: nothing of it reaches the frame's border, so nothing wraps
+        diff = np.abs(clip.astype(float) - bare).sum(axis=-1)  # [T, H, W]
+        border = diff[:, [0, -1], :].sum() + diff[:, :, [0, -1]].sum()
+        assert border < 0.01 * diff.sum(), (border, diff.sum())
+    assert len({clip[-1].tobytes() for clip in clips}) == 4
 
 
 def test_background_is_textured_and_differs_per_clip() -> None:

@@ -38,7 +38,7 @@ def label_teacher_dir(out_root: str | Path, step: int) -> Path:
 
 def train_label_teachers(
     cfg: Config, data: str, out_root: str | Path, *, size: str, steps: list[int], seed: int = 0,
-    tasks: list[str] | None = None, lr: float = 1e-3, batch_size: int = 16, progress: bool = True,
+    tasks: list[str] | None = None, lr: float = 2e-3, batch_size: int = 16, progress: bool = True,
 ) -> dict[int, str]:
     """Trains one `size` encoder (init seed `seed`) on the train split's labels of `tasks` (None:
     every task of labels.json) and saves it at each step count of `steps` as a teacher run folder; {step: folder}.

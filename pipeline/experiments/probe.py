@@ -1,14 +1,15 @@
-"""Frozen-backbone attentive probes of checkpoints on a labelled dataset (`make probe`, the demo, selection).
+"""Frozen-backbone readouts of checkpoints on a labelled dataset (`make probe`, the demo, selection, the studies).
 
 Decoding the clips is the slow part and does not depend on the encoder, so the clips
 of both splits are decoded once (`load_probe_data`) and shared by every encoder probed;
-each encoder encodes them once and the features serve every task and every grid head.
+each encoder encodes them once and the features serve every task and every readout.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -18,7 +19,10 @@ from pipeline.labelled import LabelledClips, load_labelled
 from salt.config import Config, from_dict
 from salt.models.vit import VideoViT, vit_size
 from salt.plots import plot_loss_curves
-from salt.probe import effective_rank, encode_features, train_probe_grid, whitening
+from salt.probe import (
+    effective_rank, encode_features, feature_norm, group_labels, majority_rate, over_seeds, pooled_readouts,
+    selection_split, train_probe_grid,
+)
 from salt.runinfo import write_run_info
 from salt.checkpoint import has_checkpoint, load_module_weights, read_meta
 from salt.devices import default_device
@@ -94,11 +98,11 @@ def load_encoder(spec: str, cfg: Config, *, device: str = "cpu") -> tuple[VideoV
 
 
 def probe_encoder(
-    spec: str, cfg: Config, loaded: ProbeData, out_dir: str | Path, *, data: str,
+    spec: str, cfg: Config, loaded: ProbeData, out_dir: str | Path, *, data: str, tasks: list[str] | None = None,
     device: str | None = None, progress: bool = True,
 ) -> dict[str, dict]:
-    """Probes one encoder on already decoded clips, every task; writes out_dir (see `write_probe`).
-    device None: the GPU where there is one."""
+    """Probes one encoder on already decoded clips, on `tasks` (None: every task decoded); writes
+    out_dir (see `write_probe`). device None: the GPU where there is one."""
     device = device or default_device()
     encoder, description = load_encoder(spec, cfg, device=device)
     t0 = time.perf_counter()
@@ -106,30 +110,45 @@ def probe_encoder(
     val_x = encode_features(encoder, loaded.val.clips, batch_size=cfg.probe.batch_size)  # [M * views, tokens, D]
     encode_s = time.perf_counter() - t0
     feature_stats = {"width": train_x.shape[-1], "effective_rank": round(effective_rank(train_x), 2)}  # train split, as encoded
-    if cfg.probe.whiten:
-        whiten = whitening(train_x)
-        train_x, val_x = whiten(train_x), whiten(val_x)
-    results = {}
-    for task, names in loaded.train.class_names.items():
-        t0 = time.perf_counter()
-        results[task] = train_probe_grid(
-            train_x,
-            loaded.train.labels[task],
-            val_x,
-            loaded.val.row_labels(task),
-            num_classes=len(names),
-            probe_cfg=cfg.probe,
-            encoder_heads=vit_size(encoder.size_name).heads,
-            val_groups=loaded.val.video,
-            attention_backend=cfg.model.attention,
-            progress=progress,
-        ) | {"train_s": round(time.perf_counter() - t0, 2)}
+    results = {task: read_task(train_x, val_x, loaded, task, cfg, encoder_heads=vit_size(encoder.size_name).heads,
+                               progress=progress) for task in tasks or loaded.train.class_names}
     write_probe(
         out_dir, cfg, results, checkpoint=spec, encoder=description, data=data,
         timing={"decode_s": round(loaded.decode_s, 2), "encode_s": round(encode_s, 2)},
         decode_errors=loaded.train.errors + loaded.val.errors, features=feature_stats,
     )
     return results
+
+
+def read_task(
+    train_x: torch.Tensor, val_x: torch.Tensor, loaded: ProbeData, task: str, cfg: Config, *, encoder_heads: int,
+    progress: bool = True,
+) -> dict:
+    """Every readout of one task from frozen tokens (train [N, tokens, D], val [M * views, tokens, D]).
+
+    The reported `top1` is the linear readout (docs/yardstick.md: deterministic, and it tells a
+    trained encoder from a random one); k-NN beside it; the attentive grid, once per probe seed
+    (probe.seeds, 0: none), under `attentive`. A seeded share of the train videos chooses heads
+    and l2; the rest trains; val only reports."""
+    t0 = time.perf_counter()
+    fit, select = selection_split(len(train_x), cfg.probe.select_fraction, seed=cfg.probe.seed)
+    y, val_y = loaded.train.labels[task], loaded.val.row_labels(task)
+    common = dict(num_classes=len(loaded.train.class_names[task]), probe_cfg=cfg.probe, val_groups=loaded.val.video)
+    result = pooled_readouts(train_x[fit], y[fit], train_x[select], y[select], val_x, val_y, **common)
+    val_labels = group_labels(val_y, loaded.val.video)
+    chance, top1 = majority_rate(val_labels), result["linear_top1"]
+    result |= {"top1": top1, "chance": chance, "num_classes": common["num_classes"], "num_train": len(fit),
+               "num_select": len(select), "num_val": len(val_labels), "binomial_se": math.sqrt(top1 * (1 - top1) / len(val_labels))}
+    if cfg.probe.seeds:
+        norm = feature_norm(cfg.probe.norm, train_x[fit])
+        splits = (norm(train_x[fit]), y[fit], norm(train_x[select]), y[select], norm(val_x), val_y)
+        runs = [
+            train_probe_grid(*splits, **common, encoder_heads=encoder_heads, seed=cfg.probe.seed + i,
+                             attention_backend=cfg.model.attention, progress=progress)
+            for i in range(cfg.probe.seeds)
+        ]
+        result["attentive"] = over_seeds(runs)
+    return result | {"train_s": round(time.perf_counter() - t0, 2)}
 
 
 def write_probe(
@@ -143,13 +162,14 @@ def write_probe(
     summary = {"checkpoint": checkpoint, "encoder": encoder, "data": data, "timing": timing,
                "decode_errors": decode_errors, "features": features, "tasks": results}
     (out / "probe_results.json").write_text(json.dumps(summary, indent=1))
-    records = [
-        {"task": task, "epoch": epoch, "loss": loss, "lr": r["lr"], "wd": r["wd"]}
-        for task, r in results.items()
-        for epoch, loss in enumerate(r["train_loss"], start=1)
+    records = [  # the attentive probe's chosen head (first probe seed), where it ran
+        {"task": task, "epoch": epoch, "loss": loss, "lr": r["attentive"]["lr"], "wd": r["attentive"]["wd"]}
+        for task, r in results.items() if "attentive" in r
+        for epoch, loss in enumerate(r["attentive"]["train_loss"], start=1)
     ]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    plot_loss_curves(records, out / "probe_loss.png", title=f"probe train loss: {encoder}", x="epoch", group_by="task")
+    if records:
+        plot_loss_curves(records, out / "probe_loss.png", title=f"probe train loss: {encoder}", x="epoch", group_by="task")
 
 
 def read_probe_features(out_dir: str | Path) -> dict:

@@ -46,14 +46,18 @@ def final_points(points: list[dict]) -> dict[str, str]:
     return {p["run"]: p["name"] for p in points if p["final"]}
 
 
+READOUTS = ("top1", "knn_top1", "linear_top1")  # attentive (mean over probe seeds), k-NN, linear
+
+
 def loss_vs_accuracy(points: list[dict], results: dict[str, dict[str, dict]], out_dir: str | Path, *, title: str) -> dict:
-    """Per task: R^2 and slope of top-1 against training loss; writes selection.json and
+    """Per task: R^2 and slope of the attentive top-1 against training loss (and the R^2 of the
+    k-NN and linear readouts); writes selection.json and
     selection_<task>.png into out_dir. `results` is name -> task -> probe result."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"points": [], "tasks": {}}
     for p in points:
-        report["points"].append(p | {f"top1_{t}": r["top1"] for t, r in results[p["name"]].items()})
+        report["points"].append(p | {f"{key}_{t}": r[key] for t, r in results[p["name"]].items() for key in READOUTS})
     tasks = sorted({t for p in points for t in results[p["name"]]})
     for task in tasks:
         xs = [p["loss"] for p in points]
@@ -66,7 +70,9 @@ def loss_vs_accuracy(points: list[dict], results: dict[str, dict[str, dict]], ou
                                xlabel="student training loss", ylabel=f"probe top-1 ({task})", r2=r2, title=title)
         best_by_loss = min(points, key=lambda p: p["loss"])["name"]
         best_by_probe = max(points, key=lambda p: results[p["name"]][task]["top1"])["name"]
-        report["tasks"][task] = {"r2": r2, "slope": slope, "points": len(points), "png": png.name,
+        cheap = {f"r2_{key.removesuffix('_top1')}": r_squared(xs, [results[p["name"]][task][key] for p in points])
+                 if len(points) >= 3 else float("nan") for key in READOUTS[1:]}  # k-NN and linear beside it
+        report["tasks"][task] = {"r2": r2, **cheap, "slope": slope, "points": len(points), "png": png.name,
                                  "lowest_loss": best_by_loss, "best_probe": best_by_probe}
     (out / "selection.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
