@@ -32,6 +32,20 @@ def extract_cli(data: str, teacher: str, store: str, env: dict | None = None) ->
             "--no-progress", *FAST, *FP32]
 
 
+def settled_shards(store: Path, *, quiet_s: float = 3.0, limit_s: float = 60.0) -> list[Path]:
+    """The committed shards once none has appeared for quiet_s: a shard-commit task that a driver's
+    kill left running in a Ray worker still finishes its (whole) shard until Ray ends that worker."""
+    seen, since, deadline = None, time.monotonic(), time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        now = sorted((store / "targets").glob("*.zarr/shard.json"))
+        if now != seen:
+            seen, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+        time.sleep(0.2)
+    return seen
+
+
 def test_sigkill_of_the_driver_then_rerun_gives_the_clean_store(six_shards, teacher_dir, clean_six, tmp_path):
     store = tmp_path / "killed"
     proc = subprocess.Popen(extract_cli(six_shards, teacher_dir, str(store)), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -40,7 +54,7 @@ def test_sigkill_of_the_driver_then_rerun_gives_the_clean_store(six_shards, teac
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    committed = list((store / "targets").glob("*.zarr/shard.json"))
+    committed = settled_shards(store)
     assert 1 <= len(committed) < 6, "the kill must land mid-job"
     rerun = subprocess.run(extract_cli(six_shards, teacher_dir, str(store)), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
