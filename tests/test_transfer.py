@@ -29,6 +29,10 @@ def transfer_digits(tmp_path_factory) -> str:
     return out
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "on the redesigned data the student keeps none of the label teacher's motion margin (linear readout: teacher "
+    "0.89, student 0.28, random floor 0.315 with this test's setting; 0.22 with 800 student steps on whole frames): "
+    "docs/yardstick.md, 'The transfer control'. Strict: the day stage 2 carries it again, this says so"))
 def test_student_of_a_label_teacher_keeps_half_its_margin(transfer_digits, ray_local, tmp_path):
     """The slowest test of the suite: a teacher trained with the motion labels, its targets, and a
     student of its size trained on them; by the linear readout and by k-NN the student must keep
