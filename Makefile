@@ -20,7 +20,7 @@ NPROC   ?= 1
 TRAIN    = $(if $(filter 1,$(NPROC)),$(PY) -m,$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m)
 TRAIN_SEP = $(if $(filter 1,$(NPROC)),,--)
 
-.PHONY: setup lock data teacher extract-targets student sweep probe select replicate yardstick inspect plan bench demo test clean gpu-wheels gpu-check
+.PHONY: setup lock data teacher extract-targets student sweep probe select replicate yardstick stage1-variants inspect plan bench demo test clean gpu-wheels gpu-check
 .DEFAULT_GOAL := demo
 
 setup: .venv/.installed
@@ -92,6 +92,10 @@ replicate: setup
 # the probe's spread over probe seeds and the tasks' margins over data seeds -> docs/YARDSTICK.md
 yardstick: setup
 	$(PY) -m jobs.yardstick $(ARGS)
+
+# V-Pixel teachers under each stage-1 variant and a learning curve, against random init -> docs/STAGE1.md
+stage1-variants: setup
+	$(PY) -m jobs.stage1_variants $(ARGS)
 
 inspect: setup
 	$(PY) -m jobs.inspect_store $(STORE) $(if $(JSON),--json) $(if $(VERIFY),--verify)

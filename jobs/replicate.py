@@ -1,6 +1,6 @@
 """make replicate: the CPU-scale replication study over seeds -> $(RUN)/study.json and REPLICATION.md.
 
-Per seed: its own dataset; V-Pixel teachers (the student's size and a smaller one), an
+Per seed: its own dataset; a V-Pixel teacher of the student's size, an
 untrained teacher and a ladder of label-trained teachers, each with a student trained on
 its extracted targets; then every encoder probed. See pipeline/experiments/replication.py.
 """

@@ -9,6 +9,7 @@ strong (the teacher-quality ladder of the replication study).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 import torch
@@ -28,6 +29,8 @@ def train_with_labels(
     lr: float = 1e-3,
     weight_decay: float = 0.05,
     seed: int = 0,
+    warmup_steps: int = 0,
+    cosine: bool = False,
     save_at: Iterable[int] = (),
     on_save: Callable[[int, nn.Module], None] | None = None,
     progress: bool = False,
@@ -35,6 +38,7 @@ def train_with_labels(
     """Trains `encoder` in place on clips [N, 3, T, H, W] with labels {task: [N]} for `steps`
     steps of AdamW; the loss is the mean over tasks of each head's cross-entropy.
 
+    The lr rises linearly over `warmup_steps`, then stays (or, with `cosine`, decays to 0 at `steps`).
     Batches are drawn with replacement from a generator seeded by `seed`, and the heads are
     initialised from it, so a run is a function of (encoder init, clips, labels, seed).
     `on_save(step, encoder)` is called at each step in `save_at`, with the encoder in eval mode.
@@ -44,6 +48,14 @@ def train_with_labels(
         torch.manual_seed(seed)
         heads = nn.ModuleDict({t: nn.Linear(encoder.width, num_classes[t]) for t in tasks})
     optim = torch.optim.AdamW([*encoder.parameters(), *heads.parameters()], lr=lr, weight_decay=weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step <= warmup_steps:
+            return lr * step / warmup_steps
+        if not cosine:
+            return lr
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
+
     order = torch.Generator().manual_seed(seed)
     save_at = set(save_at)
     encoder.train()
@@ -54,6 +66,8 @@ def train_with_labels(
         loss = torch.stack([F.cross_entropy(heads[t](pooled), labels[t][idx]) for t in tasks]).mean()
         optim.zero_grad(set_to_none=True)
         loss.backward()
+        for group in optim.param_groups:
+            group["lr"] = lr_at(step)
         optim.step()
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)

@@ -11,9 +11,9 @@ from tests.conftest import FAST, tree_digest
 
 
 def test_study_runs_every_arm_per_seed_and_reports(ray_local, tmp_path) -> None:
-    study = Study(seeds=[0, 1], teacher_steps=2, ladder_steps=[2, 4], student_steps=4, snapshot_every=2,
+    study = Study(seeds=[0, 1], teacher_steps=2, ladder_steps=[2, 4], ladder_batch=4, student_steps=4, snapshot_every=2,
                   num_train=8, num_val=8, overrides=[*FAST, "probe.epochs=1"])
-    assert study.arms() == ["vpixel-same", "vpixel-small", "untrained", "labels-2", "labels-4"]
+    assert study.arms() == ["vpixel-same", "untrained", "labels-2", "labels-4"]
     out = tmp_path / "study"
     result = run_study(study, out=out, progress=False)
     # each seed generated its own data
@@ -21,8 +21,8 @@ def test_study_runs_every_arm_per_seed_and_reports(ray_local, tmp_path) -> None:
     assert set(result["students"]) == {f"{s}/{arm}" for s in (0, 1) for arm in study.arms()}
     store = json.loads((out / "seed-1" / "labels-4" / "targets" / "store.json").read_text())
     assert store["teacher"]["size"] == "vit_cpu_xs" and store["teacher"]["step"] == 4
-    small = json.loads((out / "seed-0" / "vpixel-small" / "targets" / "store.json").read_text())
-    assert small["teacher"]["size"] == "vit_cpu_xs"
+    vpixel = json.loads((out / "seed-0" / "vpixel-same" / "targets" / "store.json").read_text())
+    assert vpixel["teacher"]["size"] == study.student == "vit_cpu_xs"
     probes = result["probes"]["0"]
     expected = {FLOOR} | {f"{role}/{arm}" for role in ("teacher", "student") for arm in study.arms()}
     assert expected <= set(probes)
@@ -31,6 +31,8 @@ def test_study_runs_every_arm_per_seed_and_reports(ray_local, tmp_path) -> None:
     assert names == sorted(f"s{s}-{arm}-step{k}" for s in (0, 1) for arm in ("vpixel-same", "labels-4") for k in (2, 4))
     text = write_report(result, tmp_path / "REPLICATION.md", command="pytest", out=out)
     assert "## Teacher-quality ladder" in text and "| labels-4 |" in text and "| untrained |" in text
+    knn = [result["probes"][s]["student/labels-4"]["appearance"]["knn_top1"] for s in ("0", "1")]
+    assert f"{100 * sum(knn) / 2:.1f} ± " in text  # the k-NN readout beside the linear one
     student = [result["probes"][s]["student/labels-4"]["motion"]["top1"] for s in ("0", "1")]
     assert f"{100 * sum(student) / 2:.1f} ± " in text
     assert (out / "selection" / "selection_motion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -29,10 +29,6 @@ def transfer_digits(tmp_path_factory) -> str:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "on the redesigned data the student keeps none of the label teacher's motion margin (linear readout: teacher "
-    "0.89, student 0.28, random floor 0.315 with this test's setting; 0.22 with 800 student steps on whole frames): "
-    "docs/yardstick.md, 'The transfer control'. Strict: the day stage 2 carries it again, this says so"))
 def test_student_of_a_label_teacher_keeps_half_its_margin(transfer_digits, ray_local, tmp_path):
     """The slowest test of the suite: a teacher trained with the motion labels, its targets, and a
     student of its size trained on them; by the linear readout and by k-NN the student must keep
@@ -51,11 +47,17 @@ def test_student_of_a_label_teacher_keeps_half_its_margin(transfer_digits, ray_l
     run_student(cfg, transfer_digits, store, tmp_path / "student", progress=False)
     specs = {"teacher": teacher, "student": str(tmp_path / "student"), "floor": f"random:{cfg.model.student}"}
     results = probe_encoders(specs, cfg, transfer_digits, tmp_path / "probe", tasks=["motion"], progress=False)
+    kept = {}
     for readout in ("top1", "knn_top1"):  # the linear readout (the reported one) and k-NN
         r = {name: results[name]["motion"][readout] for name in specs}
         margin = r["teacher"] - r["floor"]
         assert margin >= 0.3, (readout, r)  # the control is a control: the teacher carries motion
-        assert r["student"] - r["floor"] >= 0.5 * margin, (readout, r)
+        kept[readout] = (r["student"] - r["floor"]) >= 0.5 * margin
+    if not any(kept.values()):  # the known negative result on this data, recorded as such
+        pytest.xfail("on the redesigned data the student keeps none of the label teacher's motion margin: "
+                     "docs/yardstick.md, 'The transfer control on this data'")
+    # stage 2 carries it again: docs/yardstick.md and the xfail above are stale, this asserts it as it should
+    assert all(kept.values()), kept
 
 
 def test_untrained_teacher_is_a_seeded_random_init(tmp_path):

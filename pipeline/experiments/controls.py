@@ -61,9 +61,12 @@ def train_label_teachers(
         save_snapshot(folders[step], trained, checkpoint_meta(cfg, "teacher", trained.width, step=step, trained_with=trained_with))
         write_run_info(folders[step], cfg, data=data)
 
+    # Warm-up over a tenth of the run, then cosine decay: at a constant 2e-3 one motion encoder of three
+    # (data seed 2) stayed at 0.41 after 750 steps; with this schedule the same run reads 0.97 (docs/yardstick.md)
     train_with_labels(
         encoder, train.clips, train.labels, {t: len(n) for t, n in train.class_names.items()},
-        steps=steps[-1], batch_size=batch_size, lr=lr, seed=seed, save_at=steps, on_save=save, progress=progress,
+        steps=steps[-1], batch_size=batch_size, lr=lr, seed=seed, warmup_steps=steps[-1] // 10, cosine=True,
+        save_at=steps, on_save=save, progress=progress,
     )
     return folders
 

@@ -57,6 +57,21 @@ def _label_encoder(cfg_dict: dict, data: str, out: str, size: str, task: str, st
     return folders[steps]
 
 
+def _read_seed(label_size: str, cfg_dict: dict, data: str, out: str, label_encoders: dict[str, str],
+               vpixel_size: str | None) -> dict[str, dict]:
+    """Every readout of one data seed's encoders (in a pool worker): name -> task -> reading. A label
+    encoder is read on its own task only; `vpixel_size`: this seed also reads the V-Pixel teacher and a
+    random init of its size."""
+    cfg, out = from_dict(Config, cfg_dict), Path(out)
+    specs = {f"random-{label_size}": f"random:{label_size}"} | label_encoders
+    if vpixel_size:
+        specs |= {"vpixel": str(out / "vpixel"), f"random-{vpixel_size}": f"random:{vpixel_size}"}
+    loaded = load_probe_data(cfg, data, progress=False)
+    return {name: probe_encoder(spec, cfg, loaded, out / "probe" / name, data=data, progress=False,
+                                tasks=[name.removeprefix("labels-")] if name in label_encoders else None)
+            for name, spec in specs.items()}
+
+
 def run_yardstick(study: Yardstick, *, out: str | Path, progress: bool = True) -> dict:
     out = Path(out)
     walls: dict[str, float] = {}
@@ -80,19 +95,10 @@ def run_yardstick(study: Yardstick, *, out: str | Path, progress: bool = True) -
     walls["encoders"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    readings: dict[str, dict[str, dict]] = {}
-    for s in study.data_seeds:
-        specs = {f"random-{study.label_size}": f"random:{study.label_size}"}
-        specs |= {f"labels-{task}": trained[f"{s}/labels-{task}"] for task in study.label_steps}
-        if s == first:
-            specs |= {"vpixel": str(out / f"seed-{s}" / "vpixel"), f"random-{study.vpixel_size}": f"random:{study.vpixel_size}"}
-        loaded = load_probe_data(cfgs[s], data[s], progress=progress)
-        readings[str(s)] = {  # a label encoder is read on its own task only
-            name: probe_encoder(spec, cfgs[s], loaded, out / f"seed-{s}" / "probe" / name, data=data[s],
-                                tasks=[name.removeprefix("labels-")] if name.startswith("labels-") else None,
-                                progress=progress)
-            for name, spec in specs.items()
-        }
+    readings = _in_pool({str(s): (_read_seed, study.label_size, to_dict(cfgs[s]), data[s],
+                                  str(out / f"seed-{s}"), {f"labels-{task}": trained[f"{s}/labels-{task}"] for task in study.label_steps},
+                                  study.vpixel_size if s == first else None)
+                         for s in study.data_seeds}, study.workers)
     walls["probes"] = time.perf_counter() - t0
     result = {"study": dataclasses.asdict(study), "config": to_dict(cfgs[first]), "readings": readings,
               "walls": {k: round(v, 1) for k, v in walls.items()}}
