@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.shards import index_shard, read_member, shard_name, video_member
-from pipeline.targets import TargetStore, check_row
+from pipeline.store.read import TargetStore, check_row
 from pipeline.video import VideoDecodeError, load_crops
 from salt.config import Config
 from salt.masking import collate_masks, sample_masks

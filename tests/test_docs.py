@@ -68,12 +68,12 @@ def references(text: str) -> list[tuple[str, str]]:
 
 def test_the_reference_pattern_reads_each_form():
     text = ("`pipeline/video.py: load_clips` and `salt/train/loop.py: train_step(state,\nbatch)`, "
-            "`salt.seeds: sample_rng`, `pipeline.targets.TargetStore.pixels`, `tests/test_docs.py::test_x`, "
+            "`salt.seeds: sample_rng`, `pipeline.store.read.TargetStore.pixels`, `tests/test_docs.py::test_x`, "
             "`model.pixel_norm: false`, `probe: true`, `salt.meta`, `jobs/plan.py`")
     assert references(text) == [("pipeline.video", "load_clips"), ("salt.train.loop", "train_step"),
                                 ("salt.seeds", "sample_rng"), ("tests.test_docs", "test_x"), ("jobs.plan", ""),
-                                ("pipeline.targets", "TargetStore.pixels")]
-    assert resolves("pipeline.targets", "TargetStore.pixels") and resolves("pipeline.video", "")
+                                ("pipeline.store.read", "TargetStore.pixels")]
+    assert resolves("pipeline.store.read", "TargetStore.pixels") and resolves("pipeline.video", "")
     assert not resolves("pipeline.video", "load_clipz") and not resolves("pipeline.vide", "")
 
 

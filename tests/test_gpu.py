@@ -13,7 +13,7 @@ import torch
 
 from pipeline.shards import list_shards
 from pipeline.stream import ClipStream, TargetStream, make_loader
-from pipeline.targets import TargetStore
+from pipeline.store.read import TargetStore
 from salt.train.loop import prepare_batch
 from salt.train.student import train_student
 from salt.train.teacher import train_teacher

@@ -18,17 +18,11 @@ from pipeline.extract import extract_targets
 from pipeline.experiments.runs import run_student
 from pipeline.shards import list_shards
 from pipeline.stream import ClipHashMismatch, ClipStream, TargetStream, make_loader
-from pipeline.targets import (
-    ExtractedRow,
-    StoreMismatchError,
-    TargetStore,
-    check_compatible,
-    commit_shard,
-    committed_shards,
-    rebuild_tables,
-    shard_dir,
-    verify_store,
-)
+from pipeline.store.write import ExtractedRow, commit_shard, rebuild_tables
+from pipeline.store.layout import StoreMismatchError, committed_shards, shard_dir
+from pipeline.store.read import TargetStore
+from pipeline.store.provenance import check_compatible
+from pipeline.store.verify import verify_store
 from salt.storage import StorageFormat
 from salt.checkpoint import save_checkpoint
 from salt.optim import make_optimizer

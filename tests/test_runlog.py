@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 
 from pipeline.shards import list_shards
 from pipeline.stream import ClipStream, TargetStream
-from pipeline.targets import TargetStore
+from pipeline.store.read import TargetStore
 from salt.flops import count_params, inputs_from_config, stage1_flops_per_sample, student_flops_per_sample
 from salt.train.student import train_student
 from salt.train.teacher import train_teacher

@@ -17,7 +17,9 @@ from pipeline.extract import extract_targets
 from pipeline.experiments.runs import run_student
 from pipeline.shards import list_shards
 from pipeline.stream import TargetStream
-from pipeline.targets import PROJECTION, TargetStore, verify_store
+from pipeline.store.layout import PROJECTION
+from pipeline.store.read import TargetStore
+from pipeline.store.verify import verify_store
 from salt.models.frozen import TeacherSpecError, file_sha256, projection_matrix
 from salt.models.teachers import load_teacher
 from salt.train.loop import prepare_batch

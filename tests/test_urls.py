@@ -20,7 +20,10 @@ from salt.storage import StorageFormat
 from pipeline.extract import extract_targets
 from pipeline.shards import index_shard, list_shards, read_member
 from pipeline.stream import ClipStream, TargetStream
-from pipeline.targets import ExtractedRow, TargetStore, commit_shard, committed_shards, read_tables, verify_store
+from pipeline.store.write import ExtractedRow, commit_shard
+from pipeline.store.read import TargetStore, read_tables
+from pipeline.store.layout import committed_shards
+from pipeline.store.verify import verify_store
 from pipeline.experiments.runs import run_student
 from tests.conftest import ROOT, assert_same_batch, tiny_config
 from tests.test_pipeline import assert_same_store

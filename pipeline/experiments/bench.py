@@ -21,23 +21,17 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline import fs, pixels
+from pipeline import fs
 from pipeline.extract import extract_targets
 from pipeline.feeding import PlanInputs, plan
 from pipeline.shards import list_shards, write_shard
 from pipeline.experiments.runs import run_student, run_teacher
+from pipeline.store import pixel_codec
+from pipeline.store.layout import row_crc32, shard_dir, store_bytes
+from pipeline.store.provenance import PIXEL_CACHE, open_store, provenance
+from pipeline.store.read import TargetStore, pixel_cache_summary, read_tables
+from pipeline.store.write import ExtractedRow, commit_shard
 from pipeline.stream import ClipStream, TargetStream
-from pipeline.targets import (
-    PIXEL_CACHE,
-    ExtractedRow,
-    TargetStore,
-    commit_shard,
-    pixel_cache_summary,
-    read_tables,
-    row_crc32,
-    shard_dir,
-    store_bytes,
-)
 from pipeline.video import clip_hash, crop, decode, decode_views, load_crops
 from salt.config import Config, DataConfig, load_config, with_overrides
 from salt.flops import DEFAULT_GPU_FLOPS_PER_S, forward_flops, train_flops
@@ -129,27 +123,26 @@ def realistic_store(work: Path, clips: int = 8, views: int = 2, video: bytes | N
     """One source shard of 640x360 H.264 clips and a store of `views` views each, with random
     ViT-L-shaped fp16 targets (the loader's cost does not depend on their values; a CPU ViT-L
     forward would take minutes) and the pixel cache. The rows are what extraction writes:
-    real clip hashes, crop boxes and sample specs, through the store's own writer. `video`:
-    real_resolution_video()'s bytes, made here when not given."""
+    real clip hashes, crop boxes and sample specs, through the store's own writer and store.json,
+    whose teacher is only a width and a note. `video`: real_resolution_video()'s bytes, made here
+    when not given."""
     video = video or real_resolution_video()
     source = work / "realistic" / "shard-000000.tar"
     source.parent.mkdir(parents=True, exist_ok=True)
     keys = [f"clip{i:03d}" for i in range(clips)]
     write_shard(source, [{"__key__": k, "mp4": video} for k in keys])
-    cfg, rng = DataConfig(), np.random.default_rng(0)
+    cfg, rng = load_config(None, [f"extract.views_per_clip={views}", "extract.pixel_cache=true"]), np.random.default_rng(0)
     rows = []
     for key in keys:
-        for view, (frames, spec) in enumerate(decode_views(video, cfg, key=key, views=range(views))):
+        for view, (frames, spec) in enumerate(decode_views(video, cfg.data, key=key, views=range(views))):
             box = crop(frames, spec)
             latents = rng.standard_normal((VITL_TOKENS, VITL_WIDTH), dtype=np.float32).astype(np.float16)
             rows.append(ExtractedRow(key, view, clip_hash(frames), spec.frame_indices, spec.crop, spec.flip, latents,
-                                     pixels=pixels.encode(box), pixels_crc32=row_crc32(box)))
+                                     pixels=pixel_codec.encode(box), pixels_crc32=row_crc32(box)))
     store = str(work / "realistic-store")
-    store_id = "bench-realistic"
-    commit_shard(store, "shard-000000", rows, [], fmt=FP16, store_id=store_id, pixel_cache=True)
-    meta = {"format": "salt-target-store/1", "store_id": store_id, "views_per_clip": views, "pixel_cache": PIXEL_CACHE,
-            "teacher": {"width": VITL_WIDTH}, "note": "make bench: random ViT-L-shaped targets"}
-    fs.write_bytes(fs.join(store, "store.json"), json.dumps(meta).encode())
+    teacher = {"width": VITL_WIDTH, "note": "make bench: random ViT-L-shaped targets"}
+    store_id = open_store(store, provenance(cfg, data=str(source.parent), split="train", teacher=teacher, shards=[str(source)]), None)
+    commit_shard(store, "shard-000000", rows, [], fmt=cfg.extract.storage, store_id=store_id, pixel_cache=True)
     return str(source), store
 
 
