@@ -107,7 +107,7 @@ demo: setup
 
 # make gpu-wheels PY=3.12 (on a machine with a package index): the light wheels a GPU node's Python
 # (that version) may miss, the embedded dataset, the tests' dataset and the bench's 360p video, in
-# GPU_BUNDLE (<= 40 MB, checked; the wheels are ~33 MB, so the chain's dataset is 128 + 64 clips). PY=3.x names the node's Python version here, not an interpreter.
+# GPU_BUNDLE (<= 40 MB, checked; the wheels take most of it, so the chain's dataset is 128 + 64 clips). PY=3.x names the node's Python version here, not an interpreter.
 GPU_BUNDLE ?= gpu-bundle
 GPU_PYVER  ?= 3.12
 ifneq ($(filter 3.%,$(PY)),)

@@ -87,7 +87,7 @@ def bench_part(data: str, video: bytes, work: Path, device: str = "cuda", overri
     from pipeline.experiments import bench
     from pipeline.experiments.runs import run_teacher
     from pipeline.shards import list_shards
-    from pipeline.stream import ClipStream
+    from pipeline.loaders import ClipStream
     from salt.config import load_config
     from salt.devices import autocast
     from salt.models.teachers import load_teacher

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from typing import Iterator
 
@@ -33,44 +32,19 @@ from pipeline.store.layout import committed_shards, parts_dir, store_bytes
 from pipeline.store.parts import commit_from_parts, write_parts
 from pipeline.store.provenance import existing_meta, open_store, provenance
 from pipeline.store.write import rebuild_tables, remove_partial_shards, write_projection
+from pipeline.teacher_cache import load_any_teacher
 from pipeline.video import VideoDecodeError, clip_hash, crop, decode
 from salt.clips import model_clips
 from salt.config import Config, DataConfig, from_dict, to_dict
 from salt.runinfo import run_info_files
-from salt.models.teachers import FrozenTeacher, load_teacher
+from salt.models.teachers import FrozenTeacher
 from salt.storage import StorageFormat
 from salt.devices import autocast, default_device
 
 
-# where each machine keeps its copy of a teacher that lives at a URL
-TEACHER_CACHE = os.path.join(tempfile.gettempdir(), "salt-teachers")
 # shard commits running at once: each holds a whole shard's latents (and pixels) in a worker's
 # memory; a few are enough to keep writing off the forward pass's critical path
 COMMITS_IN_FLIGHT = 4
-
-
-def local_teacher(spec: str) -> str:
-    """The teacher spec with its folder on this machine's disk. A folder at a URL (s3://...,
-    gs://..., also behind an adapter: hf-videomae:s3://...) is copied once per machine into
-    TEACHER_CACHE; the driver and every actor call this on their own node."""
-    spec = str(spec)
-    prefix, sep, _ = spec.partition(":")
-    adapter = prefix + sep if sep and prefix.startswith("hf-") else ""
-    folder = spec[len(adapter):]
-    if "://" not in folder:
-        return spec
-    if not fs.is_remote(folder):  # file://
-        return adapter + fs.resolve(folder)[1]
-    return adapter + fs.local_copy(folder, TEACHER_CACHE)
-
-
-def load_any_teacher(spec: str, cfg: Config, device: torch.device | str = "cpu") -> FrozenTeacher:
-    """load_teacher for a spec whose folder may be a URL; provenance names the URL."""
-    local = local_teacher(spec)
-    teacher = load_teacher(local, cfg, device)
-    if local != str(spec):
-        teacher.source = str(spec)
-    return teacher
 
 
 def decode_shard(row: dict, *, data_cfg: dict, views: int) -> Iterator[dict]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.shards import list_shards
-from pipeline.stream import ClipStream, TargetStream, make_loader
+from pipeline.loaders import ClipStream, TargetStream, make_loader
 from pipeline.store.read import TargetStore
 from salt.train.loop import prepare_batch
 from salt.train.student import train_student

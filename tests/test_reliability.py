@@ -18,7 +18,7 @@ import torch
 
 from pipeline.extract import extract_targets
 from pipeline.shards import index_shard, list_shards
-from pipeline.stream import TargetStream
+from pipeline.loaders import TargetStream
 from pipeline.store.layout import CorruptStoreError
 from pipeline.store.verify import verify_store
 from salt.checkpoint import load_tensors, read_meta

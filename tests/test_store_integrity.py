@@ -19,7 +19,7 @@ import pytest
 from jobs import inspect_store
 from pipeline.extract import extract_targets
 from pipeline.shards import list_shards
-from pipeline.stream import TargetStream
+from pipeline.loaders import TargetStream
 from pipeline.store.layout import CorruptStoreError, StoreMismatchError, parts_dir, shard_dir
 from pipeline.store.read import TargetStore, summarize
 from pipeline.store.verify import verify_store

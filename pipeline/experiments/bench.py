@@ -31,7 +31,7 @@ from pipeline.store.layout import row_crc32, shard_dir, store_bytes
 from pipeline.store.provenance import PIXEL_CACHE, open_store, provenance
 from pipeline.store.read import TargetStore, pixel_cache_summary, read_tables
 from pipeline.store.write import ExtractedRow, commit_shard
-from pipeline.stream import ClipStream, TargetStream
+from pipeline.loaders import ClipStream, TargetStream
 from pipeline.video import clip_hash, crop, decode, decode_views, load_crops
 from salt.config import Config, DataConfig, load_config, with_overrides
 from salt.flops import DEFAULT_GPU_FLOPS_PER_S, forward_flops, train_flops
@@ -341,10 +341,10 @@ def short_student(cfg: Config, data: str, store: str, out: Path, steps: int = 40
     return run_student(run_cfg, data, store, out, progress=False)
 
 
-# The paper's headline comparison (teacher and student of one size) has a FLOP-ideal speedup of
-# only ~1.3-1.6 with its real masks (two masks of ~26% context each: the student encoder runs
-# twice per sample), so caching is also measured where the ideal is above 1.8: a teacher 6x the
-# student's parameters, the setting a store of a big teacher serving small students is for.
+# The paper's headline comparison (teacher and student of one size) has a small FLOP-ideal speedup
+# with its real masks (two masks with a small context each: the student encoder runs twice per
+# sample; BENCHMARKS.md's student_speedup_flop_ideal), so caching is also measured with a teacher
+# 6x the student's parameters, the setting a store of a big teacher serving small students is for.
 BIG_TEACHER = "vit_cpu_m"
 
 

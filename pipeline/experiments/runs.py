@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.shards import list_shards
-from pipeline.stream import ClipStream, TargetStream, make_loader
+from pipeline.loaders import ClipStream, TargetStream, make_loader
 from pipeline.store.read import TargetStore
 from pipeline.store.provenance import check_compatible
 from salt.config import Config
