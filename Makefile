@@ -122,7 +122,7 @@ gpu-wheels: setup
 	$(PY) -m jobs.data --data $(GPU_BUNDLE)/data --num-train 128 --num-val 64 --samples-per-shard 32 --no-progress
 	$(PY) -c "from tests.conftest import TEST_DIGITS; from pipeline.digits import write_moving_digits as w; \
 	    w('$(GPU_BUNDLE)/test-digits', **TEST_DIGITS, progress=False)"
-	$(PY) -c "from pipeline.experiments.bench import real_resolution_video as v; open('$(GPU_BUNDLE)/video-360p.mp4', 'wb').write(v())"
+	$(PY) -c "from experiments.bench import real_resolution_video as v; open('$(GPU_BUNDLE)/video-360p.mp4', 'wb').write(v())"
 	$(PY) -m jobs.gpu_bundle size $(GPU_BUNDLE)
 
 # make gpu-check [GPU_PY=python3] on a GPU node, offline: the bundle's wheels this Python lacks go to

@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 from tests.test_layers import module_file
 
 DOCS = [*sorted(str(p.relative_to(ROOT)) for p in Path(ROOT, "docs").glob("*.md")), "README.md"]
-PACKAGES = r"(?:salt|pipeline|jobs|tests)"
+PACKAGES = r"(?:salt|pipeline|experiments|jobs|tests)"
 # inside backticks: a file path or dotted module, ": ", then a (possibly dotted) name; a call's
 # arguments and anything after the name are not part of it
 PATH_REF = re.compile(rf"`({PACKAGES}(?:/\w+)*\.py|{PACKAGES}(?:\.\w+)+): ([A-Za-z_][\w.]*)")

@@ -15,7 +15,7 @@ import zarr
 from torch import nn
 
 from pipeline.extract import extract_targets
-from pipeline.experiments.runs import run_student
+from experiments.runs import run_student
 from pipeline.shards import list_shards
 from pipeline.loaders import ClipHashMismatch, ClipStream, TargetStream, make_loader
 from pipeline.store.write import ExtractedRow, commit_shard, rebuild_tables

@@ -14,7 +14,7 @@ from torch import nn
 
 from jobs import probe as probe_job
 from pipeline.labelled import label_of, load_labelled
-from pipeline.experiments.probe import load_encoder, load_probe_data, probe_data_config, probe_encoders
+from experiments.probing import load_encoder, load_probe_data, probe_data_config, probe_encoders
 from pipeline.video import spatial_crops
 from salt.config import ConfigError, ProbeConfig, to_dict
 from salt.plots import plot_loss_curves, plot_scatter_fit, r_squared

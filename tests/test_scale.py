@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.experiments.runs import run_student
+from experiments.runs import run_student
 from pipeline.shards import list_shards
 from pipeline.loaders import ClipStream, LoaderStateMismatch, TargetStream, buffer_shuffle
 from salt.seeds import sample_rng

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.experiments.runs import run_student
+from experiments.runs import run_student
 from pipeline.shards import list_shards
 from pipeline.loaders import TargetStream
 from pipeline.store.read import TargetStore

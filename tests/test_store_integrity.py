@@ -360,7 +360,7 @@ def test_an_empty_source_shard_is_committed_empty_and_trains(digits, teacher_dir
     stops on it and no student can start."""
     import tarfile
 
-    from pipeline.experiments.runs import run_student
+    from experiments.runs import run_student
 
     data, store = tmp_path / "data", str(tmp_path / "store")
     shutil.copytree(digits, data)

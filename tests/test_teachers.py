@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.extract import extract_targets
-from pipeline.experiments.runs import run_student
+from experiments.runs import run_student
 from pipeline.shards import list_shards
 from pipeline.loaders import TargetStream
 from pipeline.store.layout import PROJECTION

@@ -24,7 +24,7 @@ from pipeline.store.write import ExtractedRow, commit_shard
 from pipeline.store.read import TargetStore, read_tables
 from pipeline.store.layout import committed_shards
 from pipeline.store.verify import verify_store
-from pipeline.experiments.runs import run_student
+from experiments.runs import run_student
 from tests.conftest import ROOT, assert_same_batch, tiny_config
 from tests.test_pipeline import assert_same_store
 from tests.test_store_integrity import extract_cli

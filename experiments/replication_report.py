@@ -1,0 +1,188 @@
+"""The replication study's report: REPLICATION.md from run_study's result (experiments/replication.py)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from experiments.replication import FLOOR, Study
+from salt.plots import r_squared
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _cell(xs: list[float]) -> str:
+    m, sd = _mean_sd(xs)
+    return f"{100 * m:.1f} ± {100 * sd:.1f}"
+
+
+def _top1(result: dict, name: str, task: str) -> list[float]:
+    return [r[name][task]["top1"] for r in result["probes"].values()]
+
+
+def _margin_kept(result: dict, arm: str, task: str) -> list[float]:
+    """Per seed: (student - floor) / (teacher - floor), the share of the teacher's margin its student keeps."""
+    out = []
+    for r in result["probes"].values():
+        floor = r[FLOOR][task]["top1"]
+        gap = r[f"teacher/{arm}"][task]["top1"] - floor
+        out.append((r[f"student/{arm}"][task]["top1"] - floor) / gap if gap > 0 else float("nan"))
+    return out
+
+
+def write_report(result: dict, path: str | Path, *, command: str, out: str | Path) -> str:
+    """REPLICATION.md from a study's result: what was run, the figures, and what they say."""
+    import yaml
+
+    info = Path(out) / "run_info.yaml"  # the code that ran the study, even if the report is rewritten later
+    commit = yaml.safe_load(info.read_text())["git_commit"] if info.is_file() else "unknown"
+    study = result["study"]
+    arms = Study(**study).arms()
+    first = next(iter(result["probes"].values()))
+    tasks = sorted(first[FLOOR])
+    seeds = ", ".join(str(s) for s in study["seeds"])
+    n = len(study["seeds"])
+    lines = [
+        "# Replication at CPU scale",
+        "",
+        f"Produced by `{command.strip()}` on {time.strftime('%Y-%m-%d')}, commit `{commit}`, in "
+        f"{sum(result['wall_s'].values()) / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in result['wall_s'].items())}).",
+        f"Seeds {seeds}: each seed generates its own moving-digits dataset ({study['num_train']} train / "
+        f"{study['num_val']} val clips; `appearance` = which digit, 10 classes; `motion` = direction, 4 classes) and sets "
+        "every initialisation, sample and probe. Figures are mean ± sd over the seeds.",
+        f"Config: `{study['config']}`{' ' + ' '.join(study['overrides']) if study['overrides'] else ''}. Students: "
+        f"`{study['student']}`, {study['student_steps']} steps on their teacher's stored targets. V-Pixel teachers: "
+        + ", ".join(f"{k} = `{v}`" for k, v in study["vpixel"].items()) + f", {study['teacher_steps']} steps. "
+        f"Ladder: one `{study['ladder_teacher']}` trained with the train split's labels (both tasks), saved at "
+        + ", ".join(str(s) for s in sorted(study["ladder_steps"])) + " steps; `untrained` is its random init.",
+        f"Probe: attentive probe on frozen tokens, train split, top-1 on the val split (fast protocol), tasks: "
+        f"{', '.join(study['tasks']) or 'all'}. 'floor' is a random-init `{study['student']}` (init seed = the seed), "
+        "probed on the same data as everything else of its seed.",
+        "",
+        "## Teachers and their students, probe top-1 (%)",
+        "",
+        "| encoder | " + " | ".join(tasks) + " | final training loss |",
+        "|---|" + "---|" * (len(tasks) + 1),
+        "| chance (majority class) | " + " | ".join(f"{100 * first[FLOOR][t]['chance']:.1f}" for t in tasks) + " | |",
+        "| floor (random init) | " + " | ".join(_cell(_top1(result, FLOOR, t)) for t in tasks) + " | |",
+    ]
+    for arm in arms:
+        s_loss = _mean_sd([result["students"][f"{s}/{arm}"]["final_loss"] for s in study["seeds"]])
+        t_loss = ""
+        if arm.startswith("vpixel-"):
+            m, sd = _mean_sd([result["teachers"][f"{s}/{arm}"]["final_loss"] for s in study["seeds"]])
+            t_loss = f"{m:.4f} ± {sd:.4f} (pixels)"
+        lines.append(f"| teacher {arm} | " + " | ".join(_cell(_top1(result, f"teacher/{arm}", t)) for t in tasks) + f" | {t_loss} |")
+        lines.append(f"| student of {arm} | " + " | ".join(_cell(_top1(result, f"student/{arm}", t)) for t in tasks)
+                     + f" | {s_loss[0]:.4f} ± {s_loss[1]:.4f} (latents) |")
+    ladder = ["untrained"] + [f"labels-{s}" for s in sorted(study["ladder_steps"])]
+    lines += [
+        "",
+        "## Teacher-quality ladder: does the student follow its teacher, and surpass a weak one?",
+        "",
+        "Per rung, mean ± sd over seeds of probe top-1 (%); 'student - teacher' is per seed, then averaged.",
+        "",
+        "| rung | " + " | ".join(f"teacher {t} | student {t} | student - teacher {t}" for t in tasks) + " |",
+        "|---|" + "---|" * (3 * len(tasks)),
+    ]
+    for arm in ladder:
+        cells = []
+        for t in tasks:
+            te, st = _top1(result, f"teacher/{arm}", t), _top1(result, f"student/{arm}", t)
+            cells += [_cell(te), _cell(st), _cell([b - a for a, b in zip(te, st)])]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Transfer control: how much of the top rung's margin over the floor its student keeps",
+        "",
+        "(student - floor) / (teacher - floor), per seed; undefined where the teacher is not above the floor.",
+        "",
+        "| task | " + " | ".join(f"seed {s}" for s in study["seeds"]) + " | mean |",
+        "|---|" + "---|" * (n + 1),
+    ]
+    top = f"labels-{max(study['ladder_steps'])}"
+    for t in tasks:
+        kept = _margin_kept(result, top, t)
+        valid = [k for k in kept if not math.isnan(k)]
+        mean = f"{statistics.fmean(valid):.2f}" if valid else "n/a"
+        lines.append(f"| {t} | " + " | ".join("n/a" if math.isnan(k) else f"{k:.2f}" for k in kept) + f" | {mean} |")
+    sel = result["selection"]
+    lines += [
+        "",
+        "## Does the student's training loss predict its probe accuracy?",
+        "",
+        f"Points: snapshots every {study['snapshot_every']} steps and final checkpoints of the vpixel-same and top-rung "
+        "students, all seeds pooled. Paper: R^2 = 0.951 (ViT-L teacher, many checkpoints of its students).",
+        "",
+        "| task | R^2 | slope (top-1 per unit loss) | points | lowest-loss checkpoint | best-probed checkpoint |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t in tasks:
+        r = sel["tasks"][t]
+        lines.append(f"| {t}, both arms pooled | {r['r2']:.3f} | {r['slope']:+.2f} | {r['points']} | {r['lowest_loss']} | {r['best_probe']} |")
+        for arm, fit in _fits_per_arm(sel["points"], t).items():
+            lines.append(f"| {t}, {arm} students | {fit['r2']:.3f} | {fit['slope']:+.2f} | {fit['points']} | | |")
+    lines += ["", f"Plots: `{Path(out) / 'selection'}/selection_<task>.png`.", "", "## What the numbers say", ""]
+    lines += [f"- {s}" for s in _findings(result, tasks, arms)]
+    text = "\n".join(lines) + "\n"
+    Path(path).write_text(text)
+    return text
+
+
+def _fits_per_arm(points: list[dict], task: str) -> dict[str, dict]:
+    """R^2 and slope of top-1 on loss over one arm's checkpoints (all seeds): the paper's setting,
+    students of one kind of teacher, which pooling arms with different loss scales hides."""
+    out = {}
+    for arm in sorted({p["run"] for p in points}):
+        xs = [p["loss"] for p in points if p["run"] == arm]
+        ys = [p[f"top1_{task}"] for p in points if p["run"] == arm]
+        out[arm] = {"r2": r_squared(xs, ys) if len(xs) >= 3 else float("nan"),
+                    "slope": float(np.polyfit(xs, ys, 1)[0]) if len(xs) >= 2 and np.ptp(xs) > 0 else float("nan"),
+                    "points": len(xs)}
+    return out
+
+
+def _findings(result: dict, tasks: list[str], arms: list[str]) -> list[str]:
+    """Plain statements read off the numbers, whichever way they came out. 'Beats by more than
+    two standard errors': the per-seed differences' mean exceeds 2 sd / sqrt(seeds)."""
+    out = []
+    n = len(result["probes"])
+
+    def diff(a: str, b: str, t: str) -> tuple[float, float]:
+        d = [x - y for x, y in zip(_top1(result, a, t), _top1(result, b, t))]
+        m, sd = _mean_sd(d)
+        return m, sd / n**0.5
+
+    for arm in [a for a in arms if a.startswith("vpixel-")]:
+        for t in tasks:
+            m, se = diff(f"teacher/{arm}", FLOOR, t)
+            verdict = "beats" if m > 2 * se and m > 0 else "does not beat"
+            out.append(f"{t}: the {arm} teacher {verdict} the random-init floor by more than two standard errors "
+                       f"({100 * m:+.1f} ± {100 * se:.1f} points).")
+            m, se = diff(f"student/{arm}", f"teacher/{arm}", t)
+            out.append(f"{t}: the student of {arm} vs its teacher: {100 * m:+.1f} ± {100 * se:.1f} points.")
+    for arm in arms:
+        if arm.startswith("labels-") or arm == "untrained":
+            for t in tasks:
+                m, se = diff(f"student/{arm}", FLOOR, t)
+                out.append(f"{t}: the student of {arm} vs the floor: {100 * m:+.1f} ± {100 * se:.1f} points.")
+    ladder = [a for a in arms if a == "untrained" or a.startswith("labels-")]
+    for t in tasks:
+        teach = " -> ".join(f"{100 * statistics.fmean(_top1(result, f'teacher/{a}', t)):.1f}" for a in ladder)
+        stud = " -> ".join(f"{100 * statistics.fmean(_top1(result, f'student/{a}', t)):.1f}" for a in ladder)
+        above = [a for a in ladder if (lambda m, se: m > 2 * se and m > 0)(*diff(f"student/{a}", f"teacher/{a}", t))]
+        out.append(f"{t}: along the ladder ({', '.join(ladder)}) teachers read {teach} and their students {stud}; "
+                   f"a student beats its teacher by more than two standard errors on: {', '.join(above) or 'no rung'}.")
+    for t in tasks:
+        for arm, fit in _fits_per_arm(result["selection"]["points"], t).items():
+            direction = "lower loss, higher accuracy" if fit["slope"] < 0 else "lower loss, lower accuracy"
+            out.append(f"{t}: over the {arm} students' checkpoints, R^2 of top-1 on loss {fit['r2']:.3f} ({direction}; "
+                       "paper 0.951, lower loss higher accuracy).")
+    return out
+
