@@ -111,7 +111,7 @@ demo: setup
 
 # make gpu-wheels PY=3.12 (on a machine with a package index): the light wheels a GPU node's Python
 # (that version) may miss, the embedded dataset, the tests' dataset and the bench's 360p video, in
-# GPU_BUNDLE (<= 40 MB, checked; the wheels are ~33 MB, so the chain's dataset is 128 + 64 clips). PY=3.x names the node's Python version here, not an interpreter.
+# GPU_BUNDLE (<= 40 MB, checked; the wheels take most of it, so the chain's dataset is 128 + 64 clips). PY=3.x names the node's Python version here, not an interpreter.
 GPU_BUNDLE ?= gpu-bundle
 GPU_PYVER  ?= 3.12
 ifneq ($(filter 3.%,$(PY)),)
@@ -126,7 +126,7 @@ gpu-wheels: setup
 	$(PY) -m jobs.data --data $(GPU_BUNDLE)/data --num-train 128 --num-val 64 --samples-per-shard 32 --no-progress
 	$(PY) -c "from tests.conftest import TEST_DIGITS; from pipeline.digits import write_moving_digits as w; \
 	    w('$(GPU_BUNDLE)/test-digits', **TEST_DIGITS, progress=False)"
-	$(PY) -c "from pipeline.experiments.bench import real_resolution_video as v; open('$(GPU_BUNDLE)/video-360p.mp4', 'wb').write(v())"
+	$(PY) -c "from experiments.bench import real_resolution_video as v; open('$(GPU_BUNDLE)/video-360p.mp4', 'wb').write(v())"
 	$(PY) -m jobs.gpu_bundle size $(GPU_BUNDLE)
 
 # make gpu-check [GPU_PY=python3] on a GPU node, offline: the bundle's wheels this Python lacks go to

@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 from jobs.cli import entry, parser
-from pipeline.experiments import bench
+from experiments import bench, bench_report
 from pipeline.cluster import init_ray
-from pipeline.experiments.runs import run_teacher
+from experiments.runs import run_teacher
 from salt.config import with_overrides
 
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows += extract + bench.student_rows(cfg, args.data, made["stores"], made["teacher"], work)
         rows += bench.mask_freshness_rows(cfg, args.data, made["stores"]["fp16"], work)
         rows += bench.loader_rows(work)
-    bench.write_report(rows, Path(args.out), time.perf_counter() - t0, args.config, args.overrides)
+    bench_report.write_report(rows, Path(args.out), time.perf_counter() - t0, args.config, args.overrides)
     for r in rows:
         ratio = "" if r["ratio"] is None else f"ratio {r['ratio']:.3g}"
         print(f"{r['name']:36s} {r['value']:10.4g} {r['unit']:9s} {ratio}")

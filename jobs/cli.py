@@ -79,8 +79,8 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 def entry(main: Callable[[], object]) -> None:
     """Run a job's main; expected errors end in one line on stderr and exit status 2
     (SALT_TRACEBACK=1 shows the stack as well)."""
-    from pipeline.stream import ClipHashMismatch
-    from pipeline.targets import CorruptStoreError
+    from pipeline.loaders import ClipHashMismatch
+    from pipeline.store.layout import CorruptStoreError
 
     try:
         main()

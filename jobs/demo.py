@@ -1,112 +1,15 @@
-"""make demo: data -> teacher -> extract-targets -> student -> probe on the embedded dataset, then a summary.
-
-Beside the V-Pixel chain runs the transfer control (pipeline/experiments/controls.py): a small encoder
-trained with the labels, extracted and distilled into a student the same way, which never
-sees a label. The readout table puts all four encoders next to a random-init encoder of the
-student's size (the floor) on both tasks of the embedded dataset (linear readout and k-NN: docs/yardstick.md).
-"""
+"""make demo: data -> teacher -> extract-targets -> student -> probe on the embedded dataset, then a summary
+(experiments/demo.py: run_demo)."""
 
 from __future__ import annotations
 
-import json
-import multiprocessing
-import os
-import time
-from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
-
-import ray
-import torch
-
 from jobs.cli import config_from, entry, parser
-from pipeline.experiments.controls import train_label_teachers
-from pipeline.digits import write_moving_digits
-from pipeline.extract import extract_targets
-from pipeline.experiments.probe import probe_encoders, read_probe_features
-from pipeline.experiments.runs import run_student, run_teacher
-from pipeline.experiments.sweep import train_variant
-from salt.config import to_dict
-from salt.devices import set_torch_threads
-
-# The transfer control's teacher: a vit_cpu_xs trained 800 steps with the motion labels (its readings:
-# docs/yardstick.md). Motion only: the digit takes a label encoder thousands of steps to learn.
-CONTROL_SIZE, CONTROL_STEPS, CONTROL_TASKS = "vit_cpu_xs", 800, ["motion"]
+from experiments.demo import run_demo
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser(__doc__).parse_args(argv)
-    walls = {}
-
-    def timed(name, fn):
-        t0 = time.perf_counter()
-        out = fn()
-        walls[name] = round(time.perf_counter() - t0, 1)
-        return out
-
-    if not (Path(args.data) / "labels.json").is_file():
-        timed("data", lambda: write_moving_digits(args.data))
-    cfg = config_from(args)
-    run = Path(args.run)
-    control = run / "control"
-    progress = not args.no_progress
-    set_torch_threads(cfg.teacher)
-    t = timed("teacher", lambda: run_teacher(cfg, args.data, run / "teacher", progress=progress))
-    x = timed("extract-targets", lambda: extract_targets(cfg, data=args.data, teacher=str(run / "teacher"),
-                                                         store=str(run / "targets"), progress=progress))
-    labels = timed("control teacher", lambda: train_label_teachers(
-        cfg, args.data, control / "labels", size=CONTROL_SIZE, steps=[CONTROL_STEPS], tasks=CONTROL_TASKS,
-        progress=progress))
-    control_teacher = labels[CONTROL_STEPS]
-    timed("control targets", lambda: extract_targets(cfg, data=args.data, teacher=control_teacher,
-                                                     store=str(control / "targets"), progress=progress))
-    ray.shutdown()  # the local cluster's idle workers and actors would hold ~1 GB and a little CPU through the rest
-    # The two students train side by side, one core each (each stage runs at one torch thread).
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        t0 = time.perf_counter()
-        control_run = pool.submit(train_variant, to_dict(cfg), args.data, str(control / "targets"), str(control / "student"), False)
-        set_torch_threads(cfg.student)
-        s = run_student(cfg, args.data, str(run / "targets"), run / "student", progress=progress)
-        cs = control_run.result()
-        walls["students"] = round(time.perf_counter() - t0, 1)
-    torch.set_num_threads(os.cpu_count() or 1)  # the stages ran at one thread; the probe runs alone
-    specs = {"teacher": str(run / "teacher"), "student": str(run / "student"), "control-teacher": control_teacher,
-             "control-student": str(control / "student"), "random": f"random:{cfg.model.student}"}
-    probes = timed("probe", lambda: probe_encoders(specs, cfg, args.data, run / "probe", progress=progress))
-    ranks = {name: read_probe_features(run / "probe" / name)["effective_rank"] for name in specs}
-    summary = {
-        "teacher_final_loss": round(t["final_loss"], 4),
-        "store_samples": x["samples"],
-        "store_errors": x["errors"],
-        "store_bytes": x["bytes"],
-        "student_final_loss": round(s["final_loss"], 4),
-        "control_student_final_loss": round(cs["final_loss"], 4),
-        "probe_top1": {name: {task: round(r["top1"], 4) for task, r in res.items()} for name, res in probes.items()},
-        "knn_top1": {name: {task: round(r["knn_top1"], 4) for task, r in res.items()} for name, res in probes.items()},
-        "probe_effective_rank": ranks,
-        "wall_s": walls,
-    }
-    print("\n=== demo summary ===")
-    print(f"teacher   final loss {summary['teacher_final_loss']:.4f}   ({walls['teacher']} s)")
-    print(f"targets   {x['samples']} samples, {x['errors']} errors, {x['bytes'] / 1e6:.1f} MB   ({walls['extract-targets']} s)")
-    print(f"control   label-trained {CONTROL_SIZE} teacher ({walls['control teacher']} s), its targets "
-          f"({walls['control targets']} s)")
-    print(f"students  final loss {summary['student_final_loss']:.4f}, control's {summary['control_student_final_loss']:.4f}"
-          f"   ({walls['students']} s, side by side)")
-    tasks = list(probes["student"])
-    print(f"probe     ({walls['probe']} s): top-1 % on val ({probes['student'][tasks[0]]['num_val']} clips), frozen tokens: "
-          "linear readout / k-NN (docs/yardstick.md)")
-    print(" " * 18 + "".join(f"{t:>16s}" for t in tasks) + f"{'RankMe':>9s}")
-    for name in specs:
-        cells = "".join(f"{100 * r['top1']:>9.1f} / {100 * r['knn_top1']:4.1f}" for r in (probes[name][t] for t in tasks))
-        print(f"  {name if name != 'random' else 'random init':16s}{cells}{ranks[name]:9.1f}")
-    print(f"  {'chance':16s}" + "".join(f"{100 * probes['student'][t]['chance']:>9.1f}" + " " * 7 for t in tasks))
-    print("  control: a teacher trained with the motion labels, and its student, which never saw one (stage 2 on its own)")
-    print("  RankMe: effective rank of the frozen tokens (1: all alike), a collapse check, not a quality score")
-    if "data" in walls:
-        print(f"data      ({walls['data']} s)")
-    print(f"total     {sum(walls.values()):.1f} s")
-    (Path(args.run) / "demo_summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    return run_demo(config_from(args), data=args.data, run=args.run, progress=not args.no_progress)
 
 
 if __name__ == "__main__":

@@ -57,8 +57,8 @@ def tests_part(bundle: Path) -> dict:
 
 def chain_part(data: str, work: Path, overrides: list[str]) -> dict:
     from pipeline.extract import extract_targets
-    from pipeline.experiments.probe import probe_checkpoint
-    from pipeline.experiments.runs import run_student, run_teacher
+    from experiments.probing import probe_checkpoint
+    from experiments.runs import run_student, run_teacher
     from salt.config import load_config
 
     cfg = load_config("jobs/configs/tiny.yaml", [*CHAIN, *overrides])
@@ -84,10 +84,10 @@ def chain_part(data: str, work: Path, overrides: list[str]) -> dict:
 
 def bench_part(data: str, video: bytes, work: Path, device: str = "cuda", overrides: tuple[str, ...] = ()) -> list[dict]:
     """(c); `device` and `overrides` (of the ViT-L config) let a CPU run it at a toy size, to check the code."""
-    from pipeline.experiments import bench
-    from pipeline.experiments.runs import run_teacher
+    from experiments import bench
+    from experiments.runs import run_teacher
     from pipeline.shards import list_shards
-    from pipeline.stream import ClipStream
+    from pipeline.loaders import ClipStream
     from salt.config import load_config
     from salt.devices import autocast
     from salt.models.teachers import load_teacher

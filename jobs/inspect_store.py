@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 from jobs.cli import entry, parser
-from pipeline.targets import PROJECTION, summarize, verify_store
+from pipeline.store.layout import PROJECTION
+from pipeline.store.read import summarize
+from pipeline.store.verify import verify_store
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from jobs.cli import config_from, entry, parser
-from pipeline.experiments.probe import RANDOM, probe_checkpoint, read_probe_features
+from experiments.probing import RANDOM, probe_checkpoint, read_probe_features
 
 
 def default_out(ckpt: str) -> Path:

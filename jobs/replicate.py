@@ -2,7 +2,7 @@
 
 Per seed: its own dataset; a V-Pixel teacher of the student's size, an
 untrained teacher and a ladder of label-trained teachers, each with a student trained on
-its extracted targets; then every encoder probed. See pipeline/experiments/replication.py.
+its extracted targets; then every encoder probed. See experiments/replication.py.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import argparse
 import sys
 
 from jobs.cli import entry, parser
-from pipeline.experiments.replication import Study, run_study, write_report
+from experiments.replication import Study, run_study
+from experiments.replication_report import write_report
 
 
 def _ints(text: str) -> list[int]:

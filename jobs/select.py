@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from jobs.cli import config_from, entry, parser
-from pipeline.experiments.selection import select_runs
+from experiments.selection import select_runs
 
 
 def main(argv: list[str] | None = None) -> dict:

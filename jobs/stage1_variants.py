@@ -1,5 +1,5 @@
 """make stage1-variants: V-Pixel teachers under each stage-1 variant, and a learning curve, against
-random init over data seeds -> docs/STAGE1.md. See pipeline/experiments/stage1.py.
+random init over data seeds -> docs/STAGE1.md. See experiments/stage1.py.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from jobs.cli import entry, parser
-from pipeline.experiments.stage1 import Stage1Study, run_stage1_study, write_report
+from experiments.stage1 import Stage1Study, run_stage1_study, write_report
 
 
 def _ints(text: str) -> list[int]:

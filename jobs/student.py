@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from jobs.cli import config_from, entry, parser, run_training_job
-from pipeline.experiments.runs import run_student
+from experiments.runs import run_student
 
 
 def main(argv: list[str] | None = None) -> dict:

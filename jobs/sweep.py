@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from jobs.cli import entry, parser
-from pipeline.experiments.sweep import load_sweep, run_sweep
+from experiments.sweep import load_sweep, run_sweep
 from salt.config import ConfigError
 
 

@@ -1,7 +1,7 @@
 """make yardstick: the probe's spread over probe seeds and the tasks' margins over data seeds -> YARDSTICK.md.
 
 Per data seed: its own dataset, a random-init encoder, one label-trained encoder per task and (first
-seed) a V-Pixel teacher, each read by every readout. See pipeline/experiments/yardstick.py.
+seed) a V-Pixel teacher, each read by every readout. See experiments/yardstick.py.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from jobs.cli import entry, parser
-from pipeline.experiments.yardstick import Yardstick, run_yardstick, write_report
+from experiments.yardstick import Yardstick, run_yardstick, write_report
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,4 +1,4 @@
 """Bytes <-> tensors: shards, video decoding, the target store, the extraction job, loaders.
 
-The modules here are the data/store layer; pipeline/experiments/ holds the drivers built on
-them (stage runs from files, sweeps, probe, selection, replication, benchmarks)."""
+The modules here are the data/store layer; the top-level package experiments/ holds the drivers
+built on them (stage runs from files, sweeps, probe, selection, replication, benchmarks)."""

@@ -101,7 +101,7 @@ def encode_mp4(frames: np.ndarray, *, fps: int = 30) -> bytes:
     with av.open(buf, "w", format="mp4") as container:
         # Both options are for byte-identical output. threads=1: x264's frame threading makes the
         # bitstream depend on scheduling. mbtree=0: on these tiny frames x264's macroblock-tree pass
-        # depends on uninitialised heap memory: ~15% of clips changed run to run. Costs ~2x in size.
+        # depends on uninitialised heap memory, and some clips changed run to run. The files grow.
         stream = container.add_stream("libx264", rate=fps, options=_X264_OPTIONS)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         for frame in frames:

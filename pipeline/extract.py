@@ -12,79 +12,39 @@ every row carries its shard, its position in the shard and the shard's row count
 the driver de-duplicates by (key, view) (first row wins, and its part is the one read),
 and starts a shard's commit as soon as all of its rows (extracted or failed) are in.
 Committed shards are skipped on a rerun, so a killed job resumes where it stopped.
+What lands on disk (store.json, part files, commits) is pipeline/store/'s.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tempfile
 import time
-import uuid
-from datetime import datetime, timezone
 from typing import Iterator
 
 import numpy as np
 import torch
-from safetensors.torch import save
 
-from pipeline import fs, pixels
+from pipeline import fs
 from pipeline.cluster import actor_gpus, init_ray
 from pipeline.shards import iter_shard, list_shards, shard_name
-from pipeline.targets import (
-    PIXEL_CACHE,
-    PROJECTION,
-    ExtractedRow,
-    StoreMismatchError,
-    commit_shard,
-    committed_shards,
-    compatibility,
-    parts_dir,
-    rebuild_tables,
-    remove_partial_shards,
-    row_crc32,
-    store_bytes,
-)
-from pipeline.video import VideoDecodeError, clip_hash, crop, decode, decoder_version
+from pipeline.store.layout import committed_shards, parts_dir, store_bytes
+from pipeline.store.parts import commit_from_parts, write_parts
+from pipeline.store.provenance import existing_meta, open_store, provenance
+from pipeline.store.write import rebuild_tables, remove_partial_shards, write_projection
+from pipeline.teacher_cache import load_any_teacher
+from pipeline.video import VideoDecodeError, clip_hash, crop, decode
 from salt.clips import model_clips
-from salt.config import Config, DataConfig, to_dict, from_dict
-from salt.runinfo import git_commit, package_versions, run_info_files
-from salt.models.factory import config_grid
-from salt.models.teachers import FrozenTeacher, load_teacher
+from salt.config import Config, DataConfig, from_dict, to_dict
+from salt.runinfo import run_info_files
+from salt.models.teachers import FrozenTeacher
 from salt.storage import StorageFormat
 from salt.devices import autocast, default_device
 
 
-# where each machine keeps its copy of a teacher that lives at a URL
-TEACHER_CACHE = os.path.join(tempfile.gettempdir(), "salt-teachers")
 # shard commits running at once: each holds a whole shard's latents (and pixels) in a worker's
 # memory; a few are enough to keep writing off the forward pass's critical path
 COMMITS_IN_FLIGHT = 4
-
-
-def local_teacher(spec: str) -> str:
-    """The teacher spec with its folder on this machine's disk. A folder at a URL (s3://...,
-    gs://..., also behind an adapter: hf-videomae:s3://...) is copied once per machine into
-    TEACHER_CACHE; the driver and every actor call this on their own node."""
-    spec = str(spec)
-    prefix, sep, _ = spec.partition(":")
-    adapter = prefix + sep if sep and prefix.startswith("hf-") else ""
-    folder = spec[len(adapter):]
-    if "://" not in folder:
-        return spec
-    if not fs.is_remote(folder):  # file://
-        return adapter + fs.resolve(folder)[1]
-    return adapter + fs.local_copy(folder, TEACHER_CACHE)
-
-
-def load_any_teacher(spec: str, cfg: Config, device: torch.device | str = "cpu") -> FrozenTeacher:
-    """load_teacher for a spec whose folder may be a URL; provenance names the URL."""
-    local = local_teacher(spec)
-    teacher = load_teacher(local, cfg, device)
-    if local != str(spec):
-        teacher.source = str(spec)
-    return teacher
 
 
 def decode_shard(row: dict, *, data_cfg: dict, views: int) -> Iterator[dict]:
@@ -180,117 +140,6 @@ def numpy_batch(rows: list[dict]) -> dict[str, np.ndarray]:
     return out
 
 
-def write_parts(
-    store: str, shards: np.ndarray, orders: np.ndarray, latents: np.ndarray, crops: list[np.ndarray] | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """One part file per shard present in a batch; returns each row's part and its index there.
-
-    A part is an .npz (no pickles): `latents` [rows, tokens, width], and with crops also
-    `pixels` (the rows' encoded crops back to back), `pixels_offsets` [rows + 1] and
-    `pixels_crc32` [rows] (of the uncompressed crops). Its name is unique, so a re-run task
-    writes a part of its own rather than over one the driver may already have chosen."""
-    part = np.empty(len(shards), dtype=object)
-    part_row = np.zeros(len(shards), np.int64)
-    for shard in dict.fromkeys(str(s) for s in shards):  # the batch's shards, in order of appearance
-        rows = np.flatnonzero(shards == shard)
-        arrays = {"latents": latents[rows]}
-        if crops is not None:
-            blobs = [pixels.encode(crops[i]) for i in rows]
-            arrays |= {
-                "pixels": np.frombuffer(b"".join(blobs), np.uint8),
-                "pixels_offsets": np.cumsum([0, *map(len, blobs)], dtype=np.int64),
-                "pixels_crc32": np.array([row_crc32(crops[i]) for i in rows], np.int64),
-            }
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        path = fs.join(parts_dir(store, shard), f"{int(orders[rows[0]]):06d}-{uuid.uuid4().hex[:8]}.npz")
-        fs.write_bytes(path, buffer.getvalue(), durable=False)  # a part outlives no crash: a rerun extracts its shard again
-        part[rows] = path
-        part_row[rows] = np.arange(len(rows))
-    return part, part_row
-
-
-def read_part(path: str) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(fs.read_bytes(path)), allow_pickle=False) as npz:
-        return {name: npz[name] for name in npz.files}
-
-
-def fingerprint_shards(shards: list[str], recorded: list[dict]) -> list[dict]:
-    """name, path, bytes and sha256 of each source shard. A shard the store already recorded
-    with the same name, path and size keeps its recorded sha256: a resume does not re-read
-    every source shard (stage 2 still checks each clip's hash against what the teacher saw)."""
-    known = {(r["name"], r["path"], r["bytes"]): r["sha256"] for r in recorded}
-    out = []
-    for s in shards:
-        entry = {"name": shard_name(s), "path": s, "bytes": fs.size(s)}
-        digest = known.get((entry["name"], entry["path"], entry["bytes"]))
-        out.append(entry | {"sha256": digest or fs.sha256(s)})
-    return out
-
-
-def existing_meta(store: str) -> dict | None:
-    """The store.json of a store being resumed; None for a new store."""
-    path = fs.join(store, "store.json")
-    return json.loads(fs.read_bytes(path)) if fs.exists(path) else None
-
-
-def provenance(
-    cfg: Config, *, data: str, split: str, teacher: FrozenTeacher, shards: list[str], recorded: list[dict] = ()
-) -> dict:
-    grid = config_grid(cfg)
-    compat = compatibility(cfg)
-    compat["geometry"] |= {"grid": list(grid), "num_tokens": int(np.prod(grid))}
-    return {
-        "format": "salt-target-store/1",
-        "teacher": teacher.identity(),
-        **compat,
-        "storage": cfg.extract.storage.describe(),
-        "views_per_clip": cfg.extract.views_per_clip,
-        # absent without the cache: stores made before it existed keep their store.json and resume
-        **({"pixel_cache": PIXEL_CACHE} if cfg.extract.pixel_cache else {}),
-        "decoder": decoder_version(),
-        "packages": package_versions(),
-        "source": {
-            "data": str(data),
-            "split": split,
-            "shards": fingerprint_shards(shards, list(recorded)),
-        },
-    }
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: store has {a!r}, this job has {b!r}")
-    return diffs
-
-
-def open_store(store: str, meta: dict, old: dict | None) -> str:
-    """Create store.json, or check that an existing store (`old`, its store.json) was made by an
-    identical job.
-
-    Returns the store's id, which every shard records: a store.json copied from another
-    store is then caught by verify and by stage 2."""
-    if old is not None:
-        ignore = ("created", "git_commit", "packages", "store_id")
-        diffs = _differences({k: v for k, v in old.items() if k not in ignore}, {k: v for k, v in meta.items() if k not in ignore})
-        if diffs:
-            raise StoreMismatchError(
-                f"{store} holds targets of another job (or of an older version of this pipeline); refusing to mix. "
-                "Extract into a new store folder. Differences:\n  " + "\n  ".join(diffs[:10])
-            )
-        return old["store_id"]
-    store_id = uuid.uuid4().hex
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    meta = meta | {"store_id": store_id, "created": created, "git_commit": git_commit()}
-    fs.write_bytes(fs.join(store, "store.json"), json.dumps(meta, indent=1).encode())
-    return store_id
-
-
 def extract_targets(
     cfg: Config, *, data: str, teacher: str, store: str, split: str = "train", progress: bool = True,
     in_process: bool = False,
@@ -304,11 +153,11 @@ def extract_targets(
     shards = list_shards(data, split)
     frozen = load_any_teacher(teacher, cfg)  # a bad spec, folder or grid fails here, before any work
     old = existing_meta(store_path)
-    meta = provenance(cfg, data=data, split=split, teacher=frozen, shards=shards,
+    meta = provenance(cfg, data=data, split=split, teacher=frozen.identity(), shards=shards,
                       recorded=old["source"]["shards"] if old else [])
     store_id = open_store(store_path, meta, old)
-    if frozen.projection is not None:  # the matrix itself, so a reader needs neither the seed rule nor the teacher
-        fs.write_bytes(fs.join(store_path, PROJECTION), save({"projection": frozen.projection.contiguous()}))
+    if frozen.projection is not None:
+        write_projection(store_path, frozen.projection)
     del frozen
     for name, text in run_info_files(cfg, teacher=str(teacher), data=str(data)).items():
         fs.write_bytes(fs.join(store_path, name), text.encode())
@@ -450,44 +299,3 @@ def _commit_as_complete(
     if pending:
         raise RuntimeError(f"Ray Data finished with incomplete shards {sorted(pending)}: rows were lost")
     return summary | {key: sorted(summary[key]) for key in ("part_writers", "shard_writers")}
-
-
-def commit_from_parts(
-    store: str, shard: str, rows: list[dict], fmt: StorageFormat, store_id: str, pixel_cache: bool
-) -> tuple[int, int, float]:
-    """Ray task: one shard's rows, their latents (and pixels) read from the parts they name, ->
-    the committed shard; then its parts are removed. Returns (rows extracted, pid, seconds)."""
-    t0 = time.perf_counter()
-    ordered = sorted(rows, key=lambda r: int(r["order"]))
-    good = [r for r in ordered if r["error"] == ""]
-    parts = {path: read_part(path) for path in {str(r["part"]) for r in good}}
-    commit_shard(
-        store,
-        shard,
-        [extracted_row(r, parts[str(r["part"])], pixel_cache) for r in good],
-        [(str(r["key"]), int(r["view"]), str(r["error"])) for r in ordered if r["error"] != ""],
-        fmt=fmt,
-        store_id=store_id,
-        pixel_cache=pixel_cache,
-    )
-    fs.remove(parts_dir(store, shard))
-    return len(good), os.getpid(), time.perf_counter() - t0
-
-
-def extracted_row(row: dict, part: dict[str, np.ndarray], pixel_cache: bool) -> ExtractedRow:
-    """A driver row plus its part's arrays -> what commit_shard writes."""
-    i = int(row["part_row"])
-    cached = {}
-    if pixel_cache:
-        start, end = part["pixels_offsets"][i], part["pixels_offsets"][i + 1]
-        cached = {"pixels": part["pixels"][start:end].tobytes(), "pixels_crc32": int(part["pixels_crc32"][i])}
-    return ExtractedRow(
-        key=str(row["key"]),
-        view=int(row["view"]),
-        clip_hash=str(row["clip_hash"]),
-        frame_indices=tuple(int(x) for x in row["frame_indices"]),
-        crop=tuple(int(x) for x in row["crop"]),
-        flip=bool(row["flip"]),
-        latents=part["latents"][i],
-        **cached,
-    )

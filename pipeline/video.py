@@ -1,7 +1,7 @@
 """Video bytes -> a clip's uint8 crop box and flip bit, through one sample spec per (seed, key, view).
 
 The resize, flip and normalisation into model input run on the model's device, in the
-training step or the teacher's actor (`salt/clips.py`, re-exported here as `to_model_input`).
+training step or the teacher's actor (`salt/clips.py`); here only for the probe's clips and a reference clip.
 
 Every stage (teacher training, extraction, student, probe) goes through `decode_views`,
 so they all pick the same frames, crop and flip for a sample. The clip hash is taken
@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from salt.clips import to_model_input  # the resize both stages and extraction run on their device
+from salt.clips import resize_flip_normalise
 from salt.config import DataConfig
 from salt.seeds import sample_rng
 
@@ -104,7 +104,7 @@ def decode_views(video: bytes, cfg: DataConfig, *, key: str, views: Sequence[int
 
     The container is opened once and the union of the views' frames decoded in one call
     (stage 2's data.views_per_decode). What that saves depends on how much the views' windows
-    share: make bench measured two views of a 10 s 360p clip at ~1.5 single decodes."""
+    share (make bench's loader_views2 row, BENCHMARKS.md)."""
     import decord
 
     try:
@@ -144,7 +144,7 @@ def crop(frames: np.ndarray, spec: SampleSpec) -> np.ndarray:
 
 def augment(frames: np.ndarray, spec: SampleSpec, cfg: DataConfig) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> normalised float32 [3, T, S, S] here: crop, resize, flip (the probe's clips)."""
-    return to_model_input(torch.from_numpy(crop(frames, spec)), spec.flip, cfg)
+    return resize_flip_normalise(torch.from_numpy(crop(frames, spec)), spec.flip, cfg)
 
 
 def load_crops(video: bytes, cfg: DataConfig, *, key: str, views: Sequence[int]) -> list[tuple[torch.Tensor, bool, str]]:
@@ -159,4 +159,4 @@ def load_crops(video: bytes, cfg: DataConfig, *, key: str, views: Sequence[int])
 def load_clip(video: bytes, cfg: DataConfig, *, key: str, view: int) -> tuple[torch.Tensor, str]:
     """A view's model input on the CPU, and its clip hash (a reference for tests and tools)."""
     box, flip, digest = load_crops(video, cfg, key=key, views=[view])[0]
-    return to_model_input(box, flip, cfg), digest
+    return resize_flip_normalise(box, flip, cfg), digest

@@ -19,7 +19,7 @@ from salt.config import DataConfig
 from salt.devices import to_device
 
 
-def to_model_input(cropped: torch.Tensor, flip: bool, cfg: DataConfig) -> torch.Tensor:
+def resize_flip_normalise(cropped: torch.Tensor, flip: bool, cfg: DataConfig) -> torch.Tensor:
     """uint8 [T, h, w, 3] on any device -> normalised float32 [3, T, S, S]: resize, flip, normalise."""
     x = cropped.permute(0, 3, 1, 2).float()  # [T, 3, h, w]
     x = F.interpolate(x, size=(cfg.crop_size, cfg.crop_size), mode="bilinear", align_corners=False, antialias=True)
@@ -37,4 +37,4 @@ def model_clips(
 
     One crop at a time: they differ in size, and a list of them keeps the loaders free of padding
     (each is a few kernels; make bench's resize row measures what that costs per sample)."""
-    return torch.stack([to_model_input(to_device(c, device), bool(f), cfg) for c, f in zip(crops, flips)])
+    return torch.stack([resize_flip_normalise(to_device(c, device), bool(f), cfg) for c, f in zip(crops, flips)])

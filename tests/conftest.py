@@ -115,7 +115,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def teacher_dir(digits, tmp_path_factory) -> str:
     from pipeline.shards import list_shards
-    from pipeline.stream import ClipStream
+    from pipeline.loaders import ClipStream
     from salt.train.teacher import train_teacher
 
     cfg = tiny_config()

@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 from tests.test_layers import module_file
 
 DOCS = [*sorted(str(p.relative_to(ROOT)) for p in Path(ROOT, "docs").glob("*.md")), "README.md"]
-PACKAGES = r"(?:salt|pipeline|jobs|tests)"
+PACKAGES = r"(?:salt|pipeline|experiments|jobs|tests)"
 # inside backticks: a file path or dotted module, ": ", then a (possibly dotted) name; a call's
 # arguments and anything after the name are not part of it
 PATH_REF = re.compile(rf"`({PACKAGES}(?:/\w+)*\.py|{PACKAGES}(?:\.\w+)+): ([A-Za-z_][\w.]*)")
@@ -68,12 +68,12 @@ def references(text: str) -> list[tuple[str, str]]:
 
 def test_the_reference_pattern_reads_each_form():
     text = ("`pipeline/video.py: load_clips` and `salt/train/loop.py: train_step(state,\nbatch)`, "
-            "`salt.seeds: sample_rng`, `pipeline.targets.TargetStore.pixels`, `tests/test_docs.py::test_x`, "
+            "`salt.seeds: sample_rng`, `pipeline.store.read.TargetStore.pixels`, `tests/test_docs.py::test_x`, "
             "`model.pixel_norm: false`, `probe: true`, `salt.meta`, `jobs/plan.py`")
     assert references(text) == [("pipeline.video", "load_clips"), ("salt.train.loop", "train_step"),
                                 ("salt.seeds", "sample_rng"), ("tests.test_docs", "test_x"), ("jobs.plan", ""),
-                                ("pipeline.targets", "TargetStore.pixels")]
-    assert resolves("pipeline.targets", "TargetStore.pixels") and resolves("pipeline.video", "")
+                                ("pipeline.store.read", "TargetStore.pixels")]
+    assert resolves("pipeline.store.read", "TargetStore.pixels") and resolves("pipeline.video", "")
     assert not resolves("pipeline.video", "load_clipz") and not resolves("pipeline.vide", "")
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from pipeline.shards import list_shards
-from pipeline.stream import ClipStream, TargetStream, make_loader
-from pipeline.targets import TargetStore
+from pipeline.loaders import ClipStream, TargetStream, make_loader
+from pipeline.store.read import TargetStore
 from salt.train.loop import prepare_batch
 from salt.train.student import train_student
 from salt.train.teacher import train_teacher
@@ -146,7 +146,7 @@ def nccl_rank(rank: int, world: int, port: int, data: str, store: str, out: str)
     none), an all-reduce, then the student job's own training path, DDP-wrapped when world > 1."""
     import torch.distributed as dist
 
-    from pipeline.experiments.runs import run_student
+    from experiments.runs import run_student
 
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                    "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.bounded import bounded_map
+from pipeline.deadline_pool import bounded_map
 from pipeline.digits import encode_mp4
 from pipeline.extract import extract_targets
 from pipeline.ingest import build_shards

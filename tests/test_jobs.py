@@ -59,7 +59,7 @@ def test_every_job_reads_the_common_flags_through_one_parser(job, monkeypatch):
 
 
 def test_a_sweep_file_takes_overrides_like_a_config():
-    from pipeline.experiments.sweep import load_sweep
+    from experiments.sweep import load_sweep
     from salt.config import ConfigError
 
     sweep = load_sweep("jobs/configs/sweep-demo.yaml", ["executor=ray", "probe=true"])

@@ -15,20 +15,14 @@ import zarr
 from torch import nn
 
 from pipeline.extract import extract_targets
-from pipeline.experiments.runs import run_student
+from experiments.runs import run_student
 from pipeline.shards import list_shards
-from pipeline.stream import ClipHashMismatch, ClipStream, TargetStream, make_loader
-from pipeline.targets import (
-    ExtractedRow,
-    StoreMismatchError,
-    TargetStore,
-    check_compatible,
-    commit_shard,
-    committed_shards,
-    rebuild_tables,
-    shard_dir,
-    verify_store,
-)
+from pipeline.loaders import ClipHashMismatch, ClipStream, TargetStream, make_loader
+from pipeline.store.write import ExtractedRow, commit_shard, rebuild_tables
+from pipeline.store.layout import StoreMismatchError, committed_shards, shard_dir
+from pipeline.store.read import TargetStore
+from pipeline.store.provenance import check_compatible
+from pipeline.store.verify import verify_store
 from salt.storage import StorageFormat
 from salt.checkpoint import save_checkpoint
 from salt.optim import make_optimizer
@@ -368,7 +362,8 @@ def test_extraction_ships_uint8_crops_that_become_the_loaders_clip(digits):
     normalisation give exactly the clip the stage-2 loader makes from the same video."""
     from pipeline.extract import decode_shard
     from pipeline.shards import iter_shard
-    from pipeline.video import load_clip, to_model_input
+    from pipeline.video import load_clip
+    from salt.clips import resize_flip_normalise
     from salt.config import to_dict
 
     cfg = tiny_config()
@@ -381,7 +376,7 @@ def test_extraction_ships_uint8_crops_that_become_the_loaders_clip(digits):
         assert r["frames"].dtype == np.uint8 and r["frames"].shape == (cfg.data.frames, h, w, 3)
         clip, digest = load_clip(videos[r["key"]], cfg.data, key=r["key"], view=r["view"])
         assert digest == r["clip_hash"]
-        assert torch.equal(to_model_input(torch.from_numpy(r["frames"]), bool(r["flip"]), cfg.data), clip)
+        assert torch.equal(resize_flip_normalise(torch.from_numpy(r["frames"]), bool(r["flip"]), cfg.data), clip)
 
 
 def teacher_and_student_clips(cfg, teacher_dir: str, digits: str, store: str, work: Path) -> tuple[dict, dict]:

@@ -14,11 +14,11 @@ from torch import nn
 
 from jobs import probe as probe_job
 from pipeline.labelled import label_of, load_labelled
-from pipeline.experiments.probe import load_encoder, load_probe_data, probe_data_config, probe_encoders
+from experiments.probing import load_encoder, load_probe_data, probe_data_config, probe_encoders
 from pipeline.video import spatial_crops
 from salt.config import ConfigError, ProbeConfig, to_dict
 from salt.plots import plot_loss_curves, plot_scatter_fit, r_squared
-from salt.probe import (
+from salt.readouts import (
     effective_rank, encode_features, knn_proba, linear_proba, pooled_readouts, selection_split, standardizing, top1,
     train_probe_grid,
 )
@@ -309,7 +309,7 @@ def test_whitening_reads_a_task_hidden_in_a_low_variance_direction():
     """Tokens whose variance is nearly all in a nuisance direction, with the label in a direction
     holding 4e-4 of it: whitening brings both to unit scale (directions holding nothing stay small)
     and lets the probe read the label (probe.norm=whiten, a diagnostic)."""
-    from salt.probe import whitening
+    from salt.readouts import whitening
 
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 2, (96,), generator=g)
@@ -353,7 +353,7 @@ def test_single_query_cross_attention_equals_projecting_every_token():
     the query back through the key weights and projects the pooled tokens instead): the same
     numbers as the textbook cross-attention, at a fraction of the cost."""
     from salt.models.attention import attention
-    from salt.models.probe import ProbeBlock
+    from salt.models.attentive_probe import ProbeBlock
 
     torch.manual_seed(0)
     block = ProbeBlock(12, 3)

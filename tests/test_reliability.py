@@ -18,8 +18,9 @@ import torch
 
 from pipeline.extract import extract_targets
 from pipeline.shards import index_shard, list_shards
-from pipeline.stream import TargetStream
-from pipeline.targets import CorruptStoreError, verify_store
+from pipeline.loaders import TargetStream
+from pipeline.store.layout import CorruptStoreError
+from pipeline.store.verify import verify_store
 from salt.checkpoint import load_tensors, read_meta
 from salt.models.teachers import load_teacher
 from tests.conftest import FAST, ROOT, tiny_config, tree_digest
@@ -227,7 +228,8 @@ def assert_durable_commit(events: list[tuple], dst: Path, skip: tuple[str, ...] 
 def test_checkpoints_and_shards_reach_the_disk_before_their_rename_commits_them(tmp_path, monkeypatch):
     import numpy as np
 
-    from pipeline.targets import ExtractedRow, commit_shard, shard_dir
+    from pipeline.store.write import ExtractedRow, commit_shard
+    from pipeline.store.layout import shard_dir
     from salt.checkpoint import META, WEIGHTS, save_checkpoint
     from salt.storage import StorageFormat
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import math
 
-from pipeline.experiments.replication import FLOOR, Study, _margin_kept, run_study, write_report
+from experiments.replication import FLOOR, Study, run_study
+from experiments.replication_report import _margin_kept, write_report
 from tests.conftest import FAST, tree_digest
 
 

@@ -10,8 +10,8 @@ import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from pipeline.shards import list_shards
-from pipeline.stream import ClipStream, TargetStream
-from pipeline.targets import TargetStore
+from pipeline.loaders import ClipStream, TargetStream
+from pipeline.store.read import TargetStore
 from salt.flops import count_params, inputs_from_config, stage1_flops_per_sample, student_flops_per_sample
 from salt.train.student import train_student
 from salt.train.teacher import train_teacher

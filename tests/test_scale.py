@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.experiments.runs import run_student
+from experiments.runs import run_student
 from pipeline.shards import list_shards
-from pipeline.stream import ClipStream, LoaderStateMismatch, TargetStream, buffer_shuffle
+from pipeline.loaders import ClipStream, LoaderStateMismatch, TargetStream, buffer_shuffle
 from salt.seeds import sample_rng
 from salt.checkpoint import read_meta
 from tests.conftest import FAST, ROOT, tiny_config

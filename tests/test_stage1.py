@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from pipeline.experiments.stage1 import Stage1Study, _versus_floor, run_stage1_study, write_report
+from experiments.stage1 import Stage1Study, _versus_floor, run_stage1_study, write_report
 from tests.conftest import FAST
 
 

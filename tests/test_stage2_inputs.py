@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.experiments.runs import run_student
+from experiments.runs import run_student
 from pipeline.shards import list_shards
-from pipeline.stream import TargetStream
-from pipeline.targets import TargetStore
+from pipeline.loaders import TargetStream
+from pipeline.store.read import TargetStore
 from salt.train.student import train_student
 from tests.conftest import assert_same_batch, tiny_config
 

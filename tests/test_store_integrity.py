@@ -19,8 +19,10 @@ import pytest
 from jobs import inspect_store
 from pipeline.extract import extract_targets
 from pipeline.shards import list_shards
-from pipeline.stream import TargetStream
-from pipeline.targets import CorruptStoreError, StoreMismatchError, TargetStore, parts_dir, shard_dir, summarize, verify_store
+from pipeline.loaders import TargetStream
+from pipeline.store.layout import CorruptStoreError, StoreMismatchError, parts_dir, shard_dir
+from pipeline.store.read import TargetStore, summarize
+from pipeline.store.verify import verify_store
 from tests.conftest import FAST, ROOT, tiny_config
 from tests.test_pipeline import assert_same_store, store_contents
 
@@ -67,7 +69,7 @@ def test_source_shards_are_fingerprinted_once(six_shards, teacher_dir, ray_local
     instead of re-reading every source shard; a shard whose size changed is hashed again and the
     store refuses the job."""
     from pipeline import fs
-    from pipeline.targets import StoreMismatchError
+    from pipeline.store.layout import StoreMismatchError
 
     data, store = tmp_path / "data", str(tmp_path / "store")
     shutil.copytree(six_shards, data)  # a copy: the test changes a shard
@@ -155,8 +157,8 @@ def disk_full_after_the_first_shard():
     # runs in every Ray worker, where shards are written: the job's first commit goes through
     # (it makes the marker file), every later one finds the disk full halfway
     from pathlib import Path
-    from pipeline import targets
-    real = targets._write_shard
+    from pipeline.store import write as store_write
+    real = store_write._write_shard
     def write(folder, shard, *args):
         try:
             os.close(os.open(os.environ["FIRST_COMMIT_MARKER"], os.O_CREAT | os.O_EXCL))
@@ -165,7 +167,7 @@ def disk_full_after_the_first_shard():
             (Path(folder) / "c" / "partial").write_bytes(b"\\0" * 100)  # what a half-done write leaves
             raise OSError(errno.ENOSPC, "No space left on device") from None
         return real(folder, shard, *args)
-    targets._write_shard = write
+    store_write._write_shard = write
 
 ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
          runtime_env={"worker_process_setup_hook": disk_full_after_the_first_shard})
@@ -193,7 +195,7 @@ def test_full_disk_in_a_shard_writing_worker_names_the_shard_and_leaves_nothing_
 
 def rows_of_a_task(store: str, latents: list[float]) -> list[dict]:
     """What a teacher actor returns for rows a and b of one shard, their latents in a part of its own."""
-    from pipeline.extract import write_parts
+    from pipeline.store.parts import write_parts
 
     shards, orders = np.array(["shard-000000"] * 2), np.arange(2)
     part, part_row = write_parts(store, shards, orders, np.stack([np.full((3, 2), x, np.float32) for x in latents]), None)
@@ -358,7 +360,7 @@ def test_an_empty_source_shard_is_committed_empty_and_trains(digits, teacher_dir
     stops on it and no student can start."""
     import tarfile
 
-    from pipeline.experiments.runs import run_student
+    from experiments.runs import run_student
 
     data, store = tmp_path / "data", str(tmp_path / "store")
     shutil.copytree(digits, data)

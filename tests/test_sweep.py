@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.experiments.sweep import load_sweep, run_sweep
+from experiments.sweep import load_sweep, run_sweep
 from salt.config import ConfigError
 from tests.conftest import FAST, ROOT, TINY, read_tensorboard, tree_digest
 

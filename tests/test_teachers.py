@@ -14,10 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.extract import extract_targets
-from pipeline.experiments.runs import run_student
+from experiments.runs import run_student
 from pipeline.shards import list_shards
-from pipeline.stream import TargetStream
-from pipeline.targets import PROJECTION, TargetStore, verify_store
+from pipeline.loaders import TargetStream
+from pipeline.store.layout import PROJECTION
+from pipeline.store.read import TargetStore
+from pipeline.store.verify import verify_store
 from salt.models.frozen import TeacherSpecError, file_sha256, projection_matrix
 from salt.models.teachers import load_teacher
 from salt.train.loop import prepare_batch
@@ -157,4 +159,4 @@ def test_adapter_converts_our_normalisation_to_the_models(tmp_path):
     teacher = load_teacher(spec, cfg)
     pixels = torch.rand(2, 3, 16, 32, 32)  # [B, C, T, H, W] in [0, 1]
     ours = (pixels - torch.tensor(cfg.data.mean).view(1, 3, 1, 1, 1)) / torch.tensor(cfg.data.std).view(1, 3, 1, 1, 1)
-    torch.testing.assert_close(teacher.to_model_input(ours), ((pixels - 0.5) / 0.5).transpose(1, 2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(teacher.in_hf_convention(ours), ((pixels - 0.5) / 0.5).transpose(1, 2), atol=1e-5, rtol=0)

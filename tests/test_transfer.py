@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from pipeline.experiments.controls import save_untrained_teacher, train_label_teachers
+from experiments.controls import save_untrained_teacher, train_label_teachers
 from pipeline.extract import extract_targets
-from pipeline.experiments.probe import probe_encoders
-from pipeline.experiments.runs import run_student
+from experiments.probing import probe_encoders
+from experiments.runs import run_student
 from salt.checkpoint import read_meta
 from salt.config import load_config
 from tests.conftest import TINY, tiny_config

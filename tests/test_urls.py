@@ -19,9 +19,12 @@ from pipeline import fs
 from salt.storage import StorageFormat
 from pipeline.extract import extract_targets
 from pipeline.shards import index_shard, list_shards, read_member
-from pipeline.stream import ClipStream, TargetStream
-from pipeline.targets import ExtractedRow, TargetStore, commit_shard, committed_shards, read_tables, verify_store
-from pipeline.experiments.runs import run_student
+from pipeline.loaders import ClipStream, TargetStream
+from pipeline.store.write import ExtractedRow, commit_shard
+from pipeline.store.read import TargetStore, read_tables
+from pipeline.store.layout import committed_shards
+from pipeline.store.verify import verify_store
+from experiments.runs import run_student
 from tests.conftest import ROOT, assert_same_batch, tiny_config
 from tests.test_pipeline import assert_same_store
 from tests.test_store_integrity import extract_cli
@@ -123,7 +126,7 @@ def test_s3_end_to_end_shards_teacher_store_and_stage_2(digits, teacher_dir, sto
 
 
 def test_teacher_specs_with_urls_name_local_folders(teacher_dir):
-    from pipeline.extract import local_teacher
+    from pipeline.teacher_cache import local_teacher
 
     assert local_teacher(teacher_dir) == teacher_dir  # a path stays as given
     assert local_teacher(f"file://{teacher_dir}") == teacher_dir

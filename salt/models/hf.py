@@ -89,7 +89,8 @@ class HFVideoTeacher(FrozenTeacher):
         self.register_buffer("theirs", torch.tensor([mean, std]).view(2, *shape), persistent=False)
         self.input_convention = f"[B, T, C, H, W], RGB, normalised with mean {list(mean)} std {list(std)}"
 
-    def to_model_input(self, clips: torch.Tensor) -> torch.Tensor:
+    def in_hf_convention(self, clips: torch.Tensor) -> torch.Tensor:
+        """Clips [B, C, T, H, W] normalised with data.mean / data.std -> the checkpoint's own normalisation, [B, T, C, H, W]."""
         if self.renormalise:
             pixels = clips * self.ours[1] + self.ours[0]
             clips = (pixels - self.theirs[0]) / self.theirs[1]
@@ -109,7 +110,7 @@ class HFVideoTeacher(FrozenTeacher):
         return c[self.frames_key] // c["tubelet_size"], side, side
 
     def tokens(self, clips: torch.Tensor) -> torch.Tensor:
-        return self.model(**{self.input_name: self.to_model_input(clips)}, **self.call_kwargs).last_hidden_state
+        return self.model(**{self.input_name: self.in_hf_convention(clips)}, **self.call_kwargs).last_hidden_state
 
     def check_pixels(self, cfg: Config) -> None:
         frames, size = self.config[self.frames_key], self.config[self.size_key]

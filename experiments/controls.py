@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline.labelled import load_labelled
-from pipeline.experiments.probe import probe_data_config
+from experiments.probing import probe_data_config
 from salt.checkpoint import checkpoint_meta, has_checkpoint, save_snapshot
 from salt.config import Config
 from salt.models.factory import build_encoder

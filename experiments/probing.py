@@ -19,7 +19,7 @@ from pipeline.labelled import LabelledClips, load_labelled
 from salt.config import Config, from_dict
 from salt.models.vit import VideoViT, vit_size
 from salt.plots import plot_loss_curves
-from salt.probe import (
+from salt.readouts import (
     effective_rank, encode_features, feature_norm, group_labels, majority_rate, over_seeds, pooled_readouts,
     selection_split, train_probe_grid,
 )
@@ -181,7 +181,7 @@ def probe_checkpoint(
     spec: str, cfg: Config, data: str, out_dir: str | Path, *, tasks: list[str] | None = None,
     device: str | None = None, progress: bool = True,
 ) -> dict[str, dict]:
-    """task -> result (see salt.probe.train_probe_grid) for one encoder."""
+    """task -> result (see salt.readouts.train_probe_grid) for one encoder."""
     check_spec(spec, cfg)
     loaded = load_probe_data(cfg, data, tasks=tasks, progress=progress)
     return probe_encoder(spec, cfg, loaded, out_dir, data=data, device=device, progress=progress)

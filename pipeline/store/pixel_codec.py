@@ -3,7 +3,7 @@
 A store extracted with extract.pixel_cache=true keeps, next to each shard's latents, the crop
 box the teacher's actor received (before resize and flip), so stage 2 can rebuild the clip
 without decoding video. The blobs of a shard are concatenated into its pixels.bin; the
-manifest gives each row's offset, length and crc32 (pipeline/targets.py).
+manifest gives each row's offset, length and crc32 (pipeline/store/layout.py).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from salt.config import OptimConfig, ProbeConfig
-from salt.models.probe import AttentiveProbe, layer_norm
+from salt.models.attentive_probe import AttentiveProbe, layer_norm
 from salt.optim import apply_schedule, make_optimizer
 from salt.seeds import sample_rng
 
@@ -76,7 +76,7 @@ def standardizing(train: torch.Tensor, *, eps: float = 1e-6) -> Callable[[torch.
     frozen at the train statistics, as MAE's linear probe puts before its classifier).
 
     Why: a frozen encoder's features can spend nearly all their variance on a few directions
-    (a small V-Pixel teacher's tokens: ~99% on per-clip colour); on unit-scale features the
+    (a small V-Pixel teacher's tokens: nearly all on per-clip colour); on unit-scale features the
     same probe lr means the same step for every encoder, so readings compare encoders, not
     how well one lr happens to fit each one's scale."""
     flat = train.reshape(-1, train.shape[-1])

@@ -8,12 +8,9 @@ compared with; ratio: value / bound).
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -21,27 +18,20 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline import fs, pixels
+from pipeline import fs
 from pipeline.extract import extract_targets
 from pipeline.feeding import PlanInputs, plan
 from pipeline.shards import list_shards, write_shard
-from pipeline.experiments.runs import run_student, run_teacher
-from pipeline.stream import ClipStream, TargetStream
-from pipeline.targets import (
-    PIXEL_CACHE,
-    ExtractedRow,
-    TargetStore,
-    commit_shard,
-    pixel_cache_summary,
-    read_tables,
-    row_crc32,
-    shard_dir,
-    store_bytes,
-)
+from experiments.runs import run_student, run_teacher
+from pipeline.store import pixel_codec
+from pipeline.store.layout import row_crc32, shard_dir, store_bytes
+from pipeline.store.provenance import PIXEL_CACHE, open_store, provenance
+from pipeline.store.read import TargetStore, pixel_cache_summary, read_tables
+from pipeline.store.write import ExtractedRow, commit_shard
+from pipeline.loaders import ClipStream, TargetStream
 from pipeline.video import clip_hash, crop, decode, decode_views, load_crops
 from salt.config import Config, DataConfig, load_config, with_overrides
 from salt.flops import DEFAULT_GPU_FLOPS_PER_S, forward_flops, train_flops
-from salt.runinfo import git_commit
 from salt.checkpoint import load_checkpoint
 from salt.devices import default_device
 from salt.train.loop import prepare_batch, train_step
@@ -129,27 +119,26 @@ def realistic_store(work: Path, clips: int = 8, views: int = 2, video: bytes | N
     """One source shard of 640x360 H.264 clips and a store of `views` views each, with random
     ViT-L-shaped fp16 targets (the loader's cost does not depend on their values; a CPU ViT-L
     forward would take minutes) and the pixel cache. The rows are what extraction writes:
-    real clip hashes, crop boxes and sample specs, through the store's own writer. `video`:
-    real_resolution_video()'s bytes, made here when not given."""
+    real clip hashes, crop boxes and sample specs, through the store's own writer and store.json,
+    whose teacher is only a width and a note. `video`: real_resolution_video()'s bytes, made here
+    when not given."""
     video = video or real_resolution_video()
     source = work / "realistic" / "shard-000000.tar"
     source.parent.mkdir(parents=True, exist_ok=True)
     keys = [f"clip{i:03d}" for i in range(clips)]
     write_shard(source, [{"__key__": k, "mp4": video} for k in keys])
-    cfg, rng = DataConfig(), np.random.default_rng(0)
+    cfg, rng = load_config(None, [f"extract.views_per_clip={views}", "extract.pixel_cache=true"]), np.random.default_rng(0)
     rows = []
     for key in keys:
-        for view, (frames, spec) in enumerate(decode_views(video, cfg, key=key, views=range(views))):
+        for view, (frames, spec) in enumerate(decode_views(video, cfg.data, key=key, views=range(views))):
             box = crop(frames, spec)
             latents = rng.standard_normal((VITL_TOKENS, VITL_WIDTH), dtype=np.float32).astype(np.float16)
             rows.append(ExtractedRow(key, view, clip_hash(frames), spec.frame_indices, spec.crop, spec.flip, latents,
-                                     pixels=pixels.encode(box), pixels_crc32=row_crc32(box)))
+                                     pixels=pixel_codec.encode(box), pixels_crc32=row_crc32(box)))
     store = str(work / "realistic-store")
-    store_id = "bench-realistic"
-    commit_shard(store, "shard-000000", rows, [], fmt=FP16, store_id=store_id, pixel_cache=True)
-    meta = {"format": "salt-target-store/1", "store_id": store_id, "views_per_clip": views, "pixel_cache": PIXEL_CACHE,
-            "teacher": {"width": VITL_WIDTH}, "note": "make bench: random ViT-L-shaped targets"}
-    fs.write_bytes(fs.join(store, "store.json"), json.dumps(meta).encode())
+    teacher = {"width": VITL_WIDTH, "note": "make bench: random ViT-L-shaped targets"}
+    store_id = open_store(store, provenance(cfg, data=str(source.parent), split="train", teacher=teacher, shards=[str(source)]), None)
+    commit_shard(store, "shard-000000", rows, [], fmt=cfg.extract.storage, store_id=store_id, pixel_cache=True)
     return str(source), store
 
 
@@ -348,10 +337,10 @@ def short_student(cfg: Config, data: str, store: str, out: Path, steps: int = 40
     return run_student(run_cfg, data, store, out, progress=False)
 
 
-# The paper's headline comparison (teacher and student of one size) has a FLOP-ideal speedup of
-# only ~1.3-1.6 with its real masks (two masks of ~26% context each: the student encoder runs
-# twice per sample), so caching is also measured where the ideal is above 1.8: a teacher 6x the
-# student's parameters, the setting a store of a big teacher serving small students is for.
+# The paper's headline comparison (teacher and student of one size) has a small FLOP-ideal speedup
+# with its real masks (two masks with a small context each: the student encoder runs twice per
+# sample; BENCHMARKS.md's student_speedup_flop_ideal), so caching is also measured with a teacher
+# 6x the student's parameters, the setting a store of a big teacher serving small students is for.
 BIG_TEACHER = "vit_cpu_m"
 
 
@@ -406,52 +395,3 @@ def mask_freshness_rows(cfg: Config, data: str, store: str, work: Path, steps: i
             f"student loss on unseen masks after {steps} steps with epoch 0's masks reused (bound: fresh masks each epoch), "
             f"{eval_batches} batches"),
     ]
-
-
-def write_report(rows: list[dict], out: Path, wall_s: float, config: str, overrides: list[str]) -> None:
-    commit = git_commit()  # before writing: the report files themselves would mark the tree dirty
-    (out / "benchmarks.json").write_text(json.dumps(rows, indent=1) + "\n")
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.processor())
-    lines = [
-        "# Benchmarks",
-        "",
-        f"Produced by `{COMMAND}` (all figures from one run, {wall_s:.0f} s) on "
-        f"{datetime.now(timezone.utc).date()}, commit `{commit}`.",
-        f"Machine: {os.cpu_count()} cores ({cpu}), {torch.__version__}, "
-        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}.",
-        f"Config: `{config}` with `{' '.join([*OVERRIDES, *overrides])}`.",
-        "Each figure is a ratio of two measurements taken side by side in that run.",
-        "",
-        "| name | value | unit | bound | ratio | what |",
-        "|---|---|---|---|---|---|",
-    ]
-    def fmt(v: float | None) -> str:
-        return "" if v is None else f"{v:.4g}"
-
-    for r in rows:
-        lines.append(f"| `{r['name']}` | {fmt(r['value'])} | {r['unit']} | {fmt(r['bound'])} | {fmt(r['ratio'])} | {r['note']} |")
-    lines += ["", "## Storage format", "", storage_recommendation(rows)]
-    (out / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
-
-
-def storage_recommendation(rows: list[dict]) -> str:
-    """The smallest lossy format whose targets stay within 1% and whose student loss stays
-    within 1% of fp16's, from this run's figures; fp16 when none qualifies."""
-    by_name = {r["name"]: r for r in rows}
-    fits = []
-    for name in FORMATS:
-        error, loss = by_name.get(f"target_error_{name}"), by_name.get(f"student_loss_{name}_vs_fp16")
-        if error and loss and error["value"] < 0.01 and abs(loss["ratio"] - 1) < 0.01:
-            fits.append((by_name[f"bytes_ratio_{name}"]["value"], name))
-    fp16 = by_name["bytes_ratio_fp16"]["value"]
-    if not fits:
-        return f"No lossy format kept targets and student loss within 1% of fp16 in this run: keep fp16 ({fp16:.3f} of fp32's bytes)."
-    ratio, name = min(fits)
-    return (
-        f"Recommended: `{name}` ({' '.join(format_overrides(name))}): {ratio:.3f} of fp32's bytes ({ratio / fp16:.2f} of fp16's), "
-        f"target error {by_name['target_error_' + name]['value']:.4f}, student loss "
-        f"{by_name['student_loss_' + name + '_vs_fp16']['ratio']:.4f} x fp16's after 40 steps. "
-        "It is the smallest format here whose targets stay within 1% of fp32 and whose student loss stays within 1% of "
-        "fp16's. The project default stays fp16 until the effect is measured with a trained teacher and a "
-        "longer student run: the CPU teacher here trained for 2 steps and 40 student steps show little."
-    )

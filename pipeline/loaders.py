@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.shards import index_shard, read_member, shard_name, video_member
-from pipeline.targets import TargetStore, check_row
+from pipeline.store.read import TargetStore, check_row
 from pipeline.video import VideoDecodeError, load_crops
 from salt.config import Config
 from salt.masking import collate_masks, sample_masks
@@ -268,7 +268,7 @@ class TargetStream(ShardedSamples):
     def load_samples(self, shard: int, key: str, epoch: int) -> list[dict]:
         views = self.views_for(shard, key, epoch)
         rows = [self.manifests[shard][(key, v)] for v in views]
-        boxes = [self.cached_crop(row) for row in rows] if self.from_pixels else self.checked_crops(shard, key, rows)
+        boxes = [self.crop_from_pixel_cache(row) for row in rows] if self.from_pixels else self.crops_from_video(shard, key, rows)
         mask_epoch = epoch if self.cfg.masking.fresh_per_epoch else 0
         samples = []
         for row, box in zip(rows, boxes):
@@ -278,11 +278,12 @@ class TargetStream(ShardedSamples):
             samples.append(self.sample(key, row["view"], box, bool(row["flip"]), mask_epoch) | {"targets": targets})
         return samples
 
-    def cached_crop(self, row: dict) -> torch.Tensor:
+    def crop_from_pixel_cache(self, row: dict) -> torch.Tensor:
         """The stored crop box (checksum-checked): the uint8 pixels the teacher's actor received."""
         return torch.from_numpy(self._store.pixels(row["shard"], row))
 
-    def checked_crops(self, shard: int, key: str, rows: list[dict]) -> list[torch.Tensor]:
+    def crops_from_video(self, shard: int, key: str, rows: list[dict]) -> list[torch.Tensor]:
+        """The rows' crop boxes decoded again from the source shard, each checked against the clip hash its teacher saw."""
         boxes = []
         for row, (box, _, digest) in zip(rows, self.decoded_views(shard, key, [r["view"] for r in rows])):
             if row["clip_hash"] != digest:

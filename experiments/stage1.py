@@ -17,9 +17,9 @@ import statistics
 import time
 from pathlib import Path
 
-from pipeline.experiments.probe import load_probe_data, probe_encoder
-from pipeline.experiments.replication import _in_pool, _vpixel_teacher, _write_data
-from pipeline.experiments.selection import checkpoint_points
+from experiments.probing import load_probe_data, probe_encoder
+from experiments.replication import _in_pool, _vpixel_teacher, _write_data
+from experiments.selection import checkpoint_points
 from salt.config import Config, from_dict, load_config, to_dict
 from salt.runinfo import git_commit
 

@@ -1,6 +1,6 @@
 """Many students, one target store: a sweep file lists variants (config overrides) of one base config.
 
-Each variant trains into <out>/<variant>/ exactly as `make student` would (pipeline.experiments.runs), one
+Each variant trains into <out>/<variant>/ exactly as `make student` would (experiments.runs), one
 after another on this machine or as Ray tasks (one GPU each where there are GPUs). The
 store is only read, so any number of students may share it. A variant whose run folder
 already holds a finished run is not trained again: rerunning a sweep resumes it.
@@ -22,7 +22,7 @@ from typing import Literal, Sequence
 
 import yaml
 
-from pipeline.experiments.runs import run_student
+from experiments.runs import run_student
 from salt.config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict
 from salt.devices import set_torch_threads
 from salt.plots import plot_loss_curves, read_jsonl
@@ -136,7 +136,7 @@ def _run_on_ray(jobs: dict[str, tuple]) -> dict[str, dict]:
 def _probe(sweep: SweepConfig, configs: dict[str, Config], data: str, out: Path, progress: bool) -> dict:
     """variant -> task -> probe result of its final checkpoint; every checkpoint of the sweep
     (finals and snapshots) goes into the loss-vs-accuracy report in the sweep folder."""
-    from pipeline.experiments.selection import final_points, select_runs
+    from experiments.selection import final_points, select_runs
 
     runs = {name: str(out / name) for name in configs}
     first = next(iter(configs.values()))

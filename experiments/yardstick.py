@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from pipeline.digits import write_moving_digits
-from pipeline.experiments.controls import train_label_teachers
-from pipeline.experiments.probe import load_probe_data, probe_encoder
-from pipeline.experiments.replication import _in_pool, _vpixel_teacher, _write_data
+from experiments.controls import train_label_teachers
+from experiments.probing import load_probe_data, probe_encoder
+from experiments.replication import _in_pool, _vpixel_teacher, _write_data
 from salt.config import Config, from_dict, load_config, to_dict
 from salt.runinfo import git_commit
 

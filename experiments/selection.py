@@ -85,7 +85,7 @@ def select_runs(run_dirs: dict[str, str], cfg: Config, data: str, out_dir: str |
     `extra` adds encoders to probe alongside (e.g. the teacher, a random floor) that are
     not points of the fit. Returns {"selection": report, "probes": name -> task -> result}.
     """
-    from pipeline.experiments.probe import probe_encoders
+    from experiments.probing import probe_encoders
 
     points = [p for name, run in run_dirs.items() for p in checkpoint_points(run, name)]
     if not points:

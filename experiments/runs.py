@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.shards import list_shards
-from pipeline.stream import ClipStream, TargetStream, make_loader
-from pipeline.targets import TargetStore, check_compatible
+from pipeline.loaders import ClipStream, TargetStream, make_loader
+from pipeline.store.read import TargetStore
+from pipeline.store.provenance import check_compatible
 from salt.config import Config
 from salt.runinfo import write_run_info
 from salt.train.distributed import current
