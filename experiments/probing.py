@@ -20,8 +20,8 @@ from salt.config import Config, from_dict
 from salt.models.vit import VideoViT, vit_size
 from salt.plots import plot_loss_curves
 from salt.readouts import (
-    effective_rank, encode_features, feature_norm, group_labels, majority_rate, over_seeds, pooled_readouts,
-    selection_split, train_probe_grid,
+    ReadoutSplits, effective_rank, encode_features, feature_norm, group_labels, majority_rate, over_seeds,
+    pooled_readouts, selection_split, train_probe_grid,
 )
 from salt.runinfo import write_run_info
 from salt.checkpoint import has_checkpoint, load_module_weights, read_meta
@@ -133,17 +133,17 @@ def read_task(
     t0 = time.perf_counter()
     fit, select = selection_split(len(train_x), cfg.probe.select_fraction, seed=cfg.probe.seed)
     y, val_y = loaded.train.labels[task], loaded.val.row_labels(task)
-    common = dict(num_classes=len(loaded.train.class_names[task]), probe_cfg=cfg.probe, val_groups=loaded.val.video)
-    result = pooled_readouts(train_x[fit], y[fit], train_x[select], y[select], val_x, val_y, **common)
+    splits = ReadoutSplits(train_x[fit], y[fit], train_x[select], y[select], val_x, val_y,
+                           num_classes=len(loaded.train.class_names[task]), val_groups=loaded.val.video)
+    result = pooled_readouts(splits, probe_cfg=cfg.probe)
     val_labels = group_labels(val_y, loaded.val.video)
     chance, top1 = majority_rate(val_labels), result["linear_top1"]
-    result |= {"top1": top1, "chance": chance, "num_classes": common["num_classes"], "num_train": len(fit),
+    result |= {"top1": top1, "chance": chance, "num_classes": splits.num_classes, "num_train": len(fit),
                "num_select": len(select), "num_val": len(val_labels), "binomial_se": math.sqrt(top1 * (1 - top1) / len(val_labels))}
     if cfg.probe.seeds:
-        norm = feature_norm(cfg.probe.norm, train_x[fit])
-        splits = (norm(train_x[fit]), y[fit], norm(train_x[select]), y[select], norm(val_x), val_y)
+        normed = splits.map_features(feature_norm(cfg.probe.norm, splits.train_x))
         runs = [
-            train_probe_grid(*splits, **common, encoder_heads=encoder_heads, seed=cfg.probe.seed + i,
+            train_probe_grid(normed, probe_cfg=cfg.probe, encoder_heads=encoder_heads, seed=cfg.probe.seed + i,
                              attention_backend=cfg.model.attention, progress=progress)
             for i in range(cfg.probe.seeds)
         ]
@@ -181,7 +181,7 @@ def probe_checkpoint(
     spec: str, cfg: Config, data: str, out_dir: str | Path, *, tasks: list[str] | None = None,
     device: str | None = None, progress: bool = True,
 ) -> dict[str, dict]:
-    """task -> result (see salt.readouts.train_probe_grid) for one encoder."""
+    """task -> result (see `read_task`) for one encoder."""
     check_spec(spec, cfg)
     loaded = load_probe_data(cfg, data, tasks=tasks, progress=progress)
     return probe_encoder(spec, cfg, loaded, out_dir, data=data, device=device, progress=progress)

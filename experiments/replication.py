@@ -9,7 +9,7 @@ its targets through the Ray job and trains a student of one size on them:
 - `untrained`: a randomly initialised teacher (what stage 2 gets from no stage 1);
 - `labels-<steps>`: the teacher-quality ladder, one encoder trained with the labels of
   the train split and saved at a few step counts, weak to strong
-  (`pipeline.experiments.controls`). The top rung is the transfer control: a teacher known to
+  (`experiments.controls`). The top rung is the transfer control: a teacher known to
   carry the tasks, so its student measures stage 2 on its own.
 
 Then every teacher, every student, snapshots of the V-Pixel and top-rung students and

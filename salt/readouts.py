@@ -8,7 +8,9 @@ tokens are the cheap, seed-free readouts beside it. Why each choice: docs/yardst
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -195,37 +197,55 @@ def majority_rate(y: torch.Tensor) -> float:
     return torch.bincount(y).max().item() / len(y)
 
 
+@dataclass(frozen=True)
+class ReadoutSplits:
+    """One task's rows as every readout takes them: frozen tokens and labels of the rows it
+    trains on, of the train rows held out to choose a setting, and of val, which only reports.
+
+    train_x [N, tokens, D], train_y [N]; select_x [S, tokens, D], select_y [S] (rows of the
+    train split no readout trains on); val_x [M, tokens, D], val_y [M]; val_groups [M] maps each
+    val row (a view) to its video (None: a row is a video); labels in range(num_classes).
+    """
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    select_x: torch.Tensor
+    select_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    num_classes: int
+    val_groups: torch.Tensor | None = None
+
+    def map_features(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ReadoutSplits:
+        """The same rows with `fn` applied to each split's tokens (train, select, val, in that
+        order), e.g. a normalisation fitted on the train rows."""
+        return dataclasses.replace(self, train_x=fn(self.train_x), select_x=fn(self.select_x), val_x=fn(self.val_x))
+
+
 def train_probe_grid(
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    select_x: torch.Tensor,
-    select_y: torch.Tensor,
-    val_x: torch.Tensor,
-    val_y: torch.Tensor,
+    splits: ReadoutSplits,
     *,
-    num_classes: int,
     probe_cfg: ProbeConfig,
     encoder_heads: int,
     seed: int,
-    val_groups: torch.Tensor | None = None,
     attention_backend: str = "auto",
     progress: bool = False,
 ) -> dict:
-    """Trains one attentive probe per (lr, wd) of the grid in one pass over train_x, chooses
-    the head with the best top-1 on the selection rows (ties: the lower selection loss) and
-    reports that head's top-1 on val; returns it with its setting, every head's selection and
-    val top-1 and per-epoch mean train loss, and chance.
+    """Trains one attentive probe per (lr, wd) of the grid in one pass over the train rows,
+    chooses the head with the best top-1 on the selection rows (ties: the lower selection loss)
+    and reports that head's top-1 on val (views averaged per video by val_groups); returns it
+    with its setting, every head's selection and val top-1 and per-epoch mean train loss, and
+    chance.
 
-    train_x [N, tokens, D], train_y [N]; select_x [S, tokens, D] (rows of the train split the
-    heads never train on); val_x [M, tokens, D], val_y [M]; val_groups [M] maps each val row
-    (a view) to its video. A head is initialised from (seed, its lr and wd) and every head sees
-    the same batches (seeded by `seed`): the heads are independent draws of the probe, a head
-    trains as it would alone, and the choice among them is made on data the reported number
-    never touches. Deterministic given `seed`.
+    A head is initialised from (seed, its lr and wd) and every head sees the same batches
+    (seeded by `seed`): the heads are independent draws of the probe, a head trains as it would
+    alone, and the choice among them is made on data the reported number never touches.
+    Deterministic given `seed`.
     """
+    train_x, select_x, val_x, num_classes = splits.train_x, splits.select_x, splits.val_x, splits.num_classes
     device = train_x.device
-    train_y, select_y, val_y = train_y.to(device), select_y.to(device), val_y.to(device)
-    val_groups = None if val_groups is None else val_groups.to(device)
+    train_y, select_y, val_y = splits.train_y.to(device), splits.select_y.to(device), splits.val_y.to(device)
+    val_groups = None if splits.val_groups is None else splits.val_groups.to(device)
     heads = probe_cfg.heads or encoder_heads
     prenormed = probe_cfg.depth == 1  # the features are frozen: their LayerNorm is computed once, not per head and step
     if prenormed:
@@ -303,25 +323,15 @@ def train_probe_grid(
     }
 
 
-def pooled_readouts(
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    select_x: torch.Tensor,
-    select_y: torch.Tensor,
-    val_x: torch.Tensor,
-    val_y: torch.Tensor,
-    *,
-    num_classes: int,
-    probe_cfg: ProbeConfig,
-    val_groups: torch.Tensor | None = None,
-) -> dict:
+def pooled_readouts(splits: ReadoutSplits, *, probe_cfg: ProbeConfig) -> dict:
     """The two cheap readouts on mean-pooled tokens, standardised with the train rows'
     statistics: cosine k-NN (fixed k and temperature) and logistic regression (its l2 chosen
-    on the selection rows from probe.linear_l2s). Tokens [rows, tokens, D] in, as for
-    `train_probe_grid`; no seed enters either. Returns their val top-1 and the chosen l2."""
-    norm = standardizing(train_x.mean(1))
-    fit, select, val = norm(train_x.mean(1)), norm(select_x.mean(1)), norm(val_x.mean(1))  # [rows, D]
-    train_y, select_y, val_y = train_y.to(fit.device), select_y.to(fit.device), val_y.to(fit.device)
+    on the selection rows from probe.linear_l2s). The same splits as `train_probe_grid`; no
+    seed enters either. Returns their val top-1 and the chosen l2."""
+    num_classes, val_groups = splits.num_classes, splits.val_groups
+    norm = standardizing(splits.train_x.mean(1))
+    fit, select, val = (norm(x.mean(1)) for x in (splits.train_x, splits.select_x, splits.val_x))  # [rows, D]
+    train_y, select_y, val_y = (y.to(fit.device) for y in (splits.train_y, splits.select_y, splits.val_y))
     knn = dict(num_classes=num_classes, k=probe_cfg.knn_k, temperature=probe_cfg.knn_temperature)
     scored = [
         (top1(linear_proba(fit, train_y, select, num_classes=num_classes, l2=l2), select_y), -l2, l2)

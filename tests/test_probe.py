@@ -19,8 +19,8 @@ from pipeline.video import spatial_crops
 from salt.config import ConfigError, ProbeConfig, to_dict
 from salt.plots import plot_loss_curves, plot_scatter_fit, r_squared
 from salt.readouts import (
-    effective_rank, encode_features, knn_proba, linear_proba, pooled_readouts, selection_split, standardizing, top1,
-    train_probe_grid,
+    ReadoutSplits, effective_rank, encode_features, knn_proba, linear_proba, pooled_readouts, selection_split,
+    standardizing, top1, train_probe_grid,
 )
 from salt.supervised import train_with_labels
 from salt.checkpoint import save_checkpoint
@@ -106,10 +106,9 @@ def held_out(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def test_probe_reads_motion_from_a_trained_encoder_and_chooses_on_held_out_rows(probe_data, motion_encoder):
     _, loaded = probe_data
     train_x, val_x = features(motion_encoder, loaded)
-    r = train_probe_grid(
-        *held_out(train_x, loaded.train.labels["motion"]), val_x, loaded.val.row_labels("motion"),
-        num_classes=4, probe_cfg=grid_cfg(), encoder_heads=2, seed=0, val_groups=loaded.val.video,
-    )
+    splits = ReadoutSplits(*held_out(train_x, loaded.train.labels["motion"]), val_x, loaded.val.row_labels("motion"),
+                           num_classes=4, val_groups=loaded.val.video)
+    r = train_probe_grid(splits, probe_cfg=grid_cfg(), encoder_heads=2, seed=0)
     assert r["chance"] == 0.25 and r["num_val"] == 80 and r["val_views"] == 160
     assert r["num_train"] == 512 and r["num_select"] == 128
     assert r["top1"] >= 0.5, r  # chance 0.25
@@ -151,11 +150,9 @@ def test_make_probe_path_on_a_trained_checkpoint_beats_the_random_floor(probe_di
 def test_constant_encoder_lands_at_chance(probe_data, task):
     cfg, loaded = probe_data
     train_x, val_x = features(ConstantEncoder(), loaded)
-    r = train_probe_grid(
-        *held_out(train_x, loaded.train.labels[task]), val_x, loaded.val.row_labels(task),
-        num_classes=len(loaded.train.class_names[task]), probe_cfg=grid_cfg(epochs=3, lrs=[3e-3]),
-        encoder_heads=2, seed=0, val_groups=loaded.val.video,
-    )
+    splits = ReadoutSplits(*held_out(train_x, loaded.train.labels[task]), val_x, loaded.val.row_labels(task),
+                           num_classes=len(loaded.train.class_names[task]), val_groups=loaded.val.video)
+    r = train_probe_grid(splits, probe_cfg=grid_cfg(epochs=3, lrs=[3e-3]), encoder_heads=2, seed=0)
     # the same prediction for every clip: exactly the share of one class, at most the majority rate
     assert r["top1"] <= r["chance"] + 1e-9 and r["chance"] == 1 / r["num_classes"], r
 
@@ -167,9 +164,10 @@ def test_grid_heads_train_as_if_alone_on_the_same_batches():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 8, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
     cfg = ProbeConfig(heads=2, depth=2, epochs=2, batch_size=8, lrs=[1e-3, 1e9], wds=[0.0, 0.1], warmup_epochs=1)
-    grid = train_probe_grid(x, y, x, y, x, y, num_classes=3, probe_cfg=cfg, encoder_heads=2, seed=0)
+    splits = ReadoutSplits(x, y, x, y, x, y, num_classes=3)
+    grid = train_probe_grid(splits, probe_cfg=cfg, encoder_heads=2, seed=0)
     alone_cfg = dataclasses.replace(cfg, lrs=[1e-3], wds=[0.1])
-    alone = train_probe_grid(x, y, x, y, x, y, num_classes=3, probe_cfg=alone_cfg, encoder_heads=2, seed=0)
+    alone = train_probe_grid(splits, probe_cfg=alone_cfg, encoder_heads=2, seed=0)
     assert [(h["lr"], h["wd"]) for h in grid["heads"]] == [(1e-3, 0.0), (1e-3, 0.1), (1e9, 0.0), (1e9, 0.1)]
     assert grid["heads"][1]["train_loss"] == alone["heads"][0]["train_loss"]
     assert grid["heads"][1]["top1"] == alone["heads"][0]["top1"]
@@ -321,8 +319,8 @@ def test_whitening_reads_a_task_hidden_in_a_low_variance_direction():
     assert var[:3].min() > 0.99 and var[3] > 0.5 and var.max() <= 1 + 1e-6, var
     assert var[4:].max() < 0.01  # 1e-4 of noise is below the floor: not blown up
     cfg = ProbeConfig(heads=2, depth=1, epochs=10, batch_size=16, lrs=[3e-3], wds=[0.01], warmup_epochs=0)
-    read = lambda a, b: train_probe_grid(a, y[:64], a, y[:64], b, y[64:], num_classes=2, probe_cfg=cfg,  # noqa: E731
-                                         encoder_heads=2, seed=0)["top1"]
+    read = lambda a, b: train_probe_grid(ReadoutSplits(a, y[:64], a, y[:64], b, y[64:], num_classes=2),  # noqa: E731
+                                         probe_cfg=cfg, encoder_heads=2, seed=0)["top1"]
     raw, whitened = read(x[:64], x[64:]), read(white(x[:64]), white(x[64:]))
     assert whitened >= 0.9 and whitened > raw + 0.2, (raw, whitened)
 
@@ -378,8 +376,8 @@ def test_pooled_readouts_are_deterministic_and_read_a_separable_label():
     x[..., :3] += signal
     fit, select, val = slice(0, 160), slice(160, 200), slice(200, 300)
     cfg = ProbeConfig()
-    read = lambda t: pooled_readouts(t[fit], y[fit], t[select], y[select], t[val], y[val], num_classes=3,  # noqa: E731
-                                     probe_cfg=cfg)
+    read = lambda t: pooled_readouts(ReadoutSplits(t[fit], y[fit], t[select], y[select], t[val], y[val],  # noqa: E731
+                                                   num_classes=3), probe_cfg=cfg)
     first, again = read(x), read(x)
     assert first == again
     assert first["knn_top1"] >= 0.9 and first["linear_top1"] >= 0.9, first
