@@ -24,20 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable
-
-import torch
 
 from experiments.controls import save_untrained_teacher, train_label_teachers
-from pipeline.digits import write_moving_digits
+from experiments.pool import Phases, vpixel_teacher, write_data
+from experiments.probing import probe_encoders
+from experiments.runs import run_student
 from pipeline.cluster import init_ray
 from pipeline.extract import extract_targets
-from experiments.probing import probe_encoders
-from experiments.runs import run_student, run_teacher
 from experiments.selection import checkpoint_points, loss_vs_accuracy
 from salt.config import Config, from_dict, load_config, to_dict
 from salt.runinfo import write_run_info
@@ -84,28 +79,6 @@ class Study:
         ])
 
 
-def _in_worker(fn: Callable, *args, **kwargs):
-    torch.set_num_threads(1)  # the workers share the cores
-    return fn(*args, **kwargs)
-
-
-def _in_pool(jobs: dict[str, tuple], workers: int) -> dict:
-    """name -> (fn, args...) run in `workers` spawned processes; name -> result."""
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {name: pool.submit(_in_worker, *job) for name, job in jobs.items()}
-        return {name: f.result() for name, f in futures.items()}
-
-
-def _write_data(out: str, seed: int, num_train: int, num_val: int) -> dict:
-    return write_moving_digits(out, seed=seed, num_train=num_train, num_val=num_val, progress=False)
-
-
-def _vpixel_teacher(cfg_dict: dict, size: str, data: str, out: str) -> dict:
-    cfg = from_dict(Config, cfg_dict)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, teacher=size))
-    return run_teacher(cfg, data, out, progress=False)
-
-
 def _label_teachers(cfg_dict: dict, data: str, out: str, size: str, steps: list[int], batch: int, seed: int) -> dict:
     return train_label_teachers(from_dict(Config, cfg_dict), data, out, size=size, steps=steps, seed=seed,
                                 batch_size=batch, progress=False)
@@ -131,23 +104,15 @@ def run_study(study: Study, *, out: str | Path, progress: bool = True) -> dict:
     seeds = {s: out / f"seed-{s}" for s in study.seeds}
     cfgs = {s: to_dict(study.seed_config(s)) for s in study.seeds}
     data = {s: str(root / "data") for s, root in seeds.items()}
-    walls: dict[str, float] = {}
-
-    def phase(name: str, jobs: dict[str, tuple]) -> dict:
-        t0 = time.perf_counter()
-        if progress:
-            print(f"[replicate] {name}: {len(jobs)} runs", flush=True)
-        result = _in_pool(jobs, study.workers) if jobs else {}
-        walls[name] = time.perf_counter() - t0
-        return result
-
-    phase("data", {str(s): (_write_data, data[s], s, study.num_train, study.num_val)
+    phases = Phases("replicate", study.workers, progress)
+    phase = phases.run
+    phase("data", {str(s): (write_data, data[s], s, study.num_train, study.num_val)
                    for s in study.seeds if not Path(data[s], "labels.json").is_file()})
     teacher_dirs = {(s, arm): str(root / arm / "teacher") for s, root in seeds.items() for arm in study.arms()}
     jobs: dict[str, tuple] = {}
     for s, root in seeds.items():
         for name, size in study.vpixel.items():
-            jobs[f"{s}/vpixel-{name}"] = (_vpixel_teacher, cfgs[s], size, data[s], teacher_dirs[(s, f"vpixel-{name}")])
+            jobs[f"{s}/vpixel-{name}"] = (vpixel_teacher, cfgs[s], size, data[s], teacher_dirs[(s, f"vpixel-{name}")])
         jobs[f"{s}/labels"] = (_label_teachers, cfgs[s], data[s], str(root / "labels"), study.ladder_teacher, study.ladder_steps,
                                 study.ladder_batch, s)
     teachers = phase("teachers", jobs)
@@ -166,7 +131,7 @@ def run_study(study: Study, *, out: str | Path, progress: bool = True) -> dict:
                         progress=progress)
     if ours:
         ray.shutdown()  # its idle workers would hold memory and a little CPU through the students
-    walls["extract"] = time.perf_counter() - t0
+    phases.walls["extract"] = time.perf_counter() - t0
 
     tracked = [a for a in study.arms() if a in ("vpixel-same", study.top_rung)]  # arms whose snapshots are probed
     students = phase("students", {
@@ -203,7 +168,7 @@ def run_study(study: Study, *, out: str | Path, progress: bool = True) -> dict:
         "students": students,
         "probes": {str(s): r for s, r in probes.items()},
         "selection": selection,
-        "wall_s": {k: round(v, 1) for k, v in walls.items()},
+        "wall_s": phases.rounded(),
     }
     write_run_info(out, study.seed_config(study.seeds[0]), study=json.dumps(dataclasses.asdict(study)))
     (out / "study.json").write_text(json.dumps(result, indent=1, default=str) + "\n")

@@ -14,11 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
-import time
 from pathlib import Path
 
+from experiments.pool import Phases, vpixel_teacher, write_data
 from experiments.probing import load_probe_data, probe_encoder
-from experiments.replication import _in_pool, _vpixel_teacher, _write_data
 from experiments.selection import checkpoint_points
 from salt.config import Config, from_dict, load_config, to_dict
 from salt.runinfo import git_commit
@@ -97,28 +96,21 @@ def _folder(name: str) -> str:
 
 def run_stage1_study(study: Stage1Study, *, out: str | Path, progress: bool = True) -> dict:
     out = Path(out)
-    walls: dict[str, float] = {}
+    phases = Phases("stage1-variants", study.workers, progress)
+    phase = phases.run
     roots = {s: out / f"seed-{s}" for s in study.seeds}
     data = {s: str(root / "data") for s, root in roots.items()}
 
-    def phase(name: str, jobs: dict[str, tuple]) -> dict:
-        t0 = time.perf_counter()
-        if progress:
-            print(f"[stage1-variants] {name}: {len(jobs)} runs", flush=True)
-        result = _in_pool(jobs, study.workers) if jobs else {}
-        walls[name] = time.perf_counter() - t0
-        return result
-
-    phase("data", {str(s): (_write_data, data[s], s, study.num_train, study.num_val)
+    phase("data", {str(s): (write_data, data[s], s, study.num_train, study.num_val)
                    for s in study.seeds if not Path(data[s], "labels.json").is_file()})
     teachers = phase("teachers", {
-        f"{s}/{name}": (_vpixel_teacher, to_dict(study.seed_config(s, extra)), study.size, data[s], str(roots[s] / _folder(name)))
+        f"{s}/{name}": (vpixel_teacher, to_dict(study.seed_config(s, extra)), study.size, data[s], str(roots[s] / _folder(name)))
         for name, extra in _runs(study).items() for s in study.seeds
     })
     readings = phase("readouts", {str(s): (_read_seed, dataclasses.asdict(study), s, data[s], str(roots[s]))
                                   for s in study.seeds})
     result = {"study": dataclasses.asdict(study), "teachers": teachers, "readings": readings,
-              "walls": {k: round(v, 1) for k, v in walls.items()}}
+              "walls": phases.rounded()}
     (out / "stage1.json").write_text(json.dumps(result, indent=1, default=str))
     return result
 

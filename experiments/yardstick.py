@@ -15,13 +15,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
-import time
 from pathlib import Path
 
-from pipeline.digits import write_moving_digits
 from experiments.controls import train_label_teachers
 from experiments.probing import load_probe_data, probe_encoder
-from experiments.replication import _in_pool, _vpixel_teacher, _write_data
+from experiments.pool import Phases, vpixel_teacher, write_data
 from salt.config import Config, from_dict, load_config, to_dict
 from salt.runinfo import git_commit
 
@@ -74,34 +72,28 @@ def _read_seed(label_size: str, cfg_dict: dict, data: str, out: str, label_encod
 
 def run_yardstick(study: Yardstick, *, out: str | Path, progress: bool = True) -> dict:
     out = Path(out)
-    walls: dict[str, float] = {}
+    phases = Phases("yardstick", study.workers, progress)
     first = study.data_seeds[0]
     cfgs = {s: study.seed_config(s, probe_seeds=study.probe_seeds if s == first else study.later_probe_seeds)
             for s in study.data_seeds}
     data = {s: str(out / f"seed-{s}" / "data") for s in study.data_seeds}
 
-    t0 = time.perf_counter()
-    _in_pool({str(s): (_write_data, data[s], s, study.num_train, study.num_val)
-              for s in study.data_seeds if not Path(data[s], "labels.json").is_file()}, study.workers)
-    walls["data"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
+    phases.run("data", {str(s): (write_data, data[s], s, study.num_train, study.num_val)
+                        for s in study.data_seeds if not Path(data[s], "labels.json").is_file()})
     jobs = {f"{s}/labels-{task}": (_label_encoder, to_dict(cfgs[s]), data[s], str(out / f"seed-{s}" / f"labels-{task}"),
                                    study.label_size, task, steps, study.label_batch, s)
             for s in study.data_seeds for task, steps in study.label_steps.items()}
-    jobs[f"{first}/vpixel"] = (_vpixel_teacher, to_dict(cfgs[first]), study.vpixel_size, data[first],
+    jobs[f"{first}/vpixel"] = (vpixel_teacher, to_dict(cfgs[first]), study.vpixel_size, data[first],
                                str(out / f"seed-{first}" / "vpixel"))
-    trained = _in_pool(jobs, study.workers)
-    walls["encoders"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    readings = _in_pool({str(s): (_read_seed, study.label_size, to_dict(cfgs[s]), data[s],
-                                  str(out / f"seed-{s}"), {f"labels-{task}": trained[f"{s}/labels-{task}"] for task in study.label_steps},
-                                  study.vpixel_size if s == first else None)
-                         for s in study.data_seeds}, study.workers)
-    walls["probes"] = time.perf_counter() - t0
+    trained = phases.run("encoders", jobs)
+    readings = phases.run("probes", {
+        str(s): (_read_seed, study.label_size, to_dict(cfgs[s]), data[s], str(out / f"seed-{s}"),
+                 {f"labels-{task}": trained[f"{s}/labels-{task}"] for task in study.label_steps},
+                 study.vpixel_size if s == first else None)
+        for s in study.data_seeds
+    })
     result = {"study": dataclasses.asdict(study), "config": to_dict(cfgs[first]), "readings": readings,
-              "walls": {k: round(v, 1) for k, v in walls.items()}}
+              "walls": phases.rounded()}
     (out / "yardstick.json").write_text(json.dumps(result, indent=1))
     return result
 

@@ -47,6 +47,24 @@ def parser(
     return p
 
 
+def study_parser(description: str, *, config: str, run: str, report: str, overrides_help: str) -> argparse.ArgumentParser:
+    """The parser of a study over seeds: --config, --run, --report. No --data: each seed generates its
+    own dataset under --run."""
+    p = parser(description, flags=("config", "run"), config=config, run=run, help={"overrides": overrides_help})
+    p.add_argument("--report", default=report, help="the report it writes")
+    return p
+
+
+def int_list(text: str) -> list[int]:
+    """A comma-separated list of integers, e.g. --seeds 0,1,2 (empty: none)."""
+    return [int(x) for x in text.split(",") if x]
+
+
+def make_command(target: str, argv: list[str] | None) -> str:
+    """The command a study's report says produced it: `make <target>` and the job's arguments."""
+    return f"make {target}" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+
+
 def config_from(args: argparse.Namespace) -> Config:
     try:
         return load_config(args.config, args.overrides)

@@ -10,24 +10,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.cli import entry, parser
+from jobs.cli import entry, int_list, study_parser
 from experiments.replication import Study, run_study
 from experiments.replication_report import write_report
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def main(argv: list[str] | None = None) -> dict:
     defaults = Study()
-    # each seed generates its own dataset under --run, so there is no --data
-    p = parser(__doc__, flags=("config", "run"), config=defaults.config, run="runs/replication",
-               help={"overrides": "config overrides for every arm, e.g. probe.epochs=10"})
-    p.add_argument("--report", default="REPLICATION.md")
-    p.add_argument("--seeds", type=_ints, default=defaults.seeds, help="comma-separated, e.g. 0,1,2")
+    p = study_parser(__doc__, config=defaults.config, run="runs/replication", report="REPLICATION.md",
+                     overrides_help="config overrides for every arm, e.g. probe.epochs=10")
+    p.add_argument("--seeds", type=int_list, default=defaults.seeds, help="comma-separated, e.g. 0,1,2")
     p.add_argument("--teacher-steps", type=int, default=defaults.teacher_steps)
-    p.add_argument("--ladder-steps", type=_ints, default=defaults.ladder_steps, help="comma-separated")
+    p.add_argument("--ladder-steps", type=int_list, default=defaults.ladder_steps, help="comma-separated")
     p.add_argument("--student-steps", type=int, default=defaults.student_steps)
     p.add_argument("--snapshot-every", type=int, default=defaults.snapshot_every)
     p.add_argument("--workers", type=int, default=defaults.workers)

@@ -58,7 +58,7 @@ def test_the_layers_are_the_expected_modules():
     assert DATA_LAYER == sorted(["cluster", "deadline_pool", "digits", "extract", "feeding", "fs", "ingest", "labelled", "loaders", "shards", "store.layout",
                                   "store.parts", "store.pixel_codec", "store.provenance", "store.read", "store.verify",
                                   "store.write", "teacher_cache", "video"])
-    assert EXPERIMENTS == sorted(["bench", "bench_report", "controls", "demo", "planning", "probing", "replication", "replication_report", "runs",
+    assert EXPERIMENTS == sorted(["bench", "bench_report", "controls", "demo", "planning", "pool", "probing", "replication", "replication_report", "runs",
                                   "selection", "stage1", "sweep", "yardstick"])
 
 
