@@ -91,7 +91,8 @@ def _read_seed(study_dict: dict, seed: int, data: str, out: str) -> dict[str, di
 
 
 def _folder(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    """A variant's folder name: its words joined by single dashes."""
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
 
 
 def run_stage1_study(study: Stage1Study, *, out: str | Path, progress: bool = True) -> dict:
