@@ -27,7 +27,8 @@ def test_bad_input_ends_in_one_line(argv, says, digits, tmp_path):
 
 
 JOBS = ["bench", "data", "demo", "extract_targets", "gpu_check", "inspect_store", "plan", "probe", "replicate",
-        "select", "student", "sweep", "teacher"]
+        "select", "stage1_variants", "student", "sweep", "teacher", "yardstick"]
+STUDIES = ("replicate", "stage1_variants", "yardstick")  # their own --run, and no --data (jobs/cli.py: study_parser)
 
 
 @pytest.mark.parametrize("job", JOBS)
@@ -46,14 +47,18 @@ def test_every_job_reads_the_common_flags_through_one_parser(job, monkeypatch):
         return p
 
     module = importlib.import_module(f"jobs.{job}")
-    monkeypatch.setattr(module, "parser", spy)
+    monkeypatch.setattr(cli, "parser", spy)  # what study_parser builds on
+    if hasattr(module, "parser"):
+        monkeypatch.setattr(module, "parser", spy)
     with pytest.raises(SystemExit, match="parsed"):
         module.main(["--help"])
     flags = {a.dest: a.default for a in seen["parser"]._actions}
     if "data" in flags:
         assert flags["data"] == cli.DEFAULT_DATA
-    if "run" in flags and job not in ("bench", "replicate"):
+    if "run" in flags and job not in ("bench", *STUDIES):
         assert flags["run"] == cli.DEFAULT_RUN
+    if job in STUDIES:
+        assert "data" not in flags and flags["report"].endswith(".md")
     assert "no_progress" in flags
     assert ("overrides" in flags) == (job not in ("data", "inspect_store"))
 
