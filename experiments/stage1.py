@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def run_stage1_study(study: Stage1Study, *, out: str | Path, progress: bool = Tr
     })
     readings = phase("readouts", {str(s): (_read_seed, dataclasses.asdict(study), s, data[s], str(roots[s]))
                                   for s in study.seeds})
-    result = {"study": dataclasses.asdict(study), "teachers": teachers, "readings": readings,
+    result = {"study": dataclasses.asdict(study), "commit": git_commit(), "teachers": teachers, "readings": readings,
               "walls": phases.rounded()}
     (out / "stage1.json").write_text(json.dumps(result, indent=1, default=str))
     return result
@@ -121,10 +122,16 @@ def _mean_sd(xs: list[float]) -> str:
     return f"{100 * statistics.fmean(xs):.1f} ± {100 * sd:.1f}"
 
 
-def _versus_floor(diffs: list[float]) -> str:
-    """Mean of the per-seed differences, its standard error, and whether it clears two of them."""
+def _versus_floor(diffs: list[float], reading_ses: list[float]) -> str:
+    """Mean of the per-seed differences ± its standard error, and whether it clears two of them. The
+    standard error is the larger of the seeds' (sd / sqrt(n)) and the readings' own (each
+    difference's binomial SE, combined over the seeds): with two or three seeds the first can be
+    near 0 by chance, and no difference is known better than the val split can measure it."""
+    n = len(diffs)
     mean = statistics.fmean(diffs)
-    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    over_seeds = statistics.stdev(diffs) / n**0.5 if n > 1 else 0.0
+    of_readings = sum(se**2 for se in reading_ses) ** 0.5 / n
+    se = max(over_seeds, of_readings)
     verdict = "above" if mean > 2 * se else ("below" if mean < -2 * se else "within")
     return f"{100 * mean:+.1f} ± {100 * se:.1f} ({verdict})"
 
@@ -139,15 +146,17 @@ def write_report(result: dict, path: str | Path, *, command: str) -> str:
     lines = [
         "# Stage-1 variants: V-Pixel teachers against random init",
         "",
-        f"Produced by `{command}` at commit `{git_commit()}`; wall time {sum(result['walls'].values()) / 60:.1f} min "
+        f"Produced by `{command}` at commit `{result.get('commit', 'unknown')}`"
+        + (f" (this report written at `{git_commit()}`)" if result.get("commit") != git_commit() else "")
+        + f"; wall time {sum(result['walls'].values()) / 60:.1f} min "
         f"({', '.join(f'{k} {v:.0f} s' for k, v in result['walls'].items())}).",
         f"Data seeds {', '.join(seeds)}: the embedded moving digits, {study.num_train} train / {study.num_val} val clips "
         f"each. Teachers: `{study.size}`, `{study.config}`'s stage 1 with each variant's overrides; the learning "
         f"curve is the baseline trained for {max(study.curve_steps, default=0)} steps and read at its snapshots. "
         "Floor: a random-init encoder of the same size and token geometry, per seed.",
         "Readouts (docs/yardstick.md): linear (reported) and k-NN, top-1 % on val, mean ± sd over the seeds. "
-        "'vs floor': the mean of the per-seed differences ± its standard error; 'above' / 'below' when it is "
-        "more than two standard errors from 0.",
+        "'vs floor': the mean of the per-seed differences ± its standard error (the larger of the seeds' and "
+        "the readings' binomial one); 'above' / 'below' when it is more than two standard errors from 0.",
         "",
         "| variant | overrides | " + " | ".join(f"{t} linear | {t} k-NN | {t} linear vs floor" for t in tasks)
         + " | final pixel loss |",
@@ -159,7 +168,9 @@ def write_report(result: dict, path: str | Path, *, command: str) -> str:
         for t in tasks:
             lin = [readings[s][key][t]["top1"] for s in seeds]
             cells += [_mean_sd(lin), _mean_sd([readings[s][key][t]["knn_top1"] for s in seeds]),
-                      _versus_floor([x - readings[s][floor][t]["top1"] for x, s in zip(lin, seeds)])]
+                      _versus_floor([x - readings[s][floor][t]["top1"] for x, s in zip(lin, seeds)],
+                                    [math.hypot(readings[s][key][t]["binomial_se"], readings[s][floor][t]["binomial_se"])
+                                     for s in seeds])]
         losses = [result["teachers"][f"{s}/{key}"]["final_loss"] for s in seeds] if key in study.variants else []
         loss = f"{statistics.fmean(losses):.4f}" if losses else ""
         lines.append(f"| {label} | {' '.join(f'`{o}`' for o in extra) or '(none)'} | " + " | ".join(cells) + f" | {loss} |")

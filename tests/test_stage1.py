@@ -31,6 +31,11 @@ def test_every_variant_is_read_against_a_random_init_of_its_own_token_geometry(t
 @pytest.mark.parametrize("diffs, verdict", [([0.10, 0.12, 0.11], "above"), ([-0.10, -0.12, -0.11], "below"),
                                             ([0.10, -0.09, 0.02], "within")])
 def test_versus_floor_clears_two_standard_errors_or_says_within(diffs, verdict) -> None:
-    text = _versus_floor(diffs)
+    text = _versus_floor(diffs, [0.001] * 3)  # the seeds' spread binds
     se = (sum((d - sum(diffs) / 3) ** 2 for d in diffs) / 2) ** 0.5 / math.sqrt(3)
     assert text == f"{100 * sum(diffs) / 3:+.1f} ± {100 * se:.1f} ({verdict})"
+
+
+def test_versus_floor_never_claims_more_than_the_val_split_can_measure() -> None:
+    # two seeds that happen to agree: their spread says 0, one reading's binomial SE says otherwise
+    assert _versus_floor([0.003, 0.003], [0.0125, 0.0125]) == "+0.3 ± 0.9 (within)"
