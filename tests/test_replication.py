@@ -13,7 +13,7 @@ from tests.conftest import FAST, tree_digest
 
 def test_study_runs_every_arm_per_seed_and_reports(ray_local, tmp_path) -> None:
     study = Study(seeds=[0, 1], teacher_steps=2, ladder_steps=[2, 4], ladder_batch=4, student_steps=4, snapshot_every=2,
-                  num_train=8, num_val=8, overrides=[*FAST, "probe.epochs=1"])
+                  num_train=8, num_val=8, tasks=["motion"], overrides=[*FAST, "probe.epochs=1"])
     assert study.arms() == ["vpixel-same", "untrained", "labels-2", "labels-4"]
     out = tmp_path / "study"
     result = run_study(study, out=out, progress=False)
@@ -32,7 +32,7 @@ def test_study_runs_every_arm_per_seed_and_reports(ray_local, tmp_path) -> None:
     assert names == sorted(f"s{s}-{arm}-step{k}" for s in (0, 1) for arm in ("vpixel-same", "labels-4") for k in (2, 4))
     text = write_report(result, tmp_path / "REPLICATION.md", command="pytest", out=out)
     assert "## Teacher-quality ladder" in text and "| labels-4 |" in text and "| untrained |" in text
-    knn = [result["probes"][s]["student/labels-4"]["appearance"]["knn_top1"] for s in ("0", "1")]
+    knn = [result["probes"][s]["student/labels-4"]["motion"]["knn_top1"] for s in ("0", "1")]
     assert f"{100 * sum(knn) / 2:.1f} ± " in text  # the k-NN readout beside the linear one
     student = [result["probes"][s]["student/labels-4"]["motion"]["top1"] for s in ("0", "1")]
     assert f"{100 * sum(student) / 2:.1f} ± " in text
