@@ -21,7 +21,7 @@ from experiments.pool import Phases, vpixel_teacher, write_data
 from experiments.probing import load_probe_data, probe_encoder
 from experiments.selection import checkpoint_points
 from salt.config import Config, from_dict, load_config, to_dict
-from salt.runinfo import git_commit
+from salt.runinfo import git_commit, write_run_info
 
 # name -> overrides of the config's stage 1. The reference points: the tiny config's recipe (raw pixels,
 # L1, V-JEPA multi-block masks, 8 px patches) and VideoMAE's (per-tubelet normalised pixels, random tubes
@@ -113,6 +113,7 @@ def run_stage1_study(study: Stage1Study, *, out: str | Path, progress: bool = Tr
                                   for s in study.seeds})
     result = {"study": dataclasses.asdict(study), "commit": git_commit(), "teachers": teachers, "readings": readings,
               "walls": phases.rounded()}
+    write_run_info(out, study.seed_config(study.seeds[0]), study=json.dumps(dataclasses.asdict(study)))
     (out / "stage1.json").write_text(json.dumps(result, indent=1, default=str))
     return result
 

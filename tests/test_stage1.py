@@ -18,6 +18,7 @@ def test_every_variant_is_read_against_a_random_init_of_its_own_token_geometry(t
     for s in ("0", "1"):
         assert set(result["readings"][s]) == {"baseline", "4 px patches", "curve-2", "curve-4",
                                               "floor:default", "floor:model.patch_size=4"}
+    assert (tmp_path / "study" / "config.yaml").is_file() and (tmp_path / "study" / "run_info.yaml").is_file()
     curve = result["teachers"]["0/curve"]
     assert curve["step"] == 4  # trained to the curve's end, read at its snapshot 2 and at 4
     # a 4 px random init has 8x8x8 tokens, the 8 px one 8x4x4: their readings differ
