@@ -45,7 +45,7 @@ def run_demo(cfg: Config, *, data: str, run: str | Path, progress: bool = True) 
         return out
 
     if not (Path(data) / "labels.json").is_file():
-        timed("data", lambda: write_moving_digits(data))
+        timed("data", lambda: write_moving_digits(data, progress=progress))
     run = Path(run)
     control = run / "control"
     set_torch_threads(cfg.teacher)
