@@ -20,14 +20,15 @@ import sys
 from pathlib import Path
 
 # distribution -> the module it installs; zarr 3 needs numcodecs, google-crc32c, donfig,
-# typing-extensions and packaging; webdataset needs braceexpand; pytest runs the gpu tests.
+# typing-extensions and packaging; webdataset needs braceexpand; pytest (with pluggy, iniconfig
+# and pygments) runs the gpu tests.
 # make gpu-wheels downloads them at the versions of the lock (constraints.txt).
 BUNDLE = {
     "zarr": "zarr", "numcodecs": "numcodecs", "google-crc32c": "google_crc32c", "donfig": "donfig",
     "typing-extensions": "typing_extensions", "packaging": "packaging",
     "decord": "decord", "webdataset": "webdataset", "braceexpand": "braceexpand", "pyyaml": "yaml",
     "safetensors": "safetensors", "tqdm": "tqdm", "fsspec": "fsspec",
-    "pytest": "pytest", "pluggy": "pluggy", "iniconfig": "iniconfig",
+    "pytest": "pytest", "pluggy": "pluggy", "iniconfig": "iniconfig", "pygments": "pygments",
 }
 NODE_MODULES = ("torch", "numpy", "pyarrow", "matplotlib")  # the node's own Python must have these
 LIMIT_BYTES = 40_000_000

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ def tests_part(bundle: Path) -> dict:
     and scikit-learn, which the node need not have)."""
     env = os.environ | {"SALT_TEST_DIGITS": str(bundle / "test-digits")}
     try:
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_gpu.py"],
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-rs", "-p", "no:cacheprovider", "tests/test_gpu.py"],
                               capture_output=True, text=True, env=env, timeout=TESTS_TIMEOUT_S)
     except subprocess.TimeoutExpired as e:  # the other parts still run; the report says so
         tail = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -133,12 +134,18 @@ def write_report(report: dict, out: Path) -> None:
              f"{report['wall_s']:.0f} s.", "", "| part | seconds |", "|---|---|"]
     lines += [f"| {part} | {s:.0f} |" for part, s in report["part_s"].items()]
     lines += ["", *[f"- {note}" for note in report["notes"]]]
+    if report["failed"]:
+        lines += ["", f"**Failed: {', '.join(report['failed'])}.**"]
     if "tests" in report:
-        lines += ["", "## (a) gpu tests", "", f"`{report['tests']['summary']}`"]
+        tests = report["tests"]
+        lines += ["", "## (a) gpu tests", "", f"`{tests.get('summary', 'did not run')}`", "", "```",
+                  tests.get("output_tail", tests.get("error", "")), "```"]
     if "chain" in report:
         chain = report["chain"]
         lines += ["", "## (b) chain", "", "```", json.dumps(chain, indent=1, default=str), "```"]
-    if "bench" in report:
+    if isinstance(report.get("bench"), dict):
+        lines += ["", "## (c) bench", "", "```", report["bench"]["error"], "```"]
+    elif "bench" in report:
         lines += ["", "## (c) bench", "", "| name | value | unit | bound | ratio | what |", "|---|---|---|---|---|---|"]
         fmt = lambda v: "" if v is None else f"{v:.4g}"
         lines += [f"| `{r['name']}` | {fmt(r['value'])} | {r['unit']} | {fmt(r['bound'])} | {fmt(r['ratio'])} | {r['note']} |"
@@ -166,18 +173,27 @@ def main(argv: list[str] | None = None) -> dict | None:
     parts = {"a": ("tests", lambda work: tests_part(bundle)),
              "b": ("chain", lambda work: chain_part(str(bundle / "data"), work, args.overrides)),
              "c": ("bench", lambda work: bench_part(str(bundle / "data"), (bundle / "video-360p.mp4").read_bytes(), work))}
+    failed = []
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.parts:
             name, run = parts[key]
             t = time.perf_counter()
-            report[name] = run(Path(tmp) / name)
+            try:
+                report[name] = run(Path(tmp) / name)
+            except Exception:  # a GPU lease is short: one run reports every part's failure, not the first
+                report[name] = {"error": traceback.format_exc()}
+                failed.append(name)
+                print(report[name]["error"], file=sys.stderr, flush=True)
             report["part_s"][name] = time.perf_counter() - t
             print(f"gpu-check ({key}) {name}: {report['part_s'][name]:.0f} s", flush=True)
+    if report.get("tests", {}).get("returncode", 0) != 0:
+        failed.append("tests")
+    report["failed"] = failed
     report["wall_s"] = time.perf_counter() - t0
     write_report(report, Path(args.out))
     print(f"gpu-check: {report['wall_s']:.0f} s -> {Path(args.out) / 'GPU_CHECK.md'}")
-    if report.get("tests", {}).get("returncode", 0) != 0:
-        raise SystemExit(f"gpu-check: the gpu tests did not pass: {report['tests']['summary']}")
+    if failed:
+        raise SystemExit(f"gpu-check: failed parts: {', '.join(failed)} (GPU_CHECK.md has each one's error)")
     return report
 
 

@@ -17,7 +17,7 @@ from pipeline.store.read import TargetStore
 from salt.train.loop import prepare_batch
 from salt.train.student import train_student
 from salt.train.teacher import train_teacher
-from tests.conftest import extract_fp32, tiny_config
+from tests.conftest import HAS_RAY, extract_fp32, tiny_config
 from tests.test_pipeline import relative_token_error, teacher_and_student_clips
 
 pytestmark = pytest.mark.gpu
@@ -94,15 +94,17 @@ BF16_TOKEN_RTOL = 5e-2
 
 
 def test_gpu_extraction_under_bf16_equals_the_online_teacher(digits, teacher_dir, ray_local, tmp_path):
-    """Ray extraction with a GPU actor (bf16): the stored tokens against the live teacher on the
+    """Extraction on the GPU (bf16; a Ray actor with a GPU, or where Ray is not installed, the
+    actor's code in this process on CUDA): the stored tokens against the live teacher on the
     student's clips, same device and precision; and the student's clips are the actor's, bit for bit."""
-    pytest.importorskip("ray", reason="Ray is not installed")
-    from pipeline.cluster import actor_gpus
     from salt.devices import autocast
     from salt.models.teachers import load_teacher
 
-    if not actor_gpus():
-        pytest.skip("the local Ray instance has no GPU for the teacher's actor")
+    if HAS_RAY:
+        from pipeline.cluster import actor_gpus
+
+        if not actor_gpus():
+            pytest.skip("the local Ray instance has no GPU for the teacher's actor")
     cfg = tiny_config("teacher.bf16=true", "extract.pixel_cache=true")
     store = extract_fp32(digits, teacher_dir, str(tmp_path / "store"), "teacher.bf16=true", "extract.pixel_cache=true")
     teacher = load_teacher(teacher_dir, cfg, "cuda")
