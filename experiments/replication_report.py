@@ -10,16 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from experiments.replication import FLOOR, Study
+from experiments.stats import mean_sd, percent_mean_sd
 from salt.plots import r_squared
-
-
-def _mean_sd(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def _cell(xs: list[float]) -> str:
-    m, sd = _mean_sd(xs)
-    return f"{100 * m:.1f} ± {100 * sd:.1f}"
 
 
 def _top1(result: dict, name: str, task: str, readout: str = "top1") -> list[float]:
@@ -28,7 +20,7 @@ def _top1(result: dict, name: str, task: str, readout: str = "top1") -> list[flo
 
 def _cells(result: dict, name: str, task: str) -> str:
     """The linear and the k-NN readout's cells of one encoder and task."""
-    return f"{_cell(_top1(result, name, task))} | {_cell(_top1(result, name, task, 'knn_top1'))}"
+    return f"{percent_mean_sd(_top1(result, name, task))} | {percent_mean_sd(_top1(result, name, task, 'knn_top1'))}"
 
 
 def _margin_kept(result: dict, arm: str, task: str) -> list[float]:
@@ -80,10 +72,10 @@ def write_report(result: dict, path: str | Path, *, command: str, out: str | Pat
         "| floor (random init) | " + " | ".join(_cells(result, FLOOR, t) for t in tasks) + " | |",
     ]
     for arm in arms:
-        s_loss = _mean_sd([result["students"][f"{s}/{arm}"]["final_loss"] for s in study["seeds"]])
+        s_loss = mean_sd([result["students"][f"{s}/{arm}"]["final_loss"] for s in study["seeds"]])
         t_loss = ""
         if arm.startswith("vpixel-"):
-            m, sd = _mean_sd([result["teachers"][f"{s}/{arm}"]["final_loss"] for s in study["seeds"]])
+            m, sd = mean_sd([result["teachers"][f"{s}/{arm}"]["final_loss"] for s in study["seeds"]])
             t_loss = f"{m:.4f} ± {sd:.4f} (pixels)"
         lines.append(f"| teacher {arm} | " + " | ".join(_cells(result, f"teacher/{arm}", t) for t in tasks) + f" | {t_loss} |")
         lines.append(f"| student of {arm} | " + " | ".join(_cells(result, f"student/{arm}", t) for t in tasks)
@@ -102,7 +94,7 @@ def write_report(result: dict, path: str | Path, *, command: str, out: str | Pat
         cells = []
         for t in tasks:
             te, st = _top1(result, f"teacher/{arm}", t), _top1(result, f"student/{arm}", t)
-            cells += [_cell(te), _cell(st), _cell([b - a for a, b in zip(te, st)])]
+            cells += [percent_mean_sd(te), percent_mean_sd(st), percent_mean_sd([b - a for a, b in zip(te, st)])]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -163,7 +155,7 @@ def _findings(result: dict, tasks: list[str], arms: list[str]) -> list[str]:
 
     def diff(a: str, b: str, t: str) -> tuple[float, float]:
         d = [x - y for x, y in zip(_top1(result, a, t), _top1(result, b, t))]
-        m, sd = _mean_sd(d)
+        m, sd = mean_sd(d)
         return m, sd / n**0.5
 
     for arm in [a for a in arms if a.startswith("vpixel-")]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from experiments.pool import Phases, vpixel_teacher, write_data
 from experiments.probing import load_probe_data, probe_encoder
 from experiments.selection import checkpoint_points
+from experiments.stats import percent_mean_sd
 from salt.config import Config, from_dict, load_config, to_dict
 from salt.runinfo import git_commit, write_run_info
 
@@ -118,11 +119,6 @@ def run_stage1_study(study: Stage1Study, *, out: str | Path, progress: bool = Tr
     return result
 
 
-def _mean_sd(xs: list[float]) -> str:
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{100 * statistics.fmean(xs):.1f} ± {100 * sd:.1f}"
-
-
 def _versus_floor(diffs: list[float], reading_ses: list[float]) -> str:
     """Mean of the per-seed differences ± its standard error, and whether it clears two of them. The
     standard error is the larger of the seeds' (sd / sqrt(n)) and the readings' own (each
@@ -168,7 +164,7 @@ def write_report(result: dict, path: str | Path, *, command: str) -> str:
         cells = []
         for t in tasks:
             lin = [readings[s][key][t]["top1"] for s in seeds]
-            cells += [_mean_sd(lin), _mean_sd([readings[s][key][t]["knn_top1"] for s in seeds]),
+            cells += [percent_mean_sd(lin), percent_mean_sd([readings[s][key][t]["knn_top1"] for s in seeds]),
                       _versus_floor([x - readings[s][floor][t]["top1"] for x, s in zip(lin, seeds)],
                                     [math.hypot(readings[s][key][t]["binomial_se"], readings[s][floor][t]["binomial_se"])
                                      for s in seeds])]
@@ -178,8 +174,8 @@ def write_report(result: dict, path: str | Path, *, command: str) -> str:
     for key in sorted({f"floor:{study.floor_key(e)}" for e in study.variants.values()}):
         cells = []
         for t in tasks:
-            cells += [_mean_sd([readings[s][key][t]["top1"] for s in seeds]),
-                      _mean_sd([readings[s][key][t]["knn_top1"] for s in seeds]), ""]
+            cells += [percent_mean_sd([readings[s][key][t]["top1"] for s in seeds]),
+                      percent_mean_sd([readings[s][key][t]["knn_top1"] for s in seeds]), ""]
         lines.append(f"| random init ({key.removeprefix('floor:')}) | | " + " | ".join(cells) + " | |")
     chance = {t: next(iter(readings[seeds[0]].values()))[t]["chance"] for t in tasks}
     lines += ["", "Chance: " + ", ".join(f"{t} {100 * c:.1f}" for t, c in chance.items()) + "."]

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 from pathlib import Path
 
 from experiments.controls import train_label_teachers
 from experiments.probing import load_probe_data, probe_encoder
 from experiments.pool import Phases, vpixel_teacher, write_data
+from experiments.stats import percent_mean_sd
 from salt.config import Config, from_dict, load_config, to_dict
 from salt.runinfo import git_commit
 
@@ -98,11 +98,6 @@ def run_yardstick(study: Yardstick, *, out: str | Path, progress: bool = True) -
     return result
 
 
-def _mean_sd(xs: list[float]) -> str:
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{100 * statistics.mean(xs):.1f} ± {100 * sd:.1f}"
-
-
 def write_report(result: dict, path: str | Path, *, command: str) -> str:
     study, readings = result["study"], result["readings"]
     first, tasks = str(study["data_seeds"][0]), list(study["label_steps"])
@@ -129,7 +124,7 @@ def write_report(result: dict, path: str | Path, *, command: str) -> str:
     for name, tasks_read in readings[first].items():
         for task, r in tasks_read.items():
             a = r["attentive"]
-            lines.append(f"| {name} | {task} | {100 * r['top1']:.1f} | {100 * r['knn_top1']:.1f} | {_mean_sd(a['per_seed'])} | "
+            lines.append(f"| {name} | {task} | {100 * r['top1']:.1f} | {100 * r['knn_top1']:.1f} | {percent_mean_sd(a['per_seed'])} | "
                          f"{', '.join(f'{100 * x:.1f}' for x in a['per_seed'])} |")
     random_name = f"random-{study['label_size']}"
     lines += ["", "## Label-trained vs random init of the same size, over data seeds, top-1 %", "",
@@ -142,7 +137,7 @@ def write_report(result: dict, path: str | Path, *, command: str) -> str:
             floor = [value(readings[s][random_name][task]) for s in readings]
             margin = [a - b for a, b in zip(label, floor)]
             chance = readings[first][random_name][task]["chance"]
-            lines.append(f"| {task} | {readout} | {_mean_sd(label)} | {_mean_sd(floor)} | {_mean_sd(margin)} | "
+            lines.append(f"| {task} | {readout} | {percent_mean_sd(label)} | {percent_mean_sd(floor)} | {percent_mean_sd(margin)} | "
                          f"{100 * chance:.1f} |")
     vpixel, random_same = readings[first]["vpixel"], readings[first][f"random-{study['vpixel_size']}"]
     lines += ["", f"## V-Pixel teacher vs random init of its size (`{study['vpixel_size']}`, data seed {first}), "

@@ -59,7 +59,7 @@ def test_the_layers_are_the_expected_modules():
                                   "store.parts", "store.pixel_codec", "store.provenance", "store.read", "store.verify",
                                   "store.write", "teacher_cache", "video"])
     assert EXPERIMENTS == sorted(["bench", "bench_report", "controls", "demo", "planning", "pool", "probing", "replication", "replication_report", "runs",
-                                  "selection", "stage1", "sweep", "yardstick"])
+                                  "selection", "stage1", "stats", "sweep", "yardstick"])
 
 
 @pytest.mark.parametrize("module", DATA_LAYER)
