@@ -20,6 +20,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -153,6 +154,26 @@ def write_report(report: dict, out: Path) -> None:
     (out / "GPU_CHECK.md").write_text("\n".join(lines) + "\n")
 
 
+def run_parts(parts: dict[str, Callable[[Path], object]], report: dict) -> list[str]:
+    """Runs each part in a scratch folder of its own, its result (or its traceback) and seconds into
+    `report`; returns the names of the parts that failed, the gpu tests' failure counted too."""
+    failed = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, run in parts.items():
+            t = time.perf_counter()
+            try:
+                report[name] = run(Path(tmp) / name)
+            except Exception:  # a GPU lease is short: one run reports every part's failure, not the first
+                report[name] = {"error": traceback.format_exc()}
+                failed.append(name)
+                print(report[name]["error"], file=sys.stderr, flush=True)
+            report["part_s"][name] = time.perf_counter() - t
+            print(f"gpu-check {name}: {report['part_s'][name]:.0f} s", flush=True)
+    if report.get("tests", {}).get("returncode", 0) != 0:
+        failed.append("tests")
+    return failed
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     p = parser(__doc__, flags=(), help={"overrides": "dotted key=value overrides of the chain's (tiny) config"})
     p.add_argument("--bundle", default="gpu-bundle", help="make gpu-wheels' folder: data/, test-digits/, video-360p.mp4")
@@ -165,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     bundle = Path(args.bundle)
     t0 = time.perf_counter()
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "part_s": {}, "notes": []}
-    for module, what in (("ray", "extraction runs in process, the Ray test is skipped"),
+    for module, what in (("ray", "extraction runs in process, the GPU extraction test too"),
                          ("xformers", "the xformers-vs-SDPA test is skipped")):
         if not installed(module):
             report["notes"].append(f"{module} is not installed: {what}")
@@ -173,27 +194,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     parts = {"a": ("tests", lambda work: tests_part(bundle)),
              "b": ("chain", lambda work: chain_part(str(bundle / "data"), work, args.overrides)),
              "c": ("bench", lambda work: bench_part(str(bundle / "data"), (bundle / "video-360p.mp4").read_bytes(), work))}
-    failed = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for key in args.parts:
-            name, run = parts[key]
-            t = time.perf_counter()
-            try:
-                report[name] = run(Path(tmp) / name)
-            except Exception:  # a GPU lease is short: one run reports every part's failure, not the first
-                report[name] = {"error": traceback.format_exc()}
-                failed.append(name)
-                print(report[name]["error"], file=sys.stderr, flush=True)
-            report["part_s"][name] = time.perf_counter() - t
-            print(f"gpu-check ({key}) {name}: {report['part_s'][name]:.0f} s", flush=True)
-    if report.get("tests", {}).get("returncode", 0) != 0:
-        failed.append("tests")
-    report["failed"] = failed
+    report["failed"] = run_parts({name: run for key, (name, run) in parts.items() if key in args.parts}, report)
     report["wall_s"] = time.perf_counter() - t0
     write_report(report, Path(args.out))
     print(f"gpu-check: {report['wall_s']:.0f} s -> {Path(args.out) / 'GPU_CHECK.md'}")
-    if failed:
-        raise SystemExit(f"gpu-check: failed parts: {', '.join(failed)} (GPU_CHECK.md has each one's error)")
+    if report["failed"]:
+        raise SystemExit(f"gpu-check: failed parts: {', '.join(report['failed'])} (GPU_CHECK.md has each one's error)")
     return report
 
 

@@ -100,6 +100,33 @@ def test_gpu_check_on_a_cpu_only_machine_says_so_in_one_line_and_succeeds(tmp_pa
     assert not list(tmp_path.iterdir())  # no report of a check that did not run
 
 
+def test_gpu_check_runs_every_part_and_reports_each_failure(tmp_path):
+    """One short GPU lease must show every broken part: a part that raises does not stop the next,
+    its traceback goes into GPU_CHECK.md, and a failing gpu-test run counts as failed too."""
+    from jobs.gpu_check import run_parts, write_report
+
+    ran = []
+
+    def broken(work):
+        ran.append("chain")
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    def bench(work):
+        ran.append("bench")
+        return [{"name": "student_step_s", "value": 0.5, "unit": "s", "bound": None, "ratio": None, "note": "x"}]
+
+    report = {"device": "cpu", "torch": "x", "part_s": {}, "notes": []}
+    failed = run_parts({"tests": lambda work: {"returncode": 1, "summary": "1 failed, 6 passed", "output_tail": "F"},
+                        "chain": broken, "bench": bench}, report)
+    assert ran == ["chain", "bench"] and failed == ["chain", "tests"]
+    assert "device-side assert" in report["chain"]["error"] and report["bench"][0]["value"] == 0.5
+    report["failed"], report["wall_s"] = failed, 1.0
+    write_report(report, tmp_path)
+    text = (tmp_path / "GPU_CHECK.md").read_text()
+    assert "**Failed: chain, tests.**" in text and "device-side assert" in text and "1 failed, 6 passed" in text
+    assert "`student_step_s` | 0.5" in text
+
+
 def test_gpu_bundle_lists_what_is_missing_and_refuses_an_oversized_folder(tmp_path, capsys):
     from jobs import gpu_bundle
 
