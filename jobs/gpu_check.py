@@ -143,8 +143,8 @@ def write_report(report: dict, out: Path) -> None:
                   tests.get("output_tail", tests.get("error", "")), "```"]
     if "chain" in report:
         chain = report["chain"]
-        lines += ["", "## (b) chain", "", "```", json.dumps(chain, indent=1, default=str), "```"]
-    if isinstance(report.get("bench"), dict):
+        lines += ["", "## (b) chain", "", "```", chain.get("error") or json.dumps(chain, indent=1, default=str), "```"]
+    if isinstance(report.get("bench"), dict):  # the part failed: its traceback
         lines += ["", "## (c) bench", "", "```", report["bench"]["error"], "```"]
     elif "bench" in report:
         lines += ["", "## (c) bench", "", "| name | value | unit | bound | ratio | what |", "|---|---|---|---|---|---|"]
@@ -164,7 +164,7 @@ def run_parts(parts: dict[str, Callable[[Path], object]], report: dict) -> list[
             try:
                 report[name] = run(Path(tmp) / name)
             except Exception:  # a GPU lease is short: one run reports every part's failure, not the first
-                report[name] = {"error": traceback.format_exc()}
+                report[name] = {"error": traceback.format_exc().rstrip()}
                 failed.append(name)
                 print(report[name]["error"], file=sys.stderr, flush=True)
             report["part_s"][name] = time.perf_counter() - t

@@ -123,7 +123,8 @@ def test_gpu_check_runs_every_part_and_reports_each_failure(tmp_path):
     report["failed"], report["wall_s"] = failed, 1.0
     write_report(report, tmp_path)
     text = (tmp_path / "GPU_CHECK.md").read_text()
-    assert "**Failed: chain, tests.**" in text and "device-side assert" in text and "1 failed, 6 passed" in text
+    assert "**Failed: chain, tests.**" in text and "1 failed, 6 passed" in text
+    assert "RuntimeError: CUDA error: device-side assert triggered\n```" in text  # the traceback as printed
     assert "`student_step_s` | 0.5" in text
 
 
