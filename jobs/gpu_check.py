@@ -137,20 +137,20 @@ def write_report(report: dict, out: Path) -> None:
     lines += ["", *[f"- {note}" for note in report["notes"]]]
     if report["failed"]:
         lines += ["", f"**Failed: {', '.join(report['failed'])}.**"]
-    if "tests" in report:
-        tests = report["tests"]
-        lines += ["", "## (a) gpu tests", "", f"`{tests.get('summary', 'did not run')}`", "", "```",
-                  tests.get("output_tail", tests.get("error", "")), "```"]
-    if "chain" in report:
-        chain = report["chain"]
-        lines += ["", "## (b) chain", "", "```", chain.get("error") or json.dumps(chain, indent=1, default=str), "```"]
-    if isinstance(report.get("bench"), dict):  # the part failed: its traceback
-        lines += ["", "## (c) bench", "", "```", report["bench"]["error"], "```"]
-    elif "bench" in report:
-        lines += ["", "## (c) bench", "", "| name | value | unit | bound | ratio | what |", "|---|---|---|---|---|---|"]
-        fmt = lambda v: "" if v is None else f"{v:.4g}"
-        lines += [f"| `{r['name']}` | {fmt(r['value'])} | {r['unit']} | {fmt(r['bound'])} | {fmt(r['ratio'])} | {r['note']} |"
-                  for r in report["bench"]]
+    fmt = lambda v: "" if v is None else f"{v:.4g}"
+    renderers = {
+        "tests": ("## (a) gpu tests", lambda t: [f"`{t['summary']}`", "", "```", t["output_tail"], "```"]),
+        "chain": ("## (b) chain", lambda c: ["```", json.dumps(c, indent=1, default=str), "```"]),
+        "bench": ("## (c) bench", lambda rows: [
+            "| name | value | unit | bound | ratio | what |", "|---|---|---|---|---|---|",
+            *[f"| `{r['name']}` | {fmt(r['value'])} | {r['unit']} | {fmt(r['bound'])} | {fmt(r['ratio'])} | {r['note']} |"
+              for r in rows]]),
+    }
+    for name, (title, render) in renderers.items():
+        if name in report:
+            result = report[name]
+            failed = isinstance(result, dict) and "error" in result  # the part raised: its traceback (run_parts)
+            lines += ["", title, "", *(["```", result["error"], "```"] if failed else render(result))]
     (out / "GPU_CHECK.md").write_text("\n".join(lines) + "\n")
 
 
