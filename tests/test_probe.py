@@ -28,7 +28,13 @@ from salt.models.factory import build_encoder
 from tests.conftest import tiny_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SPREAD = 0.05  # sd of the attentive top-1 over 3 probe seeds on 80 val clips
+# Bound on the sd of the attentive top-1 over 3 probe seeds on 80 val clips (one clip: 1.25 points).
+# That sd depends on the order of floating-point sums (processor, thread count), which also trains
+# the fixture's encoder differently: per-seed sd over 10 seeds was 0.024 at 1 thread and 0.049 at 2
+# threads on one AMD EPYC, the largest sd of any 3 of those 10 seeds 0.090, and 0.052 on seeds 0-2 on
+# another (docs/yardstick.md, "The suite's spread bound"). 0.125 is 2.5 of the worst per-seed sd: a
+# sample sd of 3 seeds exceeds it with probability exp(-2.5**2) = 0.2% where that sd holds.
+SPREAD = 0.125
 
 
 class ConstantEncoder(nn.Module):
