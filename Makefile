@@ -20,7 +20,7 @@ NPROC   ?= 1
 TRAIN    = $(if $(filter 1,$(NPROC)),$(PY) -m,$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m)
 TRAIN_SEP = $(if $(filter 1,$(NPROC)),,--)
 
-.PHONY: setup lock data teacher extract-targets student sweep probe select replicate yardstick stage1-variants inspect plan bench demo test clean gpu-wheels gpu-check
+.PHONY: setup lock data teacher extract-targets index student sweep slurm-teacher slurm-extract-targets slurm-student slurm-sweep probe select export replicate yardstick stage1-variants inspect plan bench demo test clean gpu-wheels gpu-check
 .DEFAULT_GOAL := demo
 
 setup: .venv/.installed
@@ -59,13 +59,17 @@ $(DEFAULT_DATA)/labels.json: | setup
 DATA_DEP := $(if $(filter $(DEFAULT_DATA),$(DATA)),$(DEFAULT_DATA)/labels.json)
 
 data: setup
-	$(PY) -m jobs.data --data $(DATA) $(if $(SRC),--src $(SRC))
+	$(PY) -m jobs.data --data $(DATA) $(if $(SRC),--src $(SRC)) $(if $(SPLIT),--split $(SPLIT)) $(if $(LABELS),--labels $(LABELS)) $(if $(WORKERS),--workers $(WORKERS)) $(ARGS)
 
 teacher: setup $(DATA_DEP)
 	$(TRAIN) jobs.teacher $(TRAIN_SEP) $(COMMON) $(ARGS)
 
 extract-targets: setup $(DATA_DEP)
 	$(PY) -m jobs.extract_targets $(COMMON) --teacher $(TEACHER) $(ARGS)
+
+# the dataset index (index.parquet) of each split folder of DATA, for shards made before ingest wrote one
+index: setup
+	$(PY) -m jobs.index --data $(DATA) $(ARGS)
 
 student: setup $(DATA_DEP)
 	$(TRAIN) jobs.student $(TRAIN_SEP) $(COMMON) $(ARGS)
@@ -75,15 +79,33 @@ SWEEP = $(if $(filter jobs/configs/tiny.yaml,$(CONFIG)),jobs/configs/sweep-demo.
 sweep: setup $(DATA_DEP)
 	$(PY) -m jobs.sweep --config $(SWEEP) --data $(DATA) --run $(RUN) --store $(STORE) $(ARGS)
 
+# The same jobs on SLURM (docs/cluster.md): a batch script in $(RUN)/slurm/, submitted. NODES nodes of
+# GPUS GPUs each (unset: the launcher's 1 x 1, or a sweep file's slurm section); SLURM: more launcher
+# flags, e.g. SLURM="--time 2-00:00:00 --partition gpu --cpus-per-node 96 --dry-run".
+LAUNCH = $(PY) -m jobs.launch $(if $(NODES),--nodes $(NODES)) $(if $(GPUS),--gpus-per-node $(GPUS)) $(SLURM)
+slurm-teacher: setup $(DATA_DEP)
+	$(LAUNCH) teacher -- $(COMMON) $(ARGS)
+slurm-extract-targets: setup $(DATA_DEP)
+	$(LAUNCH) extract-targets -- $(COMMON) --teacher $(TEACHER) $(ARGS)
+slurm-student: setup $(DATA_DEP)
+	$(LAUNCH) student -- $(COMMON) $(ARGS)
+slurm-sweep: setup $(DATA_DEP)
+	$(LAUNCH) sweep -- --config $(SWEEP) --data $(DATA) --run $(RUN) --store $(STORE) $(ARGS)
+
 # CKPT: teacher/student run folder (or a snapshot), or random:<size>; TASK: one task of labels.json (default: all)
 probe: setup $(DATA_DEP)
 	@test -n "$(CKPT)" || { echo "make probe needs CKPT=<teacher or student run folder, or random:SIZE>"; exit 2; }
-	$(PY) -m jobs.probe --ckpt $(CKPT) --config $(CONFIG) --data $(DATA) $(if $(TASK),--task $(TASK)) $(if $(OUT),--out $(OUT)) $(ARGS)
+	$(TRAIN) jobs.probe $(TRAIN_SEP) --ckpt $(CKPT) --config $(CONFIG) --data $(DATA) $(if $(TASK),--task $(TASK)) $(if $(OUT),--out $(OUT)) $(ARGS)
 
 # RUNS: student run folders; every snapshot and final checkpoint is probed, R^2 of accuracy on loss.
 select: setup $(DATA_DEP)
 	@test -n "$(RUNS)" || { echo "make select needs RUNS=\"<student run folder> ...\""; exit 2; }
 	$(PY) -m jobs.select --runs $(RUNS) --config $(CONFIG) --data $(DATA) $(ARGS)
+
+# CKPT: a teacher/student run folder or a snapshot; OUT: where (default <CKPT>/export); formats: docs/export.md
+export: setup
+	@test -n "$(CKPT)" || { echo "make export needs CKPT=<teacher or student run folder, or a snapshot>"; exit 2; }
+	$(PY) -m jobs.export --ckpt $(CKPT) $(if $(OUT),--out $(OUT)) $(ARGS)
 
 # The CPU-scale replication study over 3 seeds (each generates its own data) -> runs/replication, REPLICATION.md.
 replicate: setup
@@ -141,8 +163,11 @@ gpu-check:
 	    $(GPU_PY) -m pip install -q --no-index --no-deps --find-links $(GPU_BUNDLE) --target $(GPU_SITE) $$missing
 	PYTHONPATH=$(CURDIR):$(GPU_SITE) OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(GPU_PY) -m jobs.gpu_check --bundle $(GPU_BUNDLE) $(ARGS)
 
+# Two pytest workers, each taking whole test files (--dist loadfile: a file's module fixtures are
+# built once); much of the suite waits on subprocesses, Ray and SLURM rather than computing.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 clean:
 	rm -rf runs

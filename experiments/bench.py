@@ -209,6 +209,8 @@ def student_step_speedup(cfg: Config, batch: dict, teacher: torch.nn.Module, pai
     def step(make_targets) -> float:
         t0 = time.perf_counter()
         train_step(state, batch, make_targets(batch), cfg.student)
+        if device.type == "cuda":  # the step no longer reads its loss back: wait for its kernels
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     step(cached_targets), step(online)  # warm-up

@@ -75,7 +75,8 @@ def format_plan(pl: Plan) -> str:
     lines = [
         f"teacher {i.teacher} {n.teacher / 1e6:.1f}M, student {i.student} {n.student / 1e6:.1f}M, "
         f"predictor {n.predictor_stage1 / 1e6:.1f}M (stage 1) / {n.predictor_stage2 / 1e6:.1f}M (stage 2)",
-        f"{i.num_clips:,} clips x {views} x {pl.tokens_per_view} tokens, batch {i.batch_size}, "
+        f"{i.num_clips:,} clips x {views} x {pl.tokens_per_view} tokens, global batch {i.batch_size}"
+        + (f" (stage 1: {i.teacher_batch_size})" if i.teacher_batch_size not in (None, i.batch_size) else "") + ", "
         f"context {i.context_fraction:g} x {i.masks_per_sample} masks",
         f"throughput {i.gpu_flops_per_s / 1e12:g} TFLOP/s per GPU training, {extract_rate / 1e12:g} extracting",
         "",

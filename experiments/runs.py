@@ -2,7 +2,10 @@
 
 The jobs, the sweep and the benchmark all start runs through these two functions, so a
 student trained by `make sweep` is built exactly as one trained by `make student`.
-Under torchrun each process passes its rank to the loader; the loop does the rest.
+Under torchrun each process passes its rank and the world size to the loader, which takes the
+rank's share of each global batch (`optim.batch_size`, salt/batching.py); the loop does the
+rest. The run folder's run_info.yaml records the split: global batch, world size, micro-batch and
+accumulation steps.
 """
 
 from __future__ import annotations
@@ -13,17 +16,19 @@ from pipeline.shards import list_shards
 from pipeline.loaders import ClipStream, TargetStream, make_loader
 from pipeline.store.read import TargetStore
 from pipeline.store.provenance import check_compatible
-from salt.config import Config
+from salt.config import Config, OptimConfig
 from salt.runinfo import write_run_info
+from salt.batching import plan_for
 from salt.train.distributed import current
 from salt.train.student import train_student
 from salt.train.teacher import train_teacher
 
 
-def _loader(cfg: Config, shards: list[str], batch_size: int, store: str | None = None):
+def _loader(cfg: Config, shards: list[str], optim: OptimConfig, store: str | None = None):
     """Stage 1 streams clips (store None); stage 2 streams a store's samples with their targets."""
     rank = current()
-    position = {"batch_size": batch_size, "rank": rank.rank, "world_size": rank.world_size}
+    position = {"batch_size": optim.batch_size, "micro_batch_size": optim.micro_batch_size, "rank": rank.rank,
+                "world_size": rank.world_size}
 
     def make_batches(state: dict | None):
         dataset = ClipStream(cfg, shards, **position) if store is None else TargetStream(cfg, shards, store=store, **position)
@@ -33,11 +38,15 @@ def _loader(cfg: Config, shards: list[str], batch_size: int, store: str | None =
     return make_batches
 
 
+def _batch(optim: OptimConfig, cfg: Config) -> dict:
+    return plan_for(optim, current().world_size, cfg.data.views_per_decode).as_dict()
+
+
 def run_teacher(cfg: Config, data: str, out: str | Path, *, stop_after: int | None = None, progress: bool = True) -> dict:
     shards = list_shards(data, "train")
     if current().is_main:
-        write_run_info(out, cfg, data=data)
-    make_batches = _loader(cfg, shards, cfg.teacher.optim.batch_size)
+        write_run_info(out, cfg, data=data, batch=_batch(cfg.teacher.optim, cfg))
+    make_batches = _loader(cfg, shards, cfg.teacher.optim)
     return train_teacher(cfg, out, make_batches, stop_after=stop_after, progress=progress)
 
 
@@ -52,8 +61,8 @@ def run_student(
     else:
         shards = list_shards(data, target_store.meta["source"]["split"])
     if current().is_main:
-        write_run_info(out, cfg, data=data, store=store)
-    make_batches = _loader(cfg, shards, cfg.student.optim.batch_size, store)
+        write_run_info(out, cfg, data=data, store=store, batch=_batch(cfg.student.optim, cfg))
+    make_batches = _loader(cfg, shards, cfg.student.optim, store)
     return train_student(
         cfg,
         out,

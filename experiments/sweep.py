@@ -1,9 +1,12 @@
 """Many students, one target store: a sweep file lists variants (config overrides) of one base config.
 
 Each variant trains into <out>/<variant>/ exactly as `make student` would (experiments.runs), one
-after another on this machine or as Ray tasks (one GPU each where there are GPUs). The
-store is only read, so any number of students may share it. A variant whose run folder
-already holds a finished run is not trained again: rerunning a sweep resumes it.
+after another on this machine, as Ray tasks (one GPU each where there are GPUs), or as SLURM jobs
+(`submit_sweep`: each variant its own job with its own nodes and GPUs, the sweep's `slurm` section
+and then the variant's; a last job, once they all succeed, runs this sweep again with executor local
+to tabulate). The store is only read, so any number of students may share it. A variant whose run
+folder already holds a finished run is not trained again but read (`finished_summary`: on any
+world size it was trained at): rerunning a sweep resumes it.
 Results (variant, steps, final loss, wall time, probe top-1 when probing is on) go to
 results.json / results.csv / results.md in the sweep folder, with loss_curves.png (every student's
 loss curve) linked from results.md. Every student logs to one TensorBoard root,
@@ -23,6 +26,8 @@ from typing import Literal, Sequence
 import yaml
 
 from experiments.runs import run_student
+from experiments.slurm import SlurmConfig, command_script, submit, training_script, write_script
+from salt.checkpoint import has_checkpoint, read_meta
 from salt.config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict
 from salt.devices import set_torch_threads
 from salt.plots import plot_loss_curves, read_jsonl
@@ -35,6 +40,7 @@ LOSS_CURVES = "loss_curves.png"
 class Variant:
     name: str
     overrides: list[str] = field(default_factory=list)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)  # executor slurm: the sweep's section, then these keys
 
 
 @dataclass(kw_only=True)
@@ -42,7 +48,9 @@ class SweepConfig:
     base: str  # the config every variant starts from (relative paths: from the sweep file's folder, then the cwd)
     variants: list[Variant]
     overrides: list[str] = field(default_factory=list)  # applied to every variant, before its own
-    executor: Literal["local", "ray"] = "local"  # local: one after another; ray: one Ray task per variant
+    # local: one after another; ray: one Ray task per variant; slurm: one SLURM job per variant
+    executor: Literal["local", "ray", "slurm"] = "local"
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)  # every variant's SLURM resources (executor slurm)
     probe: bool = False  # attentive-probe every student afterwards (clips decoded once for all)
     tasks: list[str] = field(default_factory=list)  # probe tasks; empty: every task in labels.json
     tensorboard: bool = True  # every student's TensorBoard log under <out>/tensorboard/<variant> (the track extra)
@@ -53,8 +61,12 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     raw = yaml.safe_load(path.read_text()) or {}
     if "variants" not in raw:
         raise ConfigError(f"{path} is not a sweep file: it has no 'variants' list (see jobs/configs/sweep-demo.yaml)")
-    raw = to_dict(SweepConfig(base="", variants=[])) | raw  # an override may set a key the file leaves out
+    defaults = to_dict(SweepConfig(base="", variants=[]))
+    raw = defaults | raw | {"slurm": defaults["slurm"] | (raw.get("slurm") or {})}  # an override may set a key the file leaves out
     apply_overrides(raw, overrides, "sweep")
+    for v in raw["variants"] or []:  # a variant's slurm keys over the sweep's (unknown keys fail in from_dict)
+        if isinstance(v, dict):
+            v["slurm"] = raw["slurm"] | (v.get("slurm") or {})
     sweep = from_dict(SweepConfig, raw, "sweep")
     names = [v.name for v in sweep.variants]
     for name in names:
@@ -81,14 +93,30 @@ def variant_configs(sweep: SweepConfig) -> dict[str, Config]:
     return configs
 
 
+def finished_summary(run_dir: str | Path, steps: int) -> dict | None:
+    """The summary of a run that has trained all `steps` (its checkpoint at that step), else None.
+    Read, not resumed: a run trained on 16 GPUs (a SLURM variant) is reported by a sweep on one."""
+    run_dir = Path(run_dir)
+    summary = run_dir / "summary.json"
+    if not (summary.is_file() and has_checkpoint(run_dir)) or read_meta(run_dir).get("step") != steps:
+        return None
+    done = json.loads(summary.read_text())
+    return done if done.get("step") == steps else None
+
+
 def train_variant(cfg_dict: dict, data: str, store: str, run_dir: str, progress: bool) -> dict:
     """One student; takes a plain dict so it can travel to a Ray worker."""
     cfg = from_dict(Config, cfg_dict)
+    done = finished_summary(run_dir, cfg.student.optim.steps)
+    if done is not None:
+        return done
     set_torch_threads(cfg.student)
-    return run_student(cfg, data, store, run_dir, progress=progress)  # a finished run reports its summary.json
+    return run_student(cfg, data, store, run_dir, progress=progress)
 
 
 def run_sweep(sweep: SweepConfig, *, data: str, store: str, out: str | Path, progress: bool = True) -> list[dict]:
+    if sweep.executor == "slurm":
+        raise ValueError("a sweep with executor slurm is submitted (experiments/sweep.py: submit_sweep), not run here")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     configs = variant_configs(sweep)
@@ -117,6 +145,37 @@ def run_sweep(sweep: SweepConfig, *, data: str, store: str, out: str | Path, pro
     plot_loss_curves(curves, out / LOSS_CURVES, title="training loss of every student", group_by="variant")
     write_results(rows, out, figures=[LOSS_CURVES])
     return rows
+
+
+def submit_sweep(sweep: SweepConfig, *, data: str, store: str, out: str | Path, dry_run: bool = False) -> dict[str, Path | int]:
+    """Every variant as its own SLURM student job (<out>/slurm/<variant>.sbatch, its resolved config
+    beside it), then a job that runs this sweep with executor local once all succeed: every variant is
+    finished by then, so it only reads them, probes (probe: true) and writes the results. Returns
+    name -> job id ("results" for the last), or name -> script path with dry_run."""
+    out = Path(out).resolve()
+    configs = variant_configs(sweep)
+    slurm_dir = out / "slurm"
+    slurm_dir.mkdir(parents=True, exist_ok=True)
+    snapshot = out / "sweep.yaml"
+    snapshot.write_text(yaml.safe_dump(to_dict(sweep), sort_keys=False))
+    jobs: dict[str, Path | int] = {}
+    for v in sweep.variants:
+        cfg_file = slurm_dir / f"{v.name}.yaml"  # the resolved config: a later edit of the sweep file changes no queued job
+        cfg_file.write_text(yaml.safe_dump(to_dict(configs[v.name]), sort_keys=False))
+        args = ["--config", str(cfg_file), "--data", data, "--store", store, "--out", str(out / v.name), "--no-progress"]
+        script = write_script(training_script("student", args, v.slurm, name=v.name, log_dir=slurm_dir), slurm_dir / f"{v.name}.sbatch")
+        jobs[v.name] = script if dry_run else submit(script)
+    # the results job: one process on one node (a GPU for the probe where the variants have GPUs)
+    results = SlurmConfig(**(to_dict(sweep.slurm) | {"nodes": 1, "gpus_per_node": min(1, sweep.slurm.gpus_per_node),
+                                                     "procs_per_node": 0, "grace_s": 0}))
+    after = "afterok:" + ":".join(str(j) for j in jobs.values()) if not dry_run else ""
+    command = ["-m", "jobs.sweep", "--config", str(snapshot), "--data", data, "--store", store, "--out", str(out),
+               "--no-progress", "executor=local"]
+    text = command_script(command, results, name="results", log_dir=slurm_dir, dependency=after,
+                          what=f"sweep results: {len(jobs)} variants read{', probed' if sweep.probe else ''} and tabulated into {out}/results.md")
+    script = write_script(text, slurm_dir / "results.sbatch")
+    jobs["results"] = script if dry_run else submit(script)
+    return jobs
 
 
 def _run_on_ray(jobs: dict[str, tuple]) -> dict[str, dict]:

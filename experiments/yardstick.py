@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from experiments.controls import train_label_teachers
-from experiments.probing import load_probe_data, probe_encoder
+from experiments.probing import probe_encoders
 from experiments.pool import Phases, vpixel_teacher, write_data
 from experiments.stats import percent_mean_sd
 from salt.config import Config, from_dict, load_config, to_dict
@@ -64,10 +64,9 @@ def _read_seed(label_size: str, cfg_dict: dict, data: str, out: str, label_encod
     specs = {f"random-{label_size}": f"random:{label_size}"} | label_encoders
     if vpixel_size:
         specs |= {"vpixel": str(out / "vpixel"), f"random-{vpixel_size}": f"random:{vpixel_size}"}
-    loaded = load_probe_data(cfg, data, progress=False)
-    return {name: probe_encoder(spec, cfg, loaded, out / "probe" / name, data=data, progress=False,
-                                tasks=[name.removeprefix("labels-")] if name in label_encoders else None)
-            for name, spec in specs.items()}
+    # one pass over the clips extracts every encoder's features (experiments/probing.py)
+    tasks = {name: [name.removeprefix("labels-")] if name in label_encoders else None for name in specs}
+    return probe_encoders(specs, cfg, data, out / "probe", tasks=tasks, progress=False)
 
 
 def run_yardstick(study: Yardstick, *, out: str | Path, progress: bool = True) -> dict:
@@ -92,7 +91,7 @@ def run_yardstick(study: Yardstick, *, out: str | Path, progress: bool = True) -
                  study.vpixel_size if s == first else None)
         for s in study.data_seeds
     })
-    result = {"study": dataclasses.asdict(study), "config": to_dict(cfgs[first]), "readings": readings,
+    result = {"study": dataclasses.asdict(study), "config": to_dict(dataclasses.replace(cfgs[first], probe=cfgs[first].probe.resolved())), "readings": readings,
               "walls": phases.rounded()}
     (out / "yardstick.json").write_text(json.dumps(result, indent=1))
     return result

@@ -86,7 +86,14 @@ def run_training_job(name: str, train: TrainConfig, run: Callable[[], dict]) -> 
 
 
 def print_summary(name: str, summary: dict) -> None:
-    print(f"{name}: " + json.dumps(summary, default=str))
+    """The job's summary line; with the storage retries this process made, if it made any and
+    the summary does not count them itself (pipeline/fs.py: retry_counts; each was also a
+    WARNING line in the log)."""
+    from pipeline.fs import retry_counts
+
+    retries = retry_counts()
+    extra = {"storage_retries": retries} if retries and "storage_retries" not in summary else {}
+    print(f"{name}: " + json.dumps(summary | extra, default=str))
 
 
 # Bad input a user can fix (a missing folder, a config typo, a store of another teacher, a

@@ -1,5 +1,10 @@
 """make probe: the readouts (attentive probe over probe seeds, k-NN, linear) of a frozen checkpoint (teacher or student run folder, or
-random:<size> for the untrained floor) on a labelled dataset's train/ and val/ splits."""
+random:<size> for the untrained floor) on a labelled dataset's train/ and val/ splits.
+
+The encoder's features are cached (docs/evaluation.md): a second run on the same encoder, data and
+views reads them and does not run the encoder. `probe.protocol=vjepa2`: V-JEPA 2's frozen evaluation.
+`torchrun --nproc_per_node N -m jobs.probe ...` (make probe NPROC=N): every rank extracts its share
+of the clips and trains its share of each batch; rank 0 writes and prints."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from pathlib import Path
 
 from jobs.cli import config_from, entry, parser
 from experiments.probing import RANDOM, probe_checkpoint, read_probe_features
+from salt.train.distributed import finish, init_distributed
 
 
 def default_out(ckpt: str) -> Path:
@@ -34,15 +40,22 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = p.parse_args(argv)  # --run is not used: --ckpt and --out say where
     cfg = config_from(args)
     out = Path(args.out) if args.out else default_out(args.ckpt)
+    rank = init_distributed()
     try:
         results = probe_checkpoint(
-            args.ckpt, cfg, args.data, out, tasks=args.task, progress=not args.no_progress
+            args.ckpt, cfg, args.data, out, tasks=args.task, progress=not args.no_progress and rank.is_main
         )
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"probe error: {e}") from None
+    finish()
+    if not rank.is_main:
+        return results
     features = read_probe_features(out)
     print(f"probe of {args.ckpt} -> {out}")
     print(f"frozen tokens: width {features['width']}, effective rank (RankMe) {features['effective_rank']}")
+    encoded = features["encoded_rows"]
+    print(f"features: {'all cached, the encoder was not run' if encoded == 0 else f'{encoded} rows encoded'} "
+          f"({features['stores']['train']}, {features['stores']['val']})")
     print(format_table(results))
     return results
 

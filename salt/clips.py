@@ -25,8 +25,9 @@ def resize_flip_normalise(cropped: torch.Tensor, flip: bool, cfg: DataConfig) ->
     x = F.interpolate(x, size=(cfg.crop_size, cfg.crop_size), mode="bilinear", align_corners=False, antialias=True)
     if flip:
         x = x.flip(-1)
-    mean = torch.tensor(cfg.mean, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(cfg.std, device=x.device).view(1, 3, 1, 1) * 255
+    # built on the host and copied without blocking: torch.tensor(list, device=cuda) waits on the device
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1).mul(255).to(x.device, non_blocking=True)
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1).mul(255).to(x.device, non_blocking=True)
     return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()  # [3, T, S, S]
 
 

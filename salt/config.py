@@ -19,10 +19,12 @@ from salt.storage import Codec, StorageFormat, StoredDtype
 
 # Enum-like fields: the allowed values live in the type, and loading checks them.
 Attention = Literal["auto", "sdpa", "xformers"]
+RopePairing = Literal["interleaved", "vjepa2"]
 PixelLoss = Literal["l1", "mse"]
 Projection = Literal["none", "orthogonal", "gaussian"]
 StageTwoInput = Literal["video", "pixels"]
 ProbeNorm = Literal["none", "standardize", "whiten"]
+ProbeProtocol = Literal["default", "vjepa2"]
 
 
 @dataclass(kw_only=True)
@@ -49,10 +51,18 @@ class DataConfig:
     # and decodes no video.
     views_per_decode: int = 1
     stage2_input: StageTwoInput = "video"
+    # Stage 2: a clip that no longer decodes or no longer hashes to what its teacher saw. 0: the
+    # first one stops the run (the loader raises, naming it). > 0: each is skipped, replaced by a
+    # seeded other clip of the epoch (the batch keeps its size), logged with its key and counted;
+    # the run stops, naming them, once more than this fraction of the dataset's clips has failed
+    # (docs/training-at-scale.md, "Bad clips").
+    max_bad_fraction: float = 0.0
 
     def __post_init__(self):
         if self.views_per_decode < 1:
             raise ConfigError(f"data.views_per_decode={self.views_per_decode}: want at least 1")
+        if not 0 <= self.max_bad_fraction < 1:
+            raise ConfigError(f"data.max_bad_fraction={self.max_bad_fraction}: want a fraction in [0, 1)")
 
 
 @dataclass(kw_only=True)
@@ -65,6 +75,9 @@ class ModelConfig:
     predictor_depth: int = 12
     predictor_heads: int = 12
     attention: Attention = "auto"
+    # which frequency each rotated pair of dims gets (salt/models/vit.py: Rope3d); "vjepa2" makes a
+    # trained encoder exportable to V-JEPA 2's and transformers' layouts (docs/export.md)
+    rope_pairing: RopePairing = "interleaved"
     # stage 1 targets: per-tubelet normalised pixels (docs/method.md); false: the clip's pixels as they are
     pixel_norm: bool = True
     pixel_loss: PixelLoss = "l1"  # stage 1 distance (the paper names both; stage 2 is always L1)
@@ -96,7 +109,11 @@ class MaskConfig:
 @dataclass(kw_only=True)
 class OptimConfig:
     steps: int = 40_000
+    # The global batch: samples per optimizer step over all ranks, whatever the world size
+    # (docs/training-at-scale.md). Each rank takes its share in micro-batches of at most
+    # micro_batch_size samples, accumulated before the step; 0: one micro-batch per rank.
     batch_size: int = 3072
+    micro_batch_size: int = 0
     warmup_steps: int = 10_000
     start_lr: float = 2e-4
     lr: float = 6.25e-4
@@ -139,6 +156,11 @@ class TrainConfig:
     # with the mean training loss of the steps before it), for choosing checkpoints by loss
     snapshot_every: int = 0
     log_samples: bool = False  # write samples.rank<r>.jsonl: the (key, view) of every sample each rank trained on
+    # Memory and speed switches (salt/train/switches.py), off by default: recompute each
+    # encoder and predictor block in the backward pass instead of keeping its activations;
+    # torch.compile each block (inductor; the first steps pay the compile)
+    activation_checkpointing: bool = False
+    compile: bool = False
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -161,6 +183,9 @@ class ExtractConfig:
     # also store each view's uint8 crop box (the pixels the teacher saw, before resize and flip),
     # compressed, so stage 2 can train with data.stage2_input=pixels and decode no video
     pixel_cache: bool = False
+    # shard commits running at once (each holds one shard's latents in a worker's memory);
+    # 0: sized from the cluster (pipeline/extract.py: commits_in_flight)
+    commits_in_flight: int = 0
 
     @property
     def storage(self) -> StorageFormat:
@@ -168,6 +193,8 @@ class ExtractConfig:
 
     def __post_init__(self):
         StorageFormat.of(self)  # a keepbits out of range for the dtype fails here, at load time
+        if self.commits_in_flight < 0:
+            raise ConfigError(f"extract.commits_in_flight={self.commits_in_flight}: expected 0 (sized from the cluster) or more")
         if (self.projection == "none") != (self.projection_dim == 0):
             raise ConfigError(
                 f"extract.projection={self.projection!r} with extract.projection_dim={self.projection_dim}: "
@@ -175,21 +202,38 @@ class ExtractConfig:
             )
 
 
+# probe.protocol: the value each protocol gives a ProbeConfig field left at None. "default" is the
+# project's reading on the embedded data (docs/yardstick.md); "vjepa2" is V-JEPA 2's frozen evaluation
+# (its configs/eval/vitl/ssv2.yaml and eval.py; every number and its source: docs/method.md).
+PROBE_PROTOCOLS: dict[str, dict[str, Any]] = {
+    "default": {"depth": 1, "heads": 0, "batch_size": 64, "lrs": [1e-2, 3e-3], "wds": [0.01, 0.1],
+                "warmup_epochs": 1, "norm": "standardize", "eval_crops": 1, "segments": 1, "train_views": 1,
+                "augment": False},
+    "vjepa2": {"depth": 4, "heads": 16, "batch_size": 256, "lrs": [5e-3, 3e-3, 1e-3, 3e-4, 1e-4],
+               "wds": [0.01, 0.1, 0.4, 0.8], "warmup_epochs": 0, "norm": "none", "eval_crops": 3, "segments": 2,
+               # augmented views cached per train clip: chosen by measurement (docs/evaluation.md)
+               "train_views": 4, "augment": True},
+}
+
+
 @dataclass(kw_only=True)
 class ProbeConfig:
-    """Frozen-encoder readouts (docs/method.md, "Evaluation"; the choices measured in docs/yardstick.md)."""
+    """Frozen-encoder readouts (docs/method.md, "Evaluation"; docs/evaluation.md; the choices measured
+    in docs/yardstick.md). A field left at None takes the value of `protocol` (PROBE_PROTOCOLS);
+    readers take `resolved()`."""
 
-    depth: int = 1  # blocks; the last one is the cross-attention from one learned query
-    heads: int = 0  # 0: the encoder's head count
+    protocol: ProbeProtocol = "default"
+    depth: int | None = None  # blocks; the last one is the cross-attention from one learned query
+    heads: int | None = None  # 0: the encoder's head count
     epochs: int = 20
-    batch_size: int = 64
+    batch_size: int | None = None  # the global batch of the heads (split over ranks) and of the encoder
     # heads of the grid, each its own init: every (lr, wd) pair, trained in one pass
-    lrs: list[float] = field(default_factory=lambda: [1e-2, 3e-3])
-    wds: list[float] = field(default_factory=lambda: [0.01, 0.1])
-    warmup_epochs: int = 1
-    # tokens go through this map, fitted on the train split, before every readout: standardize
+    lrs: list[float] | None = None
+    wds: list[float] | None = None
+    warmup_epochs: int | None = None
+    # tokens go through this map, fitted on the train split, before the attentive probe: standardize
     # (per feature, a BatchNorm without affine), whiten (ZCA: a diagnostic), none
-    norm: ProbeNorm = "standardize"
+    norm: ProbeNorm | None = None
     # this share of the train split chooses the head (and the linear readout's l2); the rest trains
     select_fraction: float = 0.2
     # the attentive probe runs for probe seeds seed .. seed + seeds - 1 (mean +- sd); 0: not at all
@@ -203,18 +247,44 @@ class ProbeConfig:
     # eval_crops spatial crops (1: centre square; 3: start, centre and end of the long side) per
     # val video, softmax averaged over all of them. 1 x 1 is the fast protocol.
     eval_views: int = 1
-    eval_crops: int = 1
+    eval_crops: int | None = None
+    # segments > 1: that many temporal windows per sample, evenly spaced over the video, their tokens
+    # concatenated into one sample (V-JEPA 2's num_segments), train and val alike; needs eval_views=1
+    segments: int | None = None
+    # augmented views of each train clip, encoded once and cached; epoch e trains on view e mod train_views
+    train_views: int | None = None
+    # train views get a random resized crop (crop_area, crop_aspect; never flipped) instead of the centre square
+    augment: bool | None = None
+    crop_area: tuple[float, float] = (0.08, 1.0)
+    crop_aspect: tuple[float, float] = (0.75, 4 / 3)
+    # the feature cache (docs/evaluation.md): a store shard holds up to this many clips of one source
+    # shard (what one commit holds in memory); cache: its folder ("": <probe output>/features)
+    clips_per_shard: int = 64
+    cache: str = ""
     seed: int = 0
 
     def __post_init__(self):
         if self.eval_views < 1:
             raise ConfigError(f"probe.eval_views={self.eval_views}: want at least 1")
-        if self.eval_crops not in (1, 3):
+        if self.eval_crops not in (None, 1, 3):
             raise ConfigError(f"probe.eval_crops={self.eval_crops}: want 1 (centre) or 3 (start, centre, end)")
         if self.seeds < 0:
             raise ConfigError(f"probe.seeds={self.seeds}: want 0 (no attentive probe) or more")
         if not 0 < self.select_fraction < 1:
             raise ConfigError(f"probe.select_fraction={self.select_fraction}: want a share strictly between 0 and 1")
+        for name in ("segments", "train_views", "batch_size", "clips_per_shard"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"probe.{name}={value}: want at least 1")
+        if self.segments is not None and self.segments > 1 and self.eval_views > 1:
+            raise ConfigError(f"probe.segments={self.segments} with probe.eval_views={self.eval_views}: evenly spaced "
+                              "segments replace seeded windows; set probe.eval_views=1")
+
+    def resolved(self) -> ProbeConfig:
+        """Every None field filled with its protocol's value (PROBE_PROTOCOLS)."""
+        preset = PROBE_PROTOCOLS[self.protocol]
+        filled = {k: v for k, v in preset.items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **{k: list(v) if isinstance(v, list) else v for k, v in filled.items()})
 
 
 @dataclass(kw_only=True)

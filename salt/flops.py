@@ -37,7 +37,8 @@ class CostInputs:
         "num_clips", "views_per_clip", "frames", "crop_size", "patch_size", "tubelet", "masks_per_sample",
         "student_steps", "batch_size", "predictor_width", "predictor_depth", "predictor_heads", "student_runs",
     )
-    positive_or_none: ClassVar[tuple[str, ...]] = ("gpu_flops_per_s", "extract_flops_per_s", "compression_ratio")
+    positive_or_none: ClassVar[tuple[str, ...]] = ("gpu_flops_per_s", "extract_flops_per_s", "compression_ratio",
+                                                   "teacher_batch_size")
 
     num_clips: int = 3_600_000  # V-3.6M
     views_per_clip: int = 1  # stored augmented views per clip: multiplies extraction and store
@@ -51,7 +52,9 @@ class CostInputs:
     masks_per_sample: int = 2
     teacher_steps: int = 40_000  # 0: plan students of an existing teacher
     student_steps: int = 200_000
+    # the global batch (optim.batch_size: samples per step over all GPUs, whatever their number)
     batch_size: int = 3072
+    teacher_batch_size: int | None = None  # stage 1's global batch; None: batch_size
     storage: StorageFormat = field(default_factory=StorageFormat)  # as extract.dtype/keepbits/codec
     compression_ratio: float | None = None  # measured; None: StorageFormat.value_bytes' bound
     predictor_width: int = 384
@@ -196,7 +199,7 @@ def costs(inp: CostInputs) -> Costs:
     extraction = teacher_fwd * inp.num_clips * inp.views_per_clip
     teacher_fwd_per_run = teacher_fwd * samples_per_run
     per_sample_stage1 = stage1_flops_per_sample(inp, p)
-    stage1 = per_sample_stage1 * inp.teacher_steps * inp.batch_size
+    stage1 = per_sample_stage1 * inp.teacher_steps * (inp.teacher_batch_size or inp.batch_size)
     per_sample_cached = student_flops_per_sample(inp, p)
     cached = per_sample_cached * samples_per_run
     online = cached + teacher_fwd_per_run
@@ -229,16 +232,18 @@ def costs(inp: CostInputs) -> Costs:
 
 
 def inputs_from_config(cfg: Config, kind: type[CostInputs] = CostInputs) -> CostInputs:
-    """The plan of the run a training config describes: its geometry, model sizes, steps, batch,
-    views and storage format (data volume and throughput stay the paper's unless overridden),
-    as `kind` (CostInputs or a subclass with more fields, at their defaults)."""
+    """The plan of the run a training config describes: its geometry, model sizes, steps, global
+    batches (each stage's optim.batch_size: a run on any number of GPUs trains on as many samples),
+    views and storage format (data volume and throughput stay the paper's unless overridden), as
+    `kind` (CostInputs or a subclass with more fields, at their defaults)."""
     m = cfg.model
     return kind(
         teacher=m.teacher, student=m.student, frames=cfg.data.frames, crop_size=cfg.data.crop_size,
         patch_size=m.patch_size, tubelet=m.tubelet, predictor_width=m.predictor_width,
         predictor_depth=m.predictor_depth, predictor_heads=m.predictor_heads,
         teacher_steps=cfg.teacher.optim.steps, student_steps=cfg.student.optim.steps,
-        batch_size=cfg.student.optim.batch_size, views_per_clip=cfg.extract.views_per_clip,
+        batch_size=cfg.student.optim.batch_size, teacher_batch_size=cfg.teacher.optim.batch_size,
+        views_per_clip=cfg.extract.views_per_clip,
         storage=cfg.extract.storage,
     )
 

@@ -156,3 +156,24 @@ def six_shards(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def clean_six(six_shards, teacher_dir, ray_local, tmp_path_factory) -> str:
     return extract_fp32(six_shards, teacher_dir, str(tmp_path_factory.mktemp("clean") / "store"))
+
+
+def start_moto_server():
+    """moto's S3 server on a free localhost port, its state emptied: moto keeps its buckets in
+    process-wide memory, so a server started after another test's would otherwise see that test's
+    buckets. Returns (server, url); the caller stops the server."""
+    import logging
+    import socket
+    import urllib.request
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST")).close()
+    return server, url

@@ -1,8 +1,15 @@
-"""Real video folders and CSVs in: every input lands in the shards or the errors, with its reason."""
+"""Real video folders and CSVs in (local or s3://): every input lands in the shards or the errors,
+with its reason; a killed ingest resumes to the bytes of a clean one; splits share one label map."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,14 +18,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.dataset_index import load_index
 from pipeline.deadline_pool import bounded_map
 from pipeline.digits import encode_mp4
 from pipeline.extract import extract_targets
-from pipeline.ingest import build_shards
+from pipeline.ingest import IngestConfig, Transcode, build_shards, discover
+from pipeline.labelmap import new_label_map
 from pipeline.shards import iter_shard, list_shards, write_shard
 from pipeline.video import frame_indices, load_clip
 from salt.config import DataConfig
-from tests.conftest import tiny_config
+from tests.conftest import ROOT, tiny_config, tree_digest
+from tests.test_reliability import descendants
+from tests.test_urls import s3_endpoint  # noqa: F401  (the local S3 server fixture)
 
 
 def encode(path: Path, *, width: int, height: int, frames: int, fps: int) -> bytes:
@@ -90,9 +101,14 @@ def check_report(summary: dict, out: Path, prefix: str) -> None:
         assert s.meta["label"] == name.split("/")[0]
         assert s.meta["label_index"] == ["run", "walk"].index(s.meta["label"])
     assert json.loads((out / "labels.json").read_text()) == {"label": ["run", "walk"]}
+    index = load_index(str(out))  # written with the shards, from the bytes the tasks wrote
+    assert sorted(index) == [Path(s).stem for s in list_shards(str(out))]
+    for shard in list_shards(str(out)):
+        data = Path(shard).read_bytes()
+        assert index.fingerprint(Path(shard).stem) == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def test_folder_of_videos_to_shards_with_errors(video_folder, tmp_path, capsys):
+def test_folder_of_videos_to_shards_with_errors(video_folder, tmp_path, ray_local, capsys):
     from jobs import data
 
     summary = data.main(["--src", str(video_folder), "--data", str(tmp_path / "shards"), "--samples-per-shard", "2"])
@@ -182,3 +198,173 @@ def test_a_hanging_decode_is_bounded_and_the_rest_goes_on():
     assert time.monotonic() - t0 < 20
     assert results[0] == (True, 2) and results[2] == (True, 4) and results[3] == (True, 6)
     assert results[1][0] is False and "TimeoutError" in results[1][1]
+
+
+# ---------------------------------------------------------------- sources, label map, resume
+
+
+def test_csv_formats_name_the_same_videos(tmp_path):
+    """V-JEPA's `path label`, `path,label`, and a header (in any column order) read alike."""
+    (tmp_path / "v" / "a").mkdir(parents=True)
+    forms = {
+        "space.csv": "v/a/x.mp4 3\n/abs/y.mp4 10\n",
+        "comma.csv": "v/a/x.mp4,3\n/abs/y.mp4,10\n",
+        "header.csv": "path,label\nv/a/x.mp4,3\n/abs/y.mp4,10\n",
+        "swapped.csv": "label,video,split\n3,v/a/x.mp4,train\n10,/abs/y.mp4,train\n",
+    }
+    found = {}
+    for name, text in forms.items():
+        (tmp_path / name).write_text(text)
+        found[name] = [(v.path, v.label, v.key) for v in discover(str(tmp_path / name))]
+    assert all(f == found["space.csv"] for f in found.values()), found
+    assert [p for p, _, _ in found["space.csv"]] == [str(tmp_path / "v/a/x.mp4"), "/abs/y.mp4"]
+    (tmp_path / "bad.csv").write_text("path,label\nv/a/x.mp4,3,extra\n")
+    with pytest.raises(ValueError, match=r"bad.csv:2: expected 'path,label', got 'v/a/x.mp4,3,extra'"):
+        discover(str(tmp_path / "bad.csv"))
+    # V-JEPA's integer labels keep their number even where a split lacks a class
+    assert new_label_map(["3", "0", "3"]) == ["0", "1", "2", "3"]
+    assert new_label_map(["walk", "run", "10", "2"]) == ["2", "10", "run", "walk"]
+
+
+def test_splits_ingested_separately_share_one_label_map(video_folder, tmp_path, ray_local, capsys):
+    """train/ and val/ in two runs: one labels.json at the dataset root; a class missing from val,
+    or whose only video fails, keeps its number; a label outside the map is one line naming it."""
+    from jobs import data
+
+    def csv(name: str, rows: list[str]) -> str:
+        (video_folder / name).write_text("".join(f"{r}\n" for r in rows))
+        return str(video_folder / name)
+
+    train = csv("train.csv", ["walk/a.mp4 walk", "run/b.mp4 run", "run/zero.mp4 jump"])  # jump: its only video fails
+    val = csv("val.csv", ["walk/small.mp4 walk"])  # no run, no jump
+    root = tmp_path / "ds"
+    base = ["--data", str(root), "--no-progress", "--samples-per-shard", "2"]
+    data.main(["--src", train, "--split", "train", *base])
+    data.main(["--src", val, "--split", "val", *base])
+    assert json.loads((root / "labels.json").read_text()) == {"label": ["jump", "run", "walk"]}
+    assert not (root / "train" / "labels.json").exists()
+    labels = {s.key: (s.meta["label"], s.meta["label_index"]) for split in ("train", "val") for sh in list_shards(str(root), split)
+              for s in iter_shard(sh)}
+    assert labels == {"walk_a": ("walk", 2), "run_b": ("run", 1), "small": ("walk", 2)}
+
+    capsys.readouterr()
+    swim = csv("swim.csv", ["walk/a.mp4 walk", "run/b.mp4 swim"])
+    with pytest.raises(SystemExit, match=r"^data error: label 'swim' is not in the label map .*labels.json \(3 classes\)$"):
+        data.main(["--src", swim, "--split", "test", *base])
+    given = tmp_path / "given.json"
+    given.write_text(json.dumps({"label": ["walk", "run"]}))
+    with pytest.raises(SystemExit, match=r"^data error: LABELS=.*given.json differs from the map"):
+        data.main(["--src", val, "--split", "other", "--labels", str(given), *base])
+    # a given map numbers a new dataset: positions in the map, whatever this run decodes
+    data.main(["--src", val, "--data", str(tmp_path / "given-ds"), "--labels", str(given), "--no-progress"])
+    (sample,) = [s for sh in list_shards(str(tmp_path / "given-ds")) for s in iter_shard(sh)]
+    assert (sample.meta["label"], sample.meta["label_index"]) == ("walk", 0)
+
+
+def test_rerun_keeps_committed_shards_and_redoes_the_rest(video_folder, tmp_path):
+    """The state a kill can leave on a local disk: a shard renamed into place but not marked
+    committed, a half-written temporary, no index or errors yet. The rerun redoes that shard
+    only and ends with every byte of the clean run. Other settings in the same folder: refused."""
+    out = tmp_path / "shards"
+    cfg = IngestConfig(samples_per_shard=2)
+    first = build_shards(str(video_folder), str(out), cfg, progress=False, in_process=True)
+    clean = tree_digest(str(out))
+    assert (out / "index.parquet").exists() and first["shards_written_now"] == 4
+    (out / "_ingest" / "shard-000003.json").unlink()
+    (out / "shard-000001.tar.tmp-0badc0de").write_bytes(b"half a tar")
+    (out / "index.parquet").unlink()
+    (out / "errors.parquet").unlink()
+    again = build_shards(str(video_folder), str(out), cfg, progress=False, in_process=True)
+    assert (again["shards_written_now"], again["shards_kept"]) == (1, 3)
+    assert tree_digest(str(out)) == clean
+    with pytest.raises(ValueError, match=r"was ingested with samples_per_shard=2, this run has 3"):
+        build_shards(str(video_folder), str(out), IngestConfig(samples_per_shard=3), progress=False, in_process=True)
+
+
+# ---------------------------------------------------------------- s3://: killed mid-way, rerun, equal bytes
+
+
+def tiny_mp4(seed: int, frames: int = 12) -> bytes:
+    base = np.random.default_rng(seed).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    return encode_mp4(np.stack([np.roll(base, 2 * i, axis=1) for i in range(frames)]), fps=20)
+
+
+S3_GOOD, S3_SHARDS = 12, 16  # one video per shard: enough shards for a kill to land between commits
+TRANSCODE = ["--short-side", "40", "--max-fps", "10"]
+
+
+@pytest.fixture
+def s3_csv(s3_endpoint) -> str:  # noqa: F811
+    """An s3:// `path,label` CSV (header, relative paths) of real H.264 mp4s, four of them bad."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # an earlier test's client points at an earlier server
+    s3 = s3fs.S3FileSystem(skip_instance_cache=True)
+    s3.mkdir("ingest")
+    rows = ["path,label"]
+    for i in range(S3_GOOD):
+        s3.pipe(f"ingest/videos/c{i % 3}/v{i:02d}.mp4", tiny_mp4(i))
+        rows.append(f"videos/c{i % 3}/v{i:02d}.mp4,class{i % 3}")
+    s3.pipe("ingest/videos/bad/zero.mp4", b"")
+    s3.pipe("ingest/videos/bad/half.mp4", tiny_mp4(99)[:3000])
+    s3.pipe("ingest/videos/bad/notes.mp4", b"notes, not a video\n" * 50)
+    rows += ["videos/bad/zero.mp4,class0", "videos/bad/half.mp4,class1", "videos/bad/notes.mp4,class2", "videos/bad/gone.mp4,class2"]
+    s3.pipe("ingest/train.csv", ("\n".join(rows) + "\n").encode())
+    return "s3://ingest/train.csv"
+
+
+def s3_tree(prefix: str) -> dict[str, bytes]:
+    import s3fs
+
+    s3 = s3fs.S3FileSystem(skip_instance_cache=True)
+    return {p[len(prefix) + 1:]: s3.cat_file(p) for p in s3.find(prefix)}
+
+
+def test_s3_csv_ingest_killed_mid_way_then_rerun_equals_a_clean_run(s3_csv, tmp_path):
+    import s3fs
+
+    clean = build_shards(s3_csv, "s3://ingest/clean", IngestConfig(samples_per_shard=1, transcode=Transcode(short_side=40, max_fps=10)),
+                         progress=False, in_process=True)
+    assert (clean["inputs"], clean["samples"], clean["errors"], clean["shards"]) == (S3_SHARDS, S3_GOOD, 4, S3_GOOD)
+    reasons = {r["source"].rsplit("/", 1)[-1]: r["reason"] for r in clean["error_reasons"]}
+    assert reasons == {"gone.mp4": "FileNotFoundError: no such file", "zero.mp4": "ValueError: empty file (0 bytes)",
+                       "half.mp4": reasons["half.mp4"], "notes.mp4": reasons["notes.mp4"]}
+    assert "not a decodable video" in reasons["half.mp4"] and "not a decodable video" in reasons["notes.mp4"]
+    sample = next(iter_shard(list_shards("s3://ingest/clean")[0]))
+    assert (sample.meta["width"], sample.meta["height"], sample.meta["fps"], sample.meta["num_frames"]) == (60, 40, 10.0, 6)
+    assert sample.meta["transcode"]["short_side"] == 40 and sample.meta["source_video"]["width"] == 96
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own, whose workers see the server
+    cli = [sys.executable, "-m", "jobs.data", "--src", s3_csv, "--data", "s3://ingest/killed", "--samples-per-shard", "1",
+           "--workers", "1", "--no-progress", *TRANSCODE]
+    s3 = s3fs.S3FileSystem(skip_instance_cache=True)
+
+    def committed() -> list[str]:
+        s3.invalidate_cache()
+        return s3.glob("ingest/killed/_ingest/shard-*.json")
+
+    proc = subprocess.Popen(cli, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not committed() and proc.poll() is None:
+        time.sleep(0.05)
+    ray_processes = descendants(proc.pid)  # its local Ray: some of it outlives a SIGKILL of the driver for a while
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    seen, since = committed(), time.monotonic()
+    while time.monotonic() - since < 2.0:  # a task in flight at the kill may still finish its shard
+        time.sleep(0.2)
+        if (now := committed()) != seen:
+            seen, since = now, time.monotonic()
+    for pid, command in ray_processes.items():  # what this test started, by pid, if still the same process
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") == command:
+                os.kill(pid, signal.SIGKILL)
+    assert 1 <= len(seen) < S3_SHARDS, f"the kill must land mid-job ({len(seen)} shards committed; {proc.stderr.read()[-2000:]})"
+    # the rerun without Ray (--workers 0): the same bytes whichever engine ran a shard, and no second Ray start-up
+    rerun = subprocess.run([*cli, "--workers", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"({len(seen)} kept from an earlier run)" in rerun.stdout
+    killed, whole = s3_tree("ingest/killed"), s3_tree("ingest/clean")
+    assert sorted(killed) == sorted(whole)
+    assert [k for k in whole if killed[k] != whole[k]] == []
+    assert sum(k.endswith(".tar") for k in whole) == S3_GOOD and "index.parquet" in whole and "labels.json" in whole

@@ -26,7 +26,7 @@ def test_bad_input_ends_in_one_line(argv, says, digits, tmp_path):
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], done.stderr[-2000:]
 
 
-JOBS = ["bench", "data", "demo", "extract_targets", "gpu_check", "inspect_store", "plan", "probe", "replicate",
+JOBS = ["bench", "data", "demo", "export", "extract_targets", "gpu_check", "inspect_store", "plan", "probe", "replicate",
         "select", "stage1_variants", "student", "sweep", "teacher", "yardstick"]
 STUDIES = ("replicate", "stage1_variants", "yardstick")  # their own --run, and no --data (jobs/cli.py: study_parser)
 
@@ -60,7 +60,7 @@ def test_every_job_reads_the_common_flags_through_one_parser(job, monkeypatch):
     if job in STUDIES:
         assert "data" not in flags and flags["report"].endswith(".md")
     assert "no_progress" in flags
-    assert ("overrides" in flags) == (job not in ("data", "inspect_store"))
+    assert ("overrides" in flags) == (job not in ("data", "inspect_store", "export"))
 
 
 def test_a_sweep_file_takes_overrides_like_a_config():
@@ -69,8 +69,8 @@ def test_a_sweep_file_takes_overrides_like_a_config():
 
     sweep = load_sweep("jobs/configs/sweep-demo.yaml", ["executor=ray", "probe=true"])
     assert (sweep.executor, sweep.probe) == ("ray", True)
-    with pytest.raises(ConfigError, match="sweep.executor='slurm': expected one of local, ray"):
-        load_sweep("jobs/configs/sweep-demo.yaml", ["executor=slurm"])
+    with pytest.raises(ConfigError, match="sweep.executor='kubernetes': expected one of local, ray, slurm"):
+        load_sweep("jobs/configs/sweep-demo.yaml", ["executor=kubernetes"])
     with pytest.raises(ConfigError, match="unknown key sweep.executr"):
         load_sweep("jobs/configs/sweep-demo.yaml", ["executr=ray"])
 

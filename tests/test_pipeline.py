@@ -189,6 +189,7 @@ def test_clip_hash_mismatch_stops_stage_2(store_fp32, digits, tmp_path):
     for row in table:
         row["clip_hash"] = "0" * 64
     pq.write_table(pq.read_table(path).from_pylist(table, schema=pq.read_table(path).schema), path)
+    (tampered / "manifest.parquet").unlink()  # else a reader takes shard-000000's rows from the store-level copy
     dataset = TargetStream(tiny_config(), list_shards(digits), batch_size=4, store=str(tampered))
     with pytest.raises(ClipHashMismatch, match=r"clip hash mismatch for key 'train-0000\d\d' view 0 of shard shard-000000"):
         for g in range(4):
@@ -382,7 +383,7 @@ def test_extraction_ships_uint8_crops_that_become_the_loaders_clip(digits):
 def teacher_and_student_clips(cfg, teacher_dir: str, digits: str, store: str, work: Path) -> tuple[dict, dict]:
     """Per (key, view): the clip extraction's actor code gives its teacher (in process, on the
     default device), and the clip a student's training step trains on (fit, same device)."""
-    from pipeline.extract import decode_shard, forward_and_write, numpy_batch
+    from pipeline.extract import decode_shard, numpy_batch, teacher_forward
     from salt.config import to_dict
     from salt.devices import default_device
 
@@ -391,7 +392,7 @@ def teacher_and_student_clips(cfg, teacher_dir: str, digits: str, store: str, wo
     teacher.register_forward_pre_hook(lambda module, args: fed.append(args[0].clone()))
     rows = [r for shard in list_shards(digits)
             for r in decode_shard({"path": shard, "shard": Path(shard).stem}, data_cfg=to_dict(cfg.data), views=1)]
-    forward_and_write(teacher, cfg, str(work / "store"), numpy_batch(rows), default_device())
+    teacher_forward(teacher, cfg, numpy_batch(rows), default_device())
     teacher_clips = dict(zip(((r["key"], r["view"]) for r in rows), torch.cat(fed)))
     student_clips = {}
 

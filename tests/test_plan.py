@@ -175,3 +175,24 @@ def test_plan_reads_the_measured_decode_rate(tmp_path, capsys):
     bench.write_text("{}")
     with pytest.raises(ValueError, match="benchmarks.json"):
         plan_job.main(["--bench", str(bench)])
+
+
+def test_make_plan_and_a_run_of_a_config_count_the_same_global_batch():
+    """optim.batch_size is the global batch in both: make plan --config vitl.yaml counts 200k steps of
+    3072 clips whatever the GPU count, and a run of that config on 1, 8 or 64 GPUs trains 3072 per
+    step (48 per GPU in one micro-batch on 64, 8 micro-batches of 48 on 8). Stage 1 has its own."""
+    from salt.batching import plan_for
+    from salt.config import load_config, with_overrides
+    from salt.flops import inputs_from_config
+
+    cfg = load_config("jobs/configs/vitl.yaml")
+    printed = plan_job.main(["--config", "jobs/configs/vitl.yaml", "--json"])
+    assert json.loads(printed)["inputs"]["batch_size"] == 3072
+    assert [plan_for(cfg.student.optim, w).as_dict() for w in (1, 8, 64)] == [
+        {"global_batch": 3072, "world_size": w, "micro_batch": 48, "accumulation_steps": 3072 // 48 // w} for w in (1, 8, 64)]
+    one_gpu = costs(inputs_from_config(cfg)).student_run_cached.flops
+    assert costs(inputs_from_config(with_overrides(cfg, "student.optim.micro_batch_size=24"))).student_run_cached.flops == one_gpu
+    small_teacher = inputs_from_config(with_overrides(cfg, "teacher.optim.batch_size=1024"))
+    assert costs(small_teacher).stage1.flops == pytest.approx(costs(inputs_from_config(cfg)).stage1.flops / 3)
+    assert "global batch 3072, " in plan_job.main(["--config", "jobs/configs/vitl.yaml"])
+    assert "global batch 3072 (stage 1: 1024), " in plan_job.main(["teacher_batch_size=1024"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from torch import nn
 
 from jobs import probe as probe_job
 from pipeline.labelled import label_of, load_labelled
-from experiments.probing import load_encoder, load_probe_data, probe_data_config, probe_encoders
+from experiments.probing import load_encoder, probe_data_config, probe_encoders
 from pipeline.video import spatial_crops
 from salt.config import ConfigError, ProbeConfig, to_dict
 from salt.plots import plot_loss_curves, plot_scatter_fit, r_squared
@@ -55,9 +56,13 @@ def probe_digits(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def probe_data(probe_digits):
-    """The clips of probe_digits, 2 views per val video."""
+    """The clips of probe_digits in memory (for the tests that train an encoder or probe tensors), 2
+    views per val video, as the probe reads them."""
     cfg = tiny_config("probe.eval_views=2")
-    return cfg, load_probe_data(cfg, probe_digits, progress=False)
+    data_cfg = probe_data_config(cfg).data
+    train = load_labelled(probe_digits, "train", data_cfg, views=1, progress=False)
+    val = load_labelled(probe_digits, "val", data_cfg, views=2, progress=False)
+    return cfg, SimpleNamespace(train=train, val=val)
 
 
 def train_motion_encoder(clips: torch.Tensor, motion: torch.Tensor, *, steps: int = 800, seed: int = 0) -> nn.Module:

@@ -71,12 +71,12 @@ def test_a_smaller_student_learns_from_a_wider_teacher(store_fp32, digits, tmp_p
 
 @pytest.mark.parametrize("stage", ["teacher", "student"])
 def test_two_torchrun_ranks_see_each_sample_once_per_epoch(stage, store_fp32, digits, tmp_path) -> None:
-    """2 gloo ranks, batch 3 each, one epoch of 16 samples: 8 per rank, 2 batches each -> 12 trained,
+    """2 gloo ranks, global batch 6 (3 each), one epoch of 16 samples: 8 per rank, 2 batches each -> 12 trained,
     4 left out, fewer than one global batch (6)."""
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", f"jobs.{stage}", "--", "--data", digits, "--run", str(run), "--no-progress", *FAST,
-           f"{stage}.optim.batch_size=3", f"{stage}.optim.steps=2", f"{stage}.log_samples=true"]
+           f"{stage}.optim.batch_size=6", f"{stage}.optim.steps=2", f"{stage}.log_samples=true"]
     if stage == "student":
         cmd += ["--store", store_fp32]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

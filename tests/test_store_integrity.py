@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from jobs import inspect_store
@@ -64,29 +65,32 @@ def test_sigkill_of_the_driver_then_rerun_gives_the_clean_store(six_shards, teac
     assert_same_store(clean_six, str(store))
 
 
-def test_source_shards_are_fingerprinted_once(six_shards, teacher_dir, ray_local, tmp_path, monkeypatch):
-    """A resume trusts the sha256 the store recorded for a shard of the same name, path and size
-    instead of re-reading every source shard; a shard whose size changed is hashed again and the
-    store refuses the job."""
+def test_source_shards_are_read_from_the_index_and_a_changed_one_is_refused_by_its_reader(
+        six_shards, teacher_dir, ray_local, tmp_path, monkeypatch):
+    """store.json's sizes and sha256 come from the dataset index: the driver opens no source shard,
+    on a first extraction or a rerun. A shard edited after indexing is refused by the decode task
+    that opens it, with one line naming it (no serial pre-pass over the dataset)."""
     from pipeline import fs
-    from pipeline.store.layout import StoreMismatchError
+    from pipeline.dataset_index import ShardChangedError
 
     data, store = tmp_path / "data", str(tmp_path / "store")
     shutil.copytree(six_shards, data)  # a copy: the test changes a shard
+    shards = list_shards(str(data), "train")
+    opened: list[str] = []
+    for name in ("sha256", "size", "read_bytes", "open_file"):  # every way the driver could read a shard
+        real = getattr(fs, name)
+        monkeypatch.setattr(fs, name, lambda location, *a, _real=real, **k: opened.append(str(location)) or _real(location, *a, **k))
     cfg = tiny_config(*FP32)
     assert extract_targets(cfg, data=str(data), teacher=teacher_dir, store=store, progress=False)["shards_extracted_now"] == 6
-    hashed: list[str] = []
-    real = fs.sha256
-    monkeypatch.setattr(fs, "sha256", lambda location: hashed.append(location) or real(location))
-    shards = list_shards(str(data), "train")
     again = extract_targets(cfg, data=str(data), teacher=teacher_dir, store=store, progress=False)
-    assert again["shards_extracted_now"] == 0 and not set(hashed) & set(shards)
+    assert again["shards_extracted_now"] == 0 and not set(opened) & set(shards)  # Ray's workers read them, not the driver
 
     with open(shards[2], "ab") as f:
         f.write(b"\0" * 512)  # a tar padded by one block: same samples, other bytes
-    with pytest.raises(StoreMismatchError, match=r"source\.shards"):
+    shutil.rmtree(shard_dir(store, "shard-000002"))  # so that a rerun extracts it again
+    with pytest.raises(ShardChangedError, match=rf"source shard {shards[2]} changed after it was indexed"):
         extract_targets(cfg, data=str(data), teacher=teacher_dir, store=store, progress=False)
-    assert hashed == [shards[2]]
+    assert not set(opened) & set(shards)
 
 
 def test_extraction_through_a_separately_started_ray_cluster(six_shards, teacher_dir, clean_six, tmp_path):
@@ -193,15 +197,11 @@ def test_full_disk_in_a_shard_writing_worker_names_the_shard_and_leaves_nothing_
     assert shard_files(str(store)) == shard_files(store_fp32)
 
 
-def rows_of_a_task(store: str, latents: list[float]) -> list[dict]:
-    """What a teacher actor returns for rows a and b of one shard, their latents in a part of its own."""
-    from pipeline.store.parts import write_parts
-
-    shards, orders = np.array(["shard-000000"] * 2), np.arange(2)
-    part, part_row = write_parts(store, shards, orders, np.stack([np.full((3, 2), x, np.float32) for x in latents]), None)
+def rows_of_a_task(latents: list[float]) -> list[dict]:
+    """What a teacher actor returns for rows a and b of one shard: small columns and the latents."""
     return [{"shard": "shard-000000", "shard_total": 2, "order": i, "key": key, "view": 0, "error": "", "clip_hash": "h" + key,
              "frame_indices": np.arange(4, dtype=np.int32), "crop": np.zeros(4, np.int32), "flip": False,
-             "part": part[i], "part_row": part_row[i], "writer_pid": 0} for i, key in enumerate("ab")]
+             "latents": np.full((3, 2), x, np.float32), "writer_pid": 0} for i, (key, x) in enumerate(zip("ab", latents))]
 
 
 def test_retried_rows_are_written_once(tmp_path, ray_local):
@@ -211,16 +211,16 @@ def test_retried_rows_are_written_once(tmp_path, ray_local):
     from salt.storage import StorageFormat
 
     store = str(tmp_path)
-    (a, b), (a_again, b_again) = rows_of_a_task(store, [0, 1]), rows_of_a_task(store, [10, 11])
+    (a, b), (a_again, b_again) = rows_of_a_task([0, 1]), rows_of_a_task([10, 11])
     # rows arrive twice, as when Ray re-runs a task whose output was already seen, before and
-    # after their shard is complete; the re-run wrote parts of its own, which are never read
-    ds = ray.data.from_items([a, a_again, b, b_again], override_num_blocks=1)
+    # after their shard is complete; the first copy of each is the one written
+    ds = ray.data.from_items([a, a_again, b, b_again], override_num_blocks=2)
     summary = _commit_as_complete(ds, store, StorageFormat(dtype="float32"), "test-store")
     manifest, array = store_contents(store)["shard-000000"]
     assert summary["teacher_forward_samples"] == 2 and [m["key"] for m in manifest] == ["a", "b"]
     assert np.array_equal(array, np.stack([np.full((3, 2), x, np.float32) for x in (0, 1)]))
     assert summary["shard_writers"] and os.getpid() not in summary["shard_writers"]
-    assert sorted(p.name for p in (tmp_path / "targets").iterdir()) == ["shard-000000.zarr"]  # no parts left
+    assert sorted(p.name for p in (tmp_path / "targets").iterdir()) == ["shard-000000.zarr"]  # no temporary folder
 
 
 def test_a_failed_shard_commit_names_the_shard_and_leaves_nothing_partial(tmp_path, ray_local):
@@ -229,13 +229,13 @@ def test_a_failed_shard_commit_names_the_shard_and_leaves_nothing_partial(tmp_pa
     from pipeline.extract import _commit_as_complete
     from salt.storage import StorageFormat
 
-    store = str(tmp_path)
-    rows = rows_of_a_task(store, [0, 1])
-    Path(rows[1]["part"]).unlink()  # a part lost between the actor's write and the commit
-    ds = ray.data.from_items(rows, override_num_blocks=1)
-    with pytest.raises(FileNotFoundError, match="while committing shard shard-000000 of target store"):
-        _commit_as_complete(ds, store, StorageFormat(dtype="float32"), "test-store")
-    assert list((tmp_path / "targets").iterdir()) == []  # no shard, no temporary folder, no parts
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "targets").write_bytes(b"")  # a file where the shards' folder should be: every write fails
+    ds = ray.data.from_items(rows_of_a_task([0, 1]), override_num_blocks=1)
+    with pytest.raises(OSError, match="while committing shard shard-000000 of target store"):
+        _commit_as_complete(ds, str(store), StorageFormat(dtype="float32"), "test-store")
+    assert [p.name for p in store.iterdir()] == ["targets"] and (store / "targets").read_bytes() == b""
 
 
 def test_lossy_formats_are_smaller_and_close(store_fp32, digits, teacher_dir, tmp_path):
@@ -374,3 +374,82 @@ def test_an_empty_source_shard_is_committed_empty_and_trains(digits, teacher_dir
     assert verify_store(store) == [] and summarize(store)["missing_shards"] == []
     summary = run_student(tiny_config("student.optim.steps=2"), str(data), store, tmp_path / "student", progress=False)
     assert summary["step"] == 2 and np.isfinite(summary["final_loss"])
+
+
+def test_commits_in_flight_is_sized_from_the_cluster():
+    from pipeline.extract import commits_in_flight
+    from salt.config import ConfigError
+
+    assert commits_in_flight(tiny_config(), {"CPU": 2.0}) == 4  # a laptop: at least 4
+    assert commits_in_flight(tiny_config("extract.num_actors=64"), {"CPU": 1024.0, "GPU": 64.0}) == 128  # two per actor
+    assert commits_in_flight(tiny_config("extract.num_actors=64", "extract.decode_num_cpus=4"), {"CPU": 256.0}) == 64  # one per CPU share
+    assert commits_in_flight(tiny_config("extract.commits_in_flight=3"), {"CPU": 1024.0}) == 3  # the setting wins
+    with pytest.raises(ConfigError, match=r"extract.commits_in_flight=-1"):
+        tiny_config("extract.commits_in_flight=-1")
+
+
+def test_store_level_tables_serve_the_shards_whose_marker_is_unchanged(store_fp32, tmp_path):
+    """Stage 2 reads a shard's rows from the store-level manifest while the shard's marker is the
+    one the tables were built from; a recommitted shard is read from its own files; verify finds a
+    store-level copy that differs from a shard's own manifest."""
+    import pyarrow.parquet as pq
+
+    copy = damaged_copy(store_fp32, tmp_path)  # copytree keeps the markers' times: the tables still describe them
+    whole = TargetStore(store_fp32).manifest("shard-000000")
+    (Path(shard_dir(copy, "shard-000000")) / "manifest.parquet").unlink()
+    assert TargetStore(copy).manifest("shard-000000") == whole  # not read from the shard
+
+    own = Path(shard_dir(copy, "shard-000001")) / "manifest.parquet"
+    table = pq.read_table(own)
+    pq.write_table(table.set_column(table.schema.get_field_index("clip_hash"), "clip_hash",
+                                    pa.array(["f" * 64] * table.num_rows)), own)
+    marker = Path(shard_dir(copy, "shard-000001")) / "shard.json"
+    time.sleep(0.01)
+    marker.write_bytes(marker.read_bytes())  # a recommit: another version of the marker
+    assert {r["clip_hash"] for r in TargetStore(copy).manifest("shard-000001").values()} == {"f" * 64}
+
+    other = tmp_path / "other"
+    shutil.copytree(store_fp32, other)
+    level = other / "manifest.parquet"
+    table = pq.read_table(level)
+    tampered = ["0" * 64 if s == "shard-000000" else h for s, h in zip(table.column("shard").to_pylist(), table.column("clip_hash").to_pylist())]
+    pq.write_table(table.set_column(table.schema.get_field_index("clip_hash"), "clip_hash", pa.array(tampered)), level)
+    assert verify_store(str(other)) == [
+        "shard shard-000000: its rows in the store-level manifest.parquet differ from its own manifest.parquet"]
+
+
+def test_a_remote_store_is_not_listed_at_start_and_a_recommitted_shard_is_refused(monkeypatch):
+    """On an object store a reader takes the committed shards from the store-level tables (no listing
+    of every object) and checks each shard's marker when it first reads it."""
+    import json as _json
+    import uuid
+
+    from pipeline import fs
+    from pipeline.store import layout, read as store_read
+    from pipeline.store.write import ExtractedRow, commit_shard, rebuild_tables
+    from salt.storage import StorageFormat
+
+    store = f"memory://stores/{uuid.uuid4().hex}"  # a remote filesystem to pipeline/fs.py
+    fs.write_bytes(fs.join(store, "store.json"), _json.dumps({"store_id": "s1", "views_per_clip": 1}).encode())
+    rows = [ExtractedRow(key="k", view=0, clip_hash="h", frame_indices=(0,), crop=(0, 0, 1, 1), flip=False,
+                         latents=np.full((3, 2), 1, np.float32))]
+    fmt = StorageFormat(dtype="float32")
+    fresh = {s: commit_shard(store, s, rows, [], fmt=fmt, store_id="s1") for s in ("shard-000000", "shard-000001")}
+    rebuild_tables(store, fresh)
+    listings = []
+    real = layout.marker_versions
+    monkeypatch.setattr(store_read, "marker_versions", lambda s: listings.append(s) or real(s))
+    target = TargetStore(store)
+    assert target.shards == ["shard-000000", "shard-000001"] and listings == []
+    target.check_identity("shard-000001")
+    assert np.array_equal(target.latents("shard-000000", 0), rows[0].latents)
+
+    marker = fs.join(shard_dir(store, "shard-000001"), "shard.json")
+    time.sleep(0.01)
+    fs.write_bytes(marker, fs.read_bytes(marker))  # a recommit: another version of the marker
+    with pytest.raises(CorruptStoreError, match=r"shard shard-000001 was recommitted since the store-level tables were built"):
+        TargetStore(store).latents("shard-000001", 0)
+
+    commit_shard(store, "shard-000002", rows, [], fmt=fmt, store_id="s1")  # after the tables: a killed job's last commit
+    late = TargetStore(store)
+    assert "shard-000002" in late.shards and len(listings) == 1  # listed once, when asked for a shard the tables lack

@@ -1,6 +1,6 @@
 """Any frozen teacher: tiny random-weight VideoMAE and V-JEPA 2 models saved locally, extracted
 through the Ray job, checked token by token against the live adapter, and trained on with the
-teacher's folder gone."""
+teacher's folder gone; run at a geometry other than their config's, against transformers built there."""
 
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ def test_hf_teacher_store_equals_live_tokens_and_trains_without_the_teacher(kind
     assert teacher["sha256"] == file_sha256(folder / "model.safetensors") and teacher["width"] == 48
     assert teacher["grid"] == [8, 4, 4] and len(teacher["config_sha256"]) == 64 and teacher["projection"] is None
     assert teacher["dtype"] == "float32"
+    assert teacher["geometry"] == teacher["native_geometry"] == {"frames": 16, "crop_size": 32}
     cfg = tiny_config()
     live = load_teacher(spec, cfg)
     dataset = TargetStream(cfg, list_shards(digits), batch_size=4, store=store)
@@ -113,8 +114,8 @@ def test_projection_is_stored_recorded_and_applied(hf_stores, digits, ray_local,
 
 def test_bad_teachers_fail_before_any_work(tmp_path, digits):
     store = tmp_path / "never"
-    wide = save_tiny("hf-videomae", tmp_path / "wide", image_size=64)  # grid 8x8x8
-    with pytest.raises(TeacherSpecError, match=r"token grid 8x8x8 but this config's is 8x4x4 .*data.crop_size=32 / model.patch_size=8"):
+    wide = save_tiny("hf-videomae", tmp_path / "wide", patch_size=16)  # at the config's 16 x 32 px: grid 8x2x2
+    with pytest.raises(TeacherSpecError, match=r"token grid 8x2x2 but this config's is 8x4x4 .*data.crop_size=32 / model.patch_size=8"):
         extract_targets(tiny_config(), data=digits, teacher=wide, store=str(store), progress=False)
     pickled = tmp_path / "pickled"
     pickled.mkdir()
@@ -160,3 +161,65 @@ def test_adapter_converts_our_normalisation_to_the_models(tmp_path):
     pixels = torch.rand(2, 3, 16, 32, 32)  # [B, C, T, H, W] in [0, 1]
     ours = (pixels - torch.tensor(cfg.data.mean).view(1, 3, 1, 1, 1)) / torch.tensor(cfg.data.std).view(1, 3, 1, 1, 1)
     torch.testing.assert_close(teacher.in_hf_convention(ours), ((pixels - 0.5) / 0.5).transpose(1, 2), atol=1e-5, rtol=0)
+
+
+def native_model(kind: str, folder: Path, **geometry):
+    """The folder's weights in a transformers model built at `geometry` from its config (no override at load):
+    the checkpoint loaded at its own geometry, its state copied in (no parameter depends on the geometry)."""
+    from transformers import VideoMAEConfig, VideoMAEModel, VJEPA2Config, VJEPA2Model
+
+    config_cls, model_cls = (VideoMAEConfig, VideoMAEModel) if kind == "hf-videomae" else (VJEPA2Config, VJEPA2Model)
+    config = json.loads((folder / "config.json").read_text()) | geometry
+    config.pop("transformers_version")
+    model = model_cls(config_cls(**config))
+    model.load_state_dict(model_cls.from_pretrained(str(folder), local_files_only=True).state_dict())
+    return model.eval()
+
+
+# (adapter, overrides of the tiny config, transformers' keys for that geometry): V-JEPA 2 at fewer frames and a
+# larger crop than its config's 16 x 32 px; VideoMAE at fewer frames (its crop is fixed)
+OTHER_GEOMETRY = [
+    ("hf-vjepa2", ("data.frames=8", "data.crop_size=48"), {"frames_per_clip": 8, "crop_size": 48}),
+    ("hf-videomae", ("data.frames=8",), {"num_frames": 8}),
+]
+
+
+@pytest.mark.parametrize("kind, overrides, geometry", OTHER_GEOMETRY)
+def test_an_hf_teacher_runs_at_the_configs_geometry_as_transformers_does(kind, overrides, geometry, tmp_path):
+    """Through the adapter at a geometry other than the checkpoint config's, and through transformers directly with
+    the same weights in a model built at that geometry: the same tokens (float32, same ops: <= 1e-5 relative)."""
+    # larger initial weights than transformers' default: attention then depends on positions, so a wrong
+    # row/column/frame assignment shows (with std 0.02 attention is near uniform and positions barely matter)
+    spec = save_tiny(kind, tmp_path / "m", initializer_range=0.5)
+    cfg = tiny_config(*overrides)
+    teacher = load_teacher(spec, cfg)
+    frames, size = cfg.data.frames, cfg.data.crop_size
+    assert teacher.grid == (frames // 2, size // 8, size // 8)
+    clips = torch.randn(2, 3, frames, size, size)  # [B, C, T, H, W], normalised as our clips are
+    direct = native_model(kind, tmp_path / "m", **geometry)
+    with torch.no_grad():
+        ours = teacher(clips)
+        theirs = direct(teacher.in_hf_convention(clips), **teacher.call_kwargs).last_hidden_state
+    assert ours.shape == (2, teacher.num_tokens, 48)
+    assert relative_token_error(ours, theirs).max() <= 1e-5
+    identity = teacher.identity()  # what store.json's teacher section records
+    assert identity["geometry"] == {"frames": frames, "crop_size": size}
+    assert identity["native_geometry"] == {"frames": 16, "crop_size": 32}
+    if kind == "hf-vjepa2":  # transformers at the config's crop on the same 48 px clip: rows and columns of a 4x4 grid
+        from transformers import VJEPA2Model
+
+        stale = VJEPA2Model.from_pretrained(str(tmp_path / "m"), local_files_only=True).eval()
+        with torch.no_grad():
+            wrong = stale(teacher.in_hf_convention(clips), skip_predictor=True).last_hidden_state
+        assert relative_token_error(wrong, theirs).max() > 1e-2
+
+
+def test_hf_teachers_refuse_a_geometry_they_cannot_take_in_one_line(tmp_path):
+    vjepa2 = save_tiny("hf-vjepa2", tmp_path / "vjepa2")
+    with pytest.raises(TeacherSpecError, match=r"cannot run at data.frames=16, data.crop_size=36 \(its config: 16 frames of 32 px\): "
+                                               r"it takes a multiple of its tubelet_size=2 frames and of its patch_size=8 pixels$"):
+        load_teacher(vjepa2, tiny_config("data.crop_size=36", "model.patch_size=4"))
+    videomae = save_tiny("hf-videomae", tmp_path / "videomae")
+    with pytest.raises(TeacherSpecError, match=r"data.crop_size=48 \(its config: 16 frames of 32 px\): it takes only its own 32 px "
+                                               r"crops: its position table is a 1-D sinusoid"):
+        load_teacher(videomae, tiny_config("data.crop_size=48"))

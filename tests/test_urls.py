@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
-import socket
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +23,7 @@ from pipeline.store.read import TargetStore, read_tables
 from pipeline.store.layout import committed_shards
 from pipeline.store.verify import verify_store
 from experiments.runs import run_student
-from tests.conftest import ROOT, assert_same_batch, tiny_config
+from tests.conftest import ROOT, assert_same_batch, start_moto_server, tiny_config
 from tests.test_pipeline import assert_same_store
 from tests.test_store_integrity import extract_cli
 
@@ -77,22 +75,19 @@ def test_memory_urls_for_shards_and_store(digits):
 def s3_endpoint(monkeypatch) -> Iterator[dict]:
     """An S3-compatible server on localhost (moto's server mode), reached through s3fs the way a
     real endpoint is: AWS_ENDPOINT_URL and credentials in the environment."""
-    from moto.server import ThreadedMotoServer
+    import s3fs
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+    server, url = start_moto_server()
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
            "AWS_DEFAULT_REGION": "us-east-1"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches filesystems with the endpoint they were made for
     try:
         yield env
     finally:
         server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_s3_end_to_end_shards_teacher_store_and_stage_2(digits, teacher_dir, store_fp32, s3_endpoint, tmp_path):

@@ -1,89 +1,87 @@
-"""Part files: where the teacher's actors leave each batch's latents (and encoded crops) until their
-shard is complete, and the commit that turns a complete shard's parts into a committed shard.
+"""A shard's commit from the teacher actors' outputs: rows that carry their latents (and encoded crops).
 
-Parts live under `targets/.parts/<shard>/` (pipeline/store/layout.py: parts_dir); a shard's commit
-removes its folder, the job removes the rest when it ends, and a rerun removes what a killed job left.
+The actors return each batch's latents as columns of their output rows, so the rows' bytes stay in
+Ray's object store (the output blocks, spilled to a node's local disk when memory is short), never
+in the store's storage: the store is written once, by the commit (pipeline/store/write.py:
+commit_shard). The driver reads only the small columns of each block (`block_rows`, a Ray task next
+to the block) and hands a complete shard's rows, each naming its block and its row there, to
+`commit_from_blocks`, which fetches the blocks it needs and commits the shard.
+
+Columns of an actor's output row (pipeline/extract.py: teacher_forward): the decode columns
+(shard, shard_total, order, key, view, error, clip_hash, frame_indices, crop, flip), `latents`
+[tokens, width] in the storage dtype, `writer_pid`, and with the pixel cache `pixels` (the encoded
+crop box, pipeline/store/pixel_codec.py) and `pixels_crc32` (of the uncompressed crop box).
 """
 
 from __future__ import annotations
 
-import io
 import os
 import time
-import uuid
 
 import numpy as np
 
-from pipeline import fs
-from pipeline.store import pixel_codec
-from pipeline.store.layout import parts_dir, row_crc32
 from pipeline.store.write import ExtractedRow, commit_shard
 from salt.storage import StorageFormat
 
-def write_parts(
-    store: str, shards: np.ndarray, orders: np.ndarray, latents: np.ndarray, crops: list[np.ndarray] | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """One part file per shard present in a batch; returns each row's part and its index there.
-
-    A part is an .npz (no pickles): `latents` [rows, tokens, width], and with crops also
-    `pixels` (the rows' encoded crops back to back), `pixels_offsets` [rows + 1] and
-    `pixels_crc32` [rows] (of the uncompressed crops). Its name is unique, so a re-run task
-    writes a part of its own rather than over one the driver may already have chosen."""
-    part = np.empty(len(shards), dtype=object)
-    part_row = np.zeros(len(shards), np.int64)
-    for shard in dict.fromkeys(str(s) for s in shards):  # the batch's shards, in order of appearance
-        rows = np.flatnonzero(shards == shard)
-        arrays = {"latents": latents[rows]}
-        if crops is not None:
-            blobs = [pixel_codec.encode(crops[i]) for i in rows]
-            arrays |= {
-                "pixels": np.frombuffer(b"".join(blobs), np.uint8),
-                "pixels_offsets": np.cumsum([0, *map(len, blobs)], dtype=np.int64),
-                "pixels_crc32": np.array([row_crc32(crops[i]) for i in rows], np.int64),
-            }
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        path = fs.join(parts_dir(store, shard), f"{int(orders[rows[0]]):06d}-{uuid.uuid4().hex[:8]}.npz")
-        fs.write_bytes(path, buffer.getvalue(), durable=False)  # a part outlives no crash: a rerun extracts its shard again
-        part[rows] = path
-        part_row[rows] = np.arange(len(rows))
-    return part, part_row
+# what the driver keeps of a row: everything but the latents and pixels
+SMALL_COLUMNS = ("shard", "shard_total", "order", "key", "view", "error", "clip_hash", "frame_indices", "crop", "flip",
+                 "writer_pid")
+BIG_COLUMNS = ("latents", "pixels", "pixels_crc32")
 
 
-def read_part(path: str) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(fs.read_bytes(path)), allow_pickle=False) as npz:
-        return {name: npz[name] for name in npz.files}
+def block_rows(block, start: int = 0, end: int | None = None) -> list[dict]:
+    """Ray task: the small columns of rows start..end of an actor's output block, each with its
+    row number in the block (`block_row`)."""
+    from ray.data.block import BlockAccessor
+
+    acc = BlockAccessor.for_block(block)
+    end = acc.num_rows() if end is None else end
+    cols = acc.to_numpy(list(SMALL_COLUMNS))
+    return [{name: cols[name][i] for name in SMALL_COLUMNS} | {"block_row": i} for i in range(start, end)]
 
 
-def commit_from_parts(
+def commit_from_blocks(
+    store: str, shard: str, rows: list[dict], blocks: list, fmt: StorageFormat, store_id: str, pixel_cache: bool
+) -> tuple[int, int, float, dict]:
+    """Ray task: one shard's rows (small columns, each naming `block`, an index into `blocks`,
+    and its `block_row` there) -> the committed shard, the latents (and pixels) read from the
+    actors' output blocks in the object store. Returns what commit_rows does."""
+    import ray
+    from ray.data.block import BlockAccessor
+
+    t0 = time.perf_counter()
+    wanted = sorted({int(r["block"]) for r in rows if r["error"] == ""})
+    big = [name for name in BIG_COLUMNS if pixel_cache or name == "latents"]
+    columns = {i: BlockAccessor.for_block(b).to_numpy(big) for i, b in zip(wanted, ray.get([blocks[i] for i in wanted]))}
+    full = [r | ({name: columns[int(r["block"])][name][int(r["block_row"])] for name in big} if r["error"] == "" else {})
+            for r in rows]
+    forwarded, pid, _, tables = commit_rows(store, shard, full, fmt, store_id, pixel_cache)
+    return forwarded, pid, time.perf_counter() - t0, tables
+
+
+def commit_rows(
     store: str, shard: str, rows: list[dict], fmt: StorageFormat, store_id: str, pixel_cache: bool
-) -> tuple[int, int, float]:
-    """Ray task: one shard's rows, their latents (and pixels) read from the parts they name, ->
-    the committed shard; then its parts are removed. Returns (rows extracted, pid, seconds)."""
+) -> tuple[int, int, float, dict]:
+    """One shard's rows, in any order, each with its latents (and pixels) -> the committed shard.
+    Returns (rows extracted, pid, seconds, the shard's tables as commit_shard returns them)."""
     t0 = time.perf_counter()
     ordered = sorted(rows, key=lambda r: int(r["order"]))
     good = [r for r in ordered if r["error"] == ""]
-    parts = {path: read_part(path) for path in {str(r["part"]) for r in good}}
-    commit_shard(
+    tables = commit_shard(
         store,
         shard,
-        [extracted_row(r, parts[str(r["part"])], pixel_cache) for r in good],
+        [extracted_row(r, pixel_cache) for r in good],
         [(str(r["key"]), int(r["view"]), str(r["error"])) for r in ordered if r["error"] != ""],
         fmt=fmt,
         store_id=store_id,
         pixel_cache=pixel_cache,
     )
-    fs.remove(parts_dir(store, shard))
-    return len(good), os.getpid(), time.perf_counter() - t0
+    return len(good), os.getpid(), time.perf_counter() - t0, tables
 
 
-def extracted_row(row: dict, part: dict[str, np.ndarray], pixel_cache: bool) -> ExtractedRow:
-    """A driver row plus its part's arrays -> what commit_shard writes."""
-    i = int(row["part_row"])
-    cached = {}
-    if pixel_cache:
-        start, end = part["pixels_offsets"][i], part["pixels_offsets"][i + 1]
-        cached = {"pixels": part["pixels"][start:end].tobytes(), "pixels_crc32": int(part["pixels_crc32"][i])}
+def extracted_row(row: dict, pixel_cache: bool) -> ExtractedRow:
+    """A row with its latents (and pixels) -> what commit_shard writes."""
+    cached = {"pixels": bytes(row["pixels"]), "pixels_crc32": int(row["pixels_crc32"])} if pixel_cache else {}
     return ExtractedRow(
         key=str(row["key"]),
         view=int(row["view"]),
@@ -91,7 +89,6 @@ def extracted_row(row: dict, part: dict[str, np.ndarray], pixel_cache: bool) -> 
         frame_indices=tuple(int(x) for x in row["frame_indices"]),
         crop=tuple(int(x) for x in row["crop"]),
         flip=bool(row["flip"]),
-        latents=part["latents"][i],
+        latents=np.asarray(row["latents"]),
         **cached,
     )
-

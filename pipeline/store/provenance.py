@@ -2,13 +2,14 @@
 
 It records the teacher's identity, the clips' geometry and preprocessing (`compatibility`: what
 a student run must agree with), the storage format, the views, the pixel cache, the decoder,
-package versions and every source shard with its sha256.
+package versions and every source shard with its sha256 (from the dataset index).
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from datetime import datetime, timezone
 
 import numpy as np
@@ -65,16 +66,16 @@ def check_compatible(store_meta: dict, cfg: Config, store: str) -> None:
                 )
 
 
-def fingerprint_shards(shards: list[str], recorded: list[dict]) -> list[dict]:
-    """name, path, bytes and sha256 of each source shard. A shard the store already recorded
-    with the same name, path and size keeps its recorded sha256: a resume does not re-read
-    every source shard (stage 2 still checks each clip's hash against what the teacher saw)."""
-    known = {(r["name"], r["path"], r["bytes"]): r["sha256"] for r in recorded}
+def fingerprint_shards(shards: list[str], index: Mapping[str, dict]) -> list[dict]:
+    """name, path, bytes and sha256 of each source shard, from its folder's dataset index
+    (pipeline/dataset_index.py): no shard is opened here. The decode task that reads a shard
+    checks its bytes against these figures (pipeline/shards.py: read_shard), and stage 2 checks
+    each clip's hash against what the teacher saw."""
     out = []
     for s in shards:
-        entry = {"name": shard_name(s), "path": s, "bytes": fs.size(s)}
-        digest = known.get((entry["name"], entry["path"], entry["bytes"]))
-        out.append(entry | {"sha256": digest or fs.sha256(s)})
+        name = shard_name(s)
+        entry = index.fingerprint(name) if hasattr(index, "fingerprint") else index[name]
+        out.append({"name": shard_name(s), "path": s, "bytes": int(entry["bytes"]), "sha256": str(entry["sha256"])})
     return out
 
 
@@ -84,11 +85,9 @@ def existing_meta(store: str) -> dict | None:
     return json.loads(fs.read_bytes(path)) if fs.exists(path) else None
 
 
-def provenance(
-    cfg: Config, *, data: str, split: str, teacher: dict, shards: list[str], recorded: list[dict] = ()
-) -> dict:
+def provenance(cfg: Config, *, data: str, split: str, teacher: dict, shards: list[str], index: Mapping[str, dict]) -> dict:
     """store.json of a job (before its store_id, created and git_commit: open_store adds those); `teacher`
-    is the frozen teacher's identity(), `recorded` the source shards a resumed store.json lists."""
+    is the frozen teacher's identity(), `index` the shards' dataset index (name -> bytes, sha256)."""
     grid = config_grid(cfg)
     compat = compatibility(cfg)
     compat["geometry"] |= {"grid": list(grid), "num_tokens": int(np.prod(grid))}
@@ -105,7 +104,7 @@ def provenance(
         "source": {
             "data": str(data),
             "split": split,
-            "shards": fingerprint_shards(shards, list(recorded)),
+            "shards": fingerprint_shards(shards, index),
         },
     }
 

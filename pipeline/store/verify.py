@@ -1,4 +1,5 @@
-"""Verifying a store: every file against its recorded sha256, every row against its crc32 (`make inspect VERIFY=1`)."""
+"""Verifying a store: every file against its recorded sha256, every row against its crc32, the
+store-level manifest against each shard's own (`make inspect VERIFY=1`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from safetensors.torch import load as safetensors_load
 
 from pipeline import fs
-from pipeline.store.layout import PROJECTION, CorruptStoreError, shard_dir
+from pipeline.store.layout import PROJECTION, CorruptStoreError, read_parquet, shard_dir
 from pipeline.store.read import TargetStore, check_row
 
 def verify_store(path: str | Path) -> list[str]:
@@ -17,7 +18,7 @@ def verify_store(path: str | Path) -> list[str]:
     path = str(path)
     problems: list[str] = []
     try:
-        store = TargetStore(path)
+        store = TargetStore(path, listed=True)  # a full check: every marker listed
     except (OSError, ValueError) as e:
         return [f"store.json: {e}"]
     problems += projection_problems(path, store.meta.get("teacher", {}).get("projection"))
@@ -38,10 +39,14 @@ def verify_store(path: str | Path) -> list[str]:
             elif fs.sha256(f) != digest:
                 problems.append(f"shard {shard}: file {name} changed since extraction")
         try:
-            entries = store.manifest(shard)
+            own = read_parquet(fs.join(folder, "manifest.parquet"))
+            entries = {(r["key"], r["view"]): r for r in own.to_pylist()}
         except Exception as e:  # a truncated or overwritten parquet file
             problems.append(f"shard {shard}: manifest.parquet unreadable ({type(e).__name__}: {e})")
             continue
+        if shard in store.tables.covered and not store.tables.rows("manifest", shard).equals(own.replace_schema_metadata(None)):
+            # stage 2 reads the store-level copy of a shard's rows: it must be the shard's own
+            problems.append(f"shard {shard}: its rows in the store-level manifest.parquet differ from its own manifest.parquet")
         for entry in entries.values():
             try:
                 check_row(store.latents(shard, entry["row"]), entry, path)

@@ -20,6 +20,7 @@ def build_encoder(cfg: Config, size: str) -> VideoViT:
         patch_size=cfg.model.patch_size,
         tubelet=cfg.model.tubelet,
         attention_backend=cfg.model.attention,
+        rope_pairing=cfg.model.rope_pairing,
     )
 
 
@@ -32,4 +33,5 @@ def build_predictor(cfg: Config, encoder: VideoViT, out_dim: int) -> Predictor:
         depth=cfg.model.predictor_depth,
         heads=cfg.model.predictor_heads,
         attention_backend=cfg.model.attention,
+        rope_pairing=cfg.model.rope_pairing,
     )

@@ -6,6 +6,22 @@ with only pickled weights is refused: unpickling runs code), never the network
 with the folder's preprocessor mean/std (ImageNet's when the folder has no preprocessor
 config). Our clips are [B, C, T, H, W] normalised with data.mean/std: the adapter undoes
 ours, applies theirs (skipped when they are equal) and moves the channel axis.
+
+Geometry (README, "Any frozen teacher"): the clip's frame count and crop size are the config's
+(`data.frames`, `data.crop_size`) wherever the model can take them, and the model is built at
+that geometry (`from_pretrained` with the config's keys overridden); `identity()` records it and
+the checkpoint's native one, so store.json says both.
+- V-JEPA 2 has no position table: RoPE angles are computed from each token's (t, h, w), and
+  transformers derives (h, w) from the token index with the *config's* crop_size. Any frame
+  count divisible by the tubelet and any crop divisible by the patch size is accepted (V-JEPA
+  2's own evaluations run its encoders at other frame counts and resolutions); run without the
+  override, transformers would silently give a larger crop's tokens the wrong rows and columns.
+- VideoMAE adds a fixed 1-D sinusoid table over the flattened (t, h, w) token index, sized at
+  init: another frame count keeps every token's row (t * h * w + ...) for the crop it was built
+  for, but another crop would hand tokens the rows of other positions (transformers refuses
+  that input too). Frames: any multiple of the tubelet; crop: the checkpoint's only.
+Past the checkpoint's frame count (or, for V-JEPA 2, its crop) a model sees positions it never
+trained with; that is allowed, and store.json shows it.
 """
 
 from __future__ import annotations
@@ -68,6 +84,7 @@ class HFVideoTeacher(FrozenTeacher):
     size_key: str
     input_name: str  # forward()'s argument for the video
     call_kwargs: dict
+    positions: str  # how the model encodes token positions (provenance; what limits the geometry)
 
     def __init__(self, folder: str, cfg: Config):
         super().__init__()
@@ -78,9 +95,11 @@ class HFVideoTeacher(FrozenTeacher):
                 f"{self.adapter}:{folder} holds a {config.get('model_type')!r} model, not {self.model_type!r}"
             )
         self.config = config
+        self.native_geometry = {"frames": int(config[self.frames_key]), "crop_size": int(config[self.size_key])}
+        self.geometry = {"frames": cfg.data.frames, "crop_size": cfg.data.crop_size}
+        self.check_geometry()  # before the (slow) weights load, as check_grid
         self.grid, self.native_width = self.model_grid(), int(config["hidden_size"])
-        check_grid(f"{self.adapter}:{folder}", self.grid, cfg)  # before the (slow) weights load
-        self.check_pixels(cfg)
+        check_grid(f"{self.adapter}:{folder}", self.grid, cfg)
         self.model = self.load(str(self.folder))
         mean, std = preprocessor_stats(self.folder)
         self.renormalise = (tuple(cfg.data.mean), tuple(cfg.data.std)) != (mean, std)
@@ -99,35 +118,52 @@ class HFVideoTeacher(FrozenTeacher):
     def load(self, folder: str):
         import transformers
 
-        # float32 whatever the weights were saved in: transformers would keep a bf16 checkpoint bf16
+        # float32 whatever the weights were saved in: transformers would keep a bf16 checkpoint bf16;
+        # the frame count and crop are the config's (check_geometry allowed them), so the model
+        # computes its positions for the clips it is given
         return getattr(transformers, self.model_class).from_pretrained(
-            folder, local_files_only=True, use_safetensors=True, dtype=torch.float32
+            folder, local_files_only=True, use_safetensors=True, dtype=torch.float32,
+            **{self.frames_key: self.geometry["frames"], self.size_key: self.geometry["crop_size"]},
         )
 
     def model_grid(self) -> tuple[int, int, int]:
-        c = self.config
-        side = c[self.size_key] // c["patch_size"]
-        return c[self.frames_key] // c["tubelet_size"], side, side
+        c, side = self.config, self.geometry["crop_size"] // self.config["patch_size"]
+        return self.geometry["frames"] // c["tubelet_size"], side, side
 
     def tokens(self, clips: torch.Tensor) -> torch.Tensor:
         return self.model(**{self.input_name: self.in_hf_convention(clips)}, **self.call_kwargs).last_hidden_state
 
-    def check_pixels(self, cfg: Config) -> None:
-        frames, size = self.config[self.frames_key], self.config[self.size_key]
-        if (cfg.data.frames, cfg.data.crop_size) != (frames, size):
+    def geometry_problem(self, frames: int, size: int) -> str | None:
+        """Why the model cannot take `frames` frames of `size` px (None: it can)."""
+        tubelet, patch = self.config["tubelet_size"], self.config["patch_size"]
+        if frames % tubelet or size % patch:
+            return f"takes a multiple of its tubelet_size={tubelet} frames and of its patch_size={patch} pixels"
+        return None
+
+    def check_geometry(self) -> None:
+        frames, size = self.geometry["frames"], self.geometry["crop_size"]
+        problem = self.geometry_problem(frames, size)
+        if problem:
+            native = self.native_geometry
             raise TeacherSpecError(
-                f"{self.adapter}:{self.folder} takes {frames} frames of {size}x{size} pixels, but this config gives "
-                f"data.frames={cfg.data.frames}, data.crop_size={cfg.data.crop_size}: set them to the model's"
+                f"{self.adapter}:{self.folder} cannot run at data.frames={frames}, data.crop_size={size} (its config: "
+                f"{native['frames']} frames of {native['crop_size']} px): it {problem}"
             )
 
     def weight_files(self) -> list[Path]:
         return self.weights
 
     def model_config(self) -> dict:
+        """The checkpoint's config.json as saved (its native geometry): config_sha256 names the checkpoint."""
         return {k: v for k, v in self.config.items() if k != "transformers_version"}
 
     def identity(self) -> dict:
-        return super().identity() | {"dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")}
+        return super().identity() | {
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "geometry": dict(self.geometry),  # what it ran at: the store's clips
+            "native_geometry": dict(self.native_geometry),  # the checkpoint config's
+            "positions": self.positions,
+        }
 
 
 class VideoMAETeacher(HFVideoTeacher):
@@ -135,6 +171,14 @@ class VideoMAETeacher(HFVideoTeacher):
 
     adapter, model_class, model_type = "hf-videomae", "VideoMAEModel", "videomae"
     frames_key, size_key, input_name, call_kwargs = "num_frames", "image_size", "pixel_values", {}
+    positions = "fixed 1-D sinusoid table over the flattened (t, h, w) token index, sized at init"
+
+    def geometry_problem(self, frames: int, size: int) -> str | None:
+        native = self.native_geometry["crop_size"]
+        if size != native:
+            return (f"takes only its own {native} px crops: its position table is a 1-D sinusoid over the flattened token "
+                    f"index, sized for that crop, so another crop would give tokens the rows of other positions")
+        return super().geometry_problem(frames, size)
 
 
 class VJEPA2Teacher(HFVideoTeacher):
@@ -142,4 +186,5 @@ class VJEPA2Teacher(HFVideoTeacher):
 
     adapter, model_class, model_type = "hf-vjepa2", "VJEPA2Model", "vjepa2"
     frames_key, size_key, input_name, call_kwargs = "frames_per_clip", "crop_size", "pixel_values_videos", {"skip_predictor": True}
+    positions = "3-D RoPE from each token's (t, h, w): no position parameters"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from salt.models.vit import Block, Rope3d, init_weights
+from salt.models.vit import Block, Rope3d, init_weights, run_blocks
 
 
 class Predictor(nn.Module):
@@ -23,16 +23,18 @@ class Predictor(nn.Module):
         depth: int = 12,
         heads: int = 12,
         attention_backend: str = "auto",
+        rope_pairing: str = "interleaved",
     ):
         super().__init__()
         self.grid = grid
         self.out_dim = out_dim
         self.embed = nn.Linear(encoder_width, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))  # learned, zero-initialised
-        self.rope = Rope3d(width // heads, grid)
+        self.rope = Rope3d(width // heads, grid, pairing=rope_pairing)
         self.blocks = nn.ModuleList(Block(width, heads, self.rope, attention_backend) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.head = nn.Linear(width, out_dim)
+        self.checkpoint_blocks = False  # activation checkpointing (salt/train/switches.py)
         init_weights(self)
 
     def forward(
@@ -49,6 +51,5 @@ class Predictor(nn.Module):
         idx = torch.cat((ctx_idx, tgt_idx), dim=1)
         valid = torch.cat((ctx_valid, tgt_valid), dim=1)
         cos_sin = self.rope.cos_sin(idx)
-        for block in self.blocks:
-            x = block(x, cos_sin, valid)
+        x = run_blocks(self.blocks, x, cos_sin, valid, self.checkpoint_blocks)  # [B, Kc+Kt, Dp]
         return self.head(self.norm(x[:, -kt:]))

@@ -5,6 +5,8 @@ adapter (README, "Any frozen teacher"):
 - a run folder of this project (`make teacher`): the V-Pixel encoder;
 - `hf-videomae:<folder>`: transformers `VideoMAEModel` from a `save_pretrained` folder;
 - `hf-vjepa2:<folder>`: transformers `VJEPA2Model`, encoder only.
+Both HF adapters run at the config's `data.frames` x `data.crop_size` where the model can take it
+(`salt.models.hf`: V-JEPA 2 at any, VideoMAE at its own crop); a run folder only at what it was trained on.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Tokens are tubelets of `tubelet x patch x patch` pixels, ordered (t, h, w). A mo
 run on any subset of tokens: callers pass the token indices, and RoPE takes each
 token's (t, h, w) from its index, so a masked subset keeps its true positions.
 Variable-length subsets are padded; `valid` marks real tokens and padded keys are
-never attended to.
+never attended to. With `checkpoint_blocks` on (training's activation checkpointing), each
+block's activations are recomputed in the backward pass instead of kept.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from salt.models.attention import attention
 
@@ -54,13 +56,25 @@ def token_grid(frames: int, crop_size: int, tubelet: int, patch_size: int) -> tu
     return frames // tubelet, crop_size // patch_size, crop_size // patch_size
 
 
-class Rope3d(nn.Module):
-    """Rotary embedding over (t, h, w): the head dim is split in three equal parts."""
+ROPE_PAIRINGS = ("interleaved", "vjepa2")
 
-    def __init__(self, head_dim: int, grid: tuple[int, int, int], theta: float = 10_000.0):
+
+class Rope3d(nn.Module):
+    """Rotary embedding over (t, h, w): the head dim is split in three equal parts.
+
+    `pairing` says which frequency each rotated pair of dims gets. "interleaved" (this project's
+    default): both dims of a pair share one frequency, so attention depends on relative position
+    only. "vjepa2": dim j of an axis part gets frequency j mod (part/2), as V-JEPA 2's released
+    checkpoints were trained (the two dims of a pair then turn by different angles); an encoder
+    trained with it maps exactly onto V-JEPA 2's layout (`make export`, docs/export.md)."""
+
+    def __init__(self, head_dim: int, grid: tuple[int, int, int], theta: float = 10_000.0, pairing: str = "interleaved"):
         super().__init__()
+        if pairing not in ROPE_PAIRINGS:
+            raise ValueError(f"rope pairing {pairing!r}: expected one of {', '.join(ROPE_PAIRINGS)}")
         self.axis_dim = 2 * ((head_dim // 3) // 2)
         self.grid = grid
+        self.pairing = pairing
         inv_freq = 1.0 / theta ** (torch.arange(0, self.axis_dim, 2, dtype=torch.float64) / self.axis_dim)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
@@ -71,7 +85,10 @@ class Rope3d(nn.Module):
     def cos_sin(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pos = self.positions(idx).to(self.inv_freq.dtype)
         angles = pos[..., None] * self.inv_freq  # [B, N, 3, axis_dim/2]
-        angles = angles.repeat_interleave(2, dim=-1).flatten(-2)  # [B, N, 3*axis_dim]
+        if self.pairing == "vjepa2":
+            angles = torch.cat((angles, angles), dim=-1).flatten(-2)  # [B, N, 3*axis_dim]
+        else:
+            angles = angles.repeat_interleave(2, dim=-1).flatten(-2)  # [B, N, 3*axis_dim]
         return angles.cos()[:, None], angles.sin()[:, None]  # [B, 1, N, 3*axis_dim]
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -108,6 +125,17 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cos_sin, valid: torch.Tensor | None, checkpointed: bool) -> torch.Tensor:
+    """The blocks in turn; checkpointed (and grads on): each block keeps only its input for the
+    backward pass and runs again there (same ops, same values), trading compute for memory."""
+    for block in blocks:
+        if checkpointed and torch.is_grad_enabled():
+            x = checkpoint(block, x, cos_sin, valid, use_reentrant=False)
+        else:
+            x = block(x, cos_sin, valid)
+    return x
+
+
 def init_weights(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Linear):
@@ -128,6 +156,7 @@ class VideoViT(nn.Module):
         patch_size: int,
         tubelet: int,
         attention_backend: str = "auto",
+        rope_pairing: str = "interleaved",
     ):
         super().__init__()
         spec = vit_size(size)
@@ -138,11 +167,12 @@ class VideoViT(nn.Module):
         self.patch_embed = nn.Conv3d(
             3, spec.width, kernel_size=(tubelet, patch_size, patch_size), stride=(tubelet, patch_size, patch_size)
         )
-        self.rope = Rope3d(spec.width // spec.heads, self.grid)
+        self.rope = Rope3d(spec.width // spec.heads, self.grid, pairing=rope_pairing)
         self.blocks = nn.ModuleList(
             Block(spec.width, spec.heads, self.rope, attention_backend, spec.mlp_ratio) for _ in range(spec.depth)
         )
         self.norm = nn.LayerNorm(spec.width, eps=1e-6)
+        self.checkpoint_blocks = False  # activation checkpointing (salt/train/switches.py)
         init_weights(self)
 
     def forward(
@@ -155,6 +185,5 @@ class VideoViT(nn.Module):
         else:
             x = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))  # [B, K, D]
         cos_sin = self.rope.cos_sin(idx)
-        for block in self.blocks:
-            x = block(x, cos_sin, valid)
+        x = run_blocks(self.blocks, x, cos_sin, valid, self.checkpoint_blocks)
         return self.norm(x)

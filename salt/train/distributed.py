@@ -50,13 +50,25 @@ def current() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def mean_across_ranks(value: float, device: torch.device) -> float:
-    """The mean of a per-rank scalar: the loss a rank-0 log reports is the whole global batch's."""
+def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of a per-rank tensor on the training device (in place; itself on one rank)."""
+    if current().world_size > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def control_group():
+    """The process group for the loop's host-side agreements (the preemption flag each step, bad-clip
+    counts, the wait for a preemption checkpoint): gloo, so they move CPU tensors and never wait on
+    the device. The default group where it is gloo already; a new one (every rank calls this) under NCCL."""
     if current().world_size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+        return None
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def barrier(group=None) -> None:
+    if current().world_size > 1:
+        dist.barrier(group=group)
 
 
 def finish() -> None:

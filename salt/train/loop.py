@@ -7,6 +7,7 @@ each stage passes a `make_targets(batch) -> [B, N, D]`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,13 @@ from salt.devices import autocast, default_device, to_device
 from salt.losses import gather_tokens, masked_l1
 from salt.masking import MaskBatch
 from salt.optim import apply_schedule
+from salt.batching import BatchPlan, plan_for
 from salt.checkpoint import has_checkpoint, load_checkpoint
-from salt.train.distributed import current, mean_across_ranks
+from salt.train.badclips import BadClips
+from salt.train.distributed import control_group, current
+from salt.train.preemption import PREEMPTED_EXIT, Preempted, PreemptionWatch, take_marker
 from salt.train.runlog import RunLog, cut_logs
+from salt.train.switches import apply_switches
 
 
 Distance = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -75,20 +80,39 @@ class TrainState:
 
 
 def train_step(state: TrainState, batch: dict, targets: torch.Tensor, cfg: TrainConfig) -> dict:
-    """One optimizer step on one batch (already on the model's device); returns its metrics."""
+    """One optimizer step on one batch (already on the model's device): `accumulation_step` with
+    a single micro-batch of weight 1."""
+    return accumulation_step(state, [(batch, targets, 1.0)], 1, cfg)
+
+
+def accumulation_step(
+    state: TrainState, micro_batches: Iterable[tuple[dict, torch.Tensor, float]], count: int, cfg: TrainConfig
+) -> dict:
+    """One optimizer step over `count` micro-batches: (batch on the model's device, its targets, its
+    loss scale: salt/batching.py: BatchPlan.weight), taken one at a time, so only one is on the
+    device at once; their gradients accumulate, and DDP reduces them on the last backward.
+
+    Nothing here waits on the device: `loss` (float64, this rank's share of the step's global mean
+    loss, summed over ranks by the run log) and `grad_norm` come back as device tensors, read only
+    at the run log's reads, where a non-finite loss stops the run (salt/train/runlog.py)."""
+    world = current().world_size
     lr, wd = apply_schedule(state.optimizer, state.step, cfg.optim)
     state.model.train()
-    with autocast(batch["clips"].device, cfg.bf16):
-        loss = state.model(batch["clips"], batch["masks"], targets)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at step {state.step}: stopping")
     state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    share = None
+    for j, (batch, targets, weight) in enumerate(micro_batches):
+        ddp = isinstance(state.model, DistributedDataParallel)
+        with state.model.no_sync() if ddp and j < count - 1 else contextlib.nullcontext():
+            with autocast(batch["clips"].device, cfg.bf16):
+                loss = state.model(batch["clips"], batch["masks"], targets)
+            (loss if weight == 1.0 else loss * weight).backward()
+        part = loss.detach().double() * (weight / world)
+        share = part if share is None else share + part
     params = [p for m in state.modules().values() for p in m.parameters()]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
     state.optimizer.step()
     state.step += 1
-    return {"loss": loss.item(), "lr": lr, "wd": wd, "grad_norm": grad_norm.item()}
+    return {"loss": share, "lr": lr, "wd": wd, "grad_norm": grad_norm.detach()}
 
 
 def prepare_batch(batch: dict, device: torch.device | str, data: DataConfig) -> dict:
@@ -98,8 +122,8 @@ def prepare_batch(batch: dict, device: torch.device | str, data: DataConfig) -> 
     out = {k: v for k, v in batch.items() if k != "crops"}
     out["clips"] = model_clips(batch["crops"], batch["flips"], data, device)
     out["masks"] = [m.to(device) for m in batch["masks"]]
-    if "targets" in batch:
-        out["targets"] = to_device(batch["targets"], device)
+    if "targets" in batch:  # they travel in the store's dtype (fp16: half the bytes) and become fp32 here
+        out["targets"] = to_device(batch["targets"], device).float()
     return out
 
 
@@ -111,6 +135,31 @@ def resume(state: TrainState, run_dir: str | Path) -> dict | None:
         state.step = meta["step"]
     cut_logs(run_dir, state.step)
     return meta
+
+
+# what the run log keeps of a micro-batch once it has trained: host values only
+KEPT = ("keys", "views", "index", "skipped", "bad", "loader_state")
+
+
+def micro_batches(iterator, plan: BatchPlan, step: int, device: torch.device, data: DataConfig,
+                  make_targets: Callable[[dict], torch.Tensor], kept: list[dict], waits: list[float]):
+    """The step's micro-batches, fetched and put on the device one at a time (as accumulation_step
+    takes them): (batch, targets, weight). Each one's host values go to `kept`, its loader wait to `waits`."""
+    for j in range(plan.accumulation):
+        t0 = time.perf_counter()
+        loaded = next(iterator)
+        waits.append(time.perf_counter() - t0)
+        cut = (loaded.get("micro", j), loaded.get("micro_batches", plan.accumulation))
+        loader_batch = loaded.get("loader_state", {}).get("batch_size", plan.global_batch)
+        if cut != (j, plan.accumulation) or loader_batch != plan.global_batch:
+            raise ValueError(
+                f"step {step + 1}: the loader gives micro-batch {cut[0]} of {cut[1]} of a global batch of {loader_batch}, "
+                f"but this run expects micro-batch {j} of {plan.accumulation} of {plan.global_batch} ({plan.describe()})"
+            )
+        batch = prepare_batch(loaded, device, data)
+        samples = batch["clips"].shape[0]
+        kept.append({k: loaded[k] for k in KEPT if k in loaded} | {"samples": samples})
+        yield batch, make_targets(batch), plan.weight(loaded.get("planned", samples))
 
 
 def run_training(
@@ -125,27 +174,40 @@ def run_training(
     checkpoint_meta: dict,
     stop_after: int | None = None,
     progress: bool = True,
+    bad_clips: dict[str, str] | None = None,
 ) -> dict:
-    """Train until cfg.optim.steps (or `stop_after` more steps): fetch a batch, step, record.
+    """Train until cfg.optim.steps (or `stop_after` more steps): fetch the step's micro-batches,
+    step, record; stop after a whole step on SIGTERM / SIGUSR1 (salt/train/preemption.py).
 
-    Data-wait time (waiting on the loader) and compute time are measured apart; the run log
-    (salt/train/runlog.py) writes metrics, snapshots, checkpoints and the summary. The logged loss
-    is the mean over ranks.
+    No step waits on the device: the run log reads the losses at its log steps and checkpoints,
+    and the loop's only per-step agreement between ranks (the preemption flag) is a CPU collective.
+    Data-wait time (waiting on the loader, host time: with the device running behind, it can
+    overlap device work) and compute time are measured apart. `bad_clips`: the stage-2 clips
+    a resumed run had already found bad (salt/train/badclips.py).
     """
+    rank = current()
+    plan = plan_for(cfg.optim, rank.world_size, data.views_per_decode)
     last = cfg.optim.steps if stop_after is None else min(cfg.optim.steps, state.step + stop_after)
     iterator = iter(batches) if state.step < last else None  # a finished run starts no loader workers
-    with RunLog(run_dir, cfg, start_step=state.step, last=last, device=device, checkpoint_meta=checkpoint_meta,
-                progress=progress) as log:
+    group = control_group()
+    bad = BadClips(data.max_bad_fraction, bad_clips)
+    with PreemptionWatch() as watch, RunLog(run_dir, cfg, start_step=state.step, last=last, device=device,
+                                            checkpoint_meta=checkpoint_meta, progress=progress, bad_clips=bad,
+                                            group=group) as log:
         while state.step < last:
-            t0 = time.perf_counter()
-            loaded = next(iterator)
-            t1 = time.perf_counter()  # the resize of prepare_batch is device work: it counts as compute
-            batch = prepare_batch(loaded, device, data)
-            metrics = train_step(state, batch, make_targets(batch), cfg)
-            metrics["loss"] = mean_across_ranks(metrics["loss"], device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            log.record(state, batch, metrics, wait_s=t1 - t0, compute_s=time.perf_counter() - t1)
+            kept, waits = [], []
+            t0 = time.perf_counter()  # the resize of prepare_batch is device work: it counts as compute
+            micro = micro_batches(iterator, plan, state.step, device, data, make_targets, kept, waits)
+            metrics = accumulation_step(state, micro, plan.accumulation, cfg)
+            wait = sum(waits)
+            log.record(state, kept, metrics, wait_s=wait, compute_s=time.perf_counter() - t0 - wait)
+            signal_name = watch.agreed(rank.world_size, group)
+            if signal_name and state.step < last:
+                log.preempted(state, kept[-1], signal_name)
+                if rank.is_main:
+                    print(f"{Path(run_dir).name}: preempted by {signal_name} after step {state.step}; "
+                          f"checkpoint written; exit status {PREEMPTED_EXIT}", flush=True)
+                raise Preempted(state.step, signal_name, run_dir)
     return log.summary(state.step)
 
 
@@ -165,16 +227,21 @@ def fit(
     batches' crops become clips (`prepare_batch`).
 
     `make_batches(loader_state)` builds the loader at the checkpoint's loader position
-    (None: the start). Under torchrun the model is wrapped in DDP after loading.
+    (None: the start), on this run's world size, whatever the checkpoint's was. The memory and
+    speed switches apply before DDP wraps the model under torchrun.
     """
     rank = current()
     device = rank.device if rank.world_size > 1 else default_device()
+    plan = plan_for(cfg.optim, rank.world_size, data.views_per_decode)  # a batch that does not split fails here
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     # placed before the resume: Optimizer.load_state_dict puts each state tensor on its
     # parameter's device, so moments loaded first would stay on the CPU under CUDA parameters
     state.encoder.to(device)
     state.predictor.to(device)
     meta = resume(state, run_dir)
+    if rank.is_main:
+        say_where(run_dir, state.step, cfg.optim.steps, plan, meta, take_marker(run_dir))
+    apply_switches(state.encoder, state.predictor, cfg)
     if rank.world_size > 1:
         state.model = DistributedDataParallel(state.model, device_ids=[device.index] if device.type == "cuda" else None)
     return run_training(
@@ -185,7 +252,21 @@ def fit(
         run_dir,
         data=data,
         device=device,
-        checkpoint_meta=checkpoint_meta,
+        checkpoint_meta=checkpoint_meta | {"batch": plan.as_dict()},
         stop_after=stop_after,
         progress=progress,
+        bad_clips=(meta or {}).get("bad_clips"),
     )
+
+
+def say_where(run_dir: str | Path, step: int, steps: int, plan: BatchPlan, meta: dict | None, preempted: dict | None) -> None:
+    """Rank 0's first lines: the batch split, and where a resumed run resumes (and why)."""
+    name = Path(run_dir).name
+    print(f"{name}: {plan.describe()}", flush=True)
+    if meta is None or step >= steps:
+        return
+    was = (meta.get("batch") or {}).get("world_size")
+    moved = f", world size {was} -> {plan.world_size}" if was and was != plan.world_size else ""
+    why = f" after a preemption ({preempted['signal']})" if preempted else ""
+    seen = (meta.get("loader") or {}).get("samples_seen", step * plan.global_batch)
+    print(f"{name}: resuming{why} at step {step} of {steps} from its checkpoint (global samples seen {seen}{moved})", flush=True)
