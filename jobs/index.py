@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> dict:
     folders = [fs.join(root, s) for s in splits] or [root]  # a folder of shards without splits
     summary = {}
     for folder in folders:
-        shards = list_shards(folder)
+        shards = list_shards(folder, listing=True)
         if args.rebuild and fs.exists(index_location(folder)):
             fs.remove(index_location(folder))
         index = ensure_index(folder, shards, workers=args.workers)

@@ -170,7 +170,7 @@ def extract_targets(
 
     t0 = time.perf_counter()
     store_path = str(store).rstrip("/")
-    shards = list_shards(data, split)
+    shards = list_shards(data, split, listing=True)  # a shard added to the folder gets indexed below
     frozen = load_any_teacher(teacher, cfg)  # a bad spec, folder or grid fails here, before any work
     # sizes and sha256 from the dataset index (made here, in parallel, where the folder has none)
     index = ensure_index(split_folder(shards[0]), shards, use_ray=not in_process)

@@ -43,10 +43,22 @@ class ShardSample:
     meta: dict
 
 
-def list_shards(data: str, split: str = "train") -> list[str]:
+def list_shards(data: str, split: str = "train", *, listing: bool = False) -> list[str]:
     """Sorted `*.tar` shards of `data`, or of `data/<split>` where the dataset has splits.
-    `data` is a path or an fsspec URL; the shards come back in the same form."""
+    `data` is a path or an fsspec URL; the shards come back in the same form.
+
+    Where the folder has a dataset index, its shards are the index's (one read, which this process
+    keeps for `index_shard`): no listing, whose pages on an object store grow with the shards.
+    `listing`: list the folder whatever the index says (extraction and `make index` do, so that a
+    shard added to the folder gets indexed)."""
     root = str(data).rstrip("/")
+    if not listing:
+        for folder in (fs.join(root, split), root):
+            index = cached_index(folder)
+            if index is not None and len(index):
+                filesystem, base = fs.resolve(folder)
+                paths = [f"{base.rstrip('/')}/{name}.tar" for name in sorted(index)]
+                return [filesystem.unstrip_protocol(p) for p in paths] if "://" in folder else paths
     # the split folder's listing first: one listing where the data has splits (an isdir is a listing too on an object store)
     shards = fs.glob(fs.join(root, split, "*.tar"))
     if shards:
