@@ -149,8 +149,9 @@ def write_index(split_folder: str, entries: list[dict]) -> None:
 
 
 class DatasetIndex(Mapping):
-    """A loaded index: shard name -> entry (as `entry_from_bytes` gives it). Entries are built
-    from the table when asked for, so a process pays for the shards it uses."""
+    """A loaded index: shard name -> entry (as `entry_from_bytes` gives it). The members are
+    converted from the table on the first entry asked for, all at once (a loader asks for every
+    shard); `fingerprint` (bytes, sha256) converts none."""
 
     def __init__(self, folder: str, table: pa.Table):
         self.folder = str(folder)
@@ -159,6 +160,7 @@ class DatasetIndex(Mapping):
         self._row = {n: i for i, n in enumerate(names)}
         self._entries: dict[str, dict] = {}
         self._columns: dict | None = None
+        self._fingerprints: dict | None = None
 
     def __getitem__(self, name: str) -> dict:
         name = shard_name(name)
@@ -188,7 +190,7 @@ class DatasetIndex(Mapping):
 
     def fingerprint(self, name: str) -> dict:
         """bytes and sha256 of a shard, without building its members."""
-        if not hasattr(self, "_fingerprints"):
+        if self._fingerprints is None:
             self._fingerprints = dict(zip(self._row, zip(self.table.column("bytes").to_pylist(), self.table.column("sha256").to_pylist())))
         size, digest = self._fingerprints[shard_name(name)]
         return {"bytes": size, "sha256": digest}
@@ -202,9 +204,9 @@ def load_index(split_folder: str) -> DatasetIndex | None:
     try:
         table = pq.ParquetFile(pa.BufferReader(fs.read_bytes(location))).read()
     except (pa.ArrowInvalid, OSError) as e:
-        raise ValueError(f"dataset index {location} is unreadable ({e}); rebuild it: python -m jobs.index --data {split_folder}") from None
+        raise ValueError(f"dataset index {location} is unreadable ({e}); rebuild it: make index DATA={split_folder} ARGS=--rebuild") from None
     if table.schema.metadata is None or table.schema.metadata.get(b"format") != FORMAT.encode():
-        raise ValueError(f"dataset index {location} is not a {FORMAT} file; rebuild it: python -m jobs.index --data {split_folder}")
+        raise ValueError(f"dataset index {location} is not a {FORMAT} file; rebuild it: make index DATA={split_folder} ARGS=--rebuild")
     return DatasetIndex(split_folder, table)
 
 

@@ -64,8 +64,9 @@ def test_the_index_equals_a_walk_of_the_tars(old_folder):
 
 
 def test_loaders_and_stage_2_read_the_index_not_the_tars(store_fp32, digits, monkeypatch):
-    """With the index, neither stream walks a tar, and stage 2 reads no shard's own manifest or
-    marker: the store-level tables hold them (one read each, whatever the number of shards)."""
+    """With the index, the shards are listed from it, neither stream walks a tar, and stage 2 reads
+    no shard's own manifest or marker: the store-level tables hold them (one read each, whatever
+    the number of shards)."""
     from pipeline.store import read as store_read
 
     ensure_index(str(Path(digits) / "train"))
@@ -76,6 +77,7 @@ def test_loaders_and_stage_2_read_the_index_not_the_tars(store_fp32, digits, mon
     real_parquet, real_bytes = store_read.read_parquet, fs.read_bytes
     monkeypatch.setattr(store_read, "read_parquet", lambda location: read.append(str(location)) or real_parquet(location))
     monkeypatch.setattr(fs, "read_bytes", lambda location: read.append(str(location)) or real_bytes(location))
+    monkeypatch.setattr(fs, "glob", lambda pattern: pytest.fail(f"listed {pattern}"))  # the shards are the index's
     shards = list_shards(digits)
     stage1 = ClipStream(tiny_config(), shards, batch_size=4)
     stage2 = TargetStream(tiny_config(), shards, batch_size=4, store=store_fp32)
