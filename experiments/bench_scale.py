@@ -107,6 +107,8 @@ def write_store(store: str, data: str, cfg: Config, shards: int, video: bytes) -
     """A committed store of `shards` one-sample shards whose manifests match `data`'s clips, written
     directly (an extraction of 4,000 shards would take the bench's whole budget): store.json as
     extraction writes it, each shard's files and marker, and the store-level tables."""
+    import hashlib
+
     from pipeline.dataset_index import load_index
     from pipeline.shards import list_shards
     from salt.models.factory import config_grid
@@ -123,11 +125,11 @@ def write_store(store: str, data: str, cfg: Config, shards: int, video: bytes) -
     sample = ExtractedRow(key=KEY, view=0, clip_hash=clip_hash(frames), frame_indices=tuple(spec.frame_indices),
                           crop=tuple(spec.crop), flip=bool(spec.flip), latents=latents)
     files, markers, fresh = {}, {}, {}
-    import hashlib
-
+    template = encode_shard("shard-000000", [sample], [], cfg.extract.storage)  # the same array in every shard
     for i in range(shards):
         name = f"shard-{i:06d}"
-        encoded = encode_shard(name, [sample], [], cfg.extract.storage)
+        # only the manifest names its shard (the errors table has no rows): the rest is the template's bytes
+        encoded = template | {"manifest.parquet": _renamed_manifest(template["manifest.parquet"], name)}
         folder = fs.join(store, "targets", f"{name}.zarr")
         files |= {fs.join(folder, k): v for k, v in encoded.items()}
         shard_meta = {"shard": name, "store_id": store_id, "rows": 1, "errors": 0, "storage": cfg.extract.storage.describe(),
@@ -138,6 +140,18 @@ def write_store(store: str, data: str, cfg: Config, shards: int, video: bytes) -
     put_many(markers)  # the markers after every shard's files, as commits do
     rebuild_tables(store, fresh)
     return store
+
+
+def _renamed_manifest(manifest: bytes, shard: str) -> bytes:
+    """A manifest's bytes with its rows' shard column set to `shard`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.store.layout import parquet_bytes
+
+    table = pq.ParquetFile(pa.BufferReader(manifest)).read()
+    column = table.schema.get_field_index("shard")
+    return parquet_bytes(table.set_column(column, "shard", pa.array([shard] * table.num_rows, pa.string())))
 
 
 # ---- measured in fresh processes ---------------------------------------------------------------

@@ -107,3 +107,20 @@ def test_a_student_run_refuses_to_resume_on_another_teachers_store(store_fp32, d
     run_student(tiny_config("student.optim.steps=1"), digits, store_fp32, tmp_path / "s", progress=False)
     with pytest.raises(TeacherMismatchError, match=r"teacher with sha256='[0-9a-f]{64}', but this store's teacher has sha256='0{64}'"):
         run_student(tiny_config("student.optim.steps=2"), digits, str(other), tmp_path / "s", progress=False)
+
+
+def test_the_scale_bench_writes_a_valid_dataset_and_store(tmp_path) -> None:
+    """experiments/bench_scale.py writes its 4,000-shard stores directly, not by extraction: what
+    it writes must be a dataset with its index and a store that verifies and trains."""
+    from experiments import bench_scale
+    from pipeline.dataset_index import load_index
+    from pipeline.store.verify import verify_store
+
+    cfg = tiny_config()
+    video = bench_scale.tiny_video()
+    data = bench_scale.write_dataset(str(tmp_path / "data"), 4, video)
+    store = bench_scale.write_store(str(tmp_path / "store"), data, cfg, 4, video)
+    assert sorted(load_index(str(tmp_path / "data" / "train"))) == [f"shard-{i:06d}" for i in range(4)]
+    assert verify_store(store) == []
+    batch = next(iter(TargetStream(cfg, list_shards(data), batch_size=4, store=store)))
+    assert batch["keys"] == ["clip"] * 4  # one clip per shard, the same in each: its hash checked on every read

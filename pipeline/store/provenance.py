@@ -85,9 +85,14 @@ def existing_meta(store: str) -> dict | None:
     return json.loads(fs.read_bytes(path)) if fs.exists(path) else None
 
 
-def provenance(cfg: Config, *, data: str, split: str, teacher: dict, shards: list[str], index: Mapping[str, dict]) -> dict:
+def provenance(
+    cfg: Config, *, data: str, split: str, teacher: dict, shards: list[str], index: Mapping[str, dict] | None = None
+) -> dict:
     """store.json of a job (before its store_id, created and git_commit: open_store adds those); `teacher`
-    is the frozen teacher's identity(), `index` the shards' dataset index (name -> bytes, sha256)."""
+    is the frozen teacher's identity(), `index` the shards' dataset index (name -> bytes, sha256).
+    Without `index` each shard is read here (for callers with a handful of shards: the bench's)."""
+    if index is None:
+        index = {shard_name(s): {"bytes": fs.size(s), "sha256": fs.sha256(s)} for s in shards}
     grid = config_grid(cfg)
     compat = compatibility(cfg)
     compat["geometry"] |= {"grid": list(grid), "num_tokens": int(np.prod(grid))}
