@@ -314,7 +314,7 @@ def extraction_rows(cfg, data: str, teacher_dir: str, work: Path) -> tuple[list[
                   f"end to end {extract_rate:.1f} samples/s (Ray start included) vs forward only {forward_rate:.1f}"),
         row("extract_2_actors_vs_1", samples / two["wall_s"] / extract_rate, "x", None,
             f"end to end with {' '.join(TWO_ACTORS)}: {samples / two['wall_s']:.1f} samples/s, shards written by "
-            f"{len(two['shard_writers'])} worker process(es), parts by {len(two['part_writers'])}; bound: one actor"),
+            f"{len(two['shard_writers'])} worker process(es), teacher forwards by {len(two['forward_workers'])}; bound: one actor"),
         row("write_overhead_fraction", summaries["fp16"]["write_s"] / forward_s, "fraction", None,
                   "shard commit seconds (Ray tasks in worker processes, off the driver) / teacher forward seconds, fp16 store"),
         row("decode_over_forward", decode_s / forward_s, "fraction", None,

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from jobs.cli import entry, parser
-from experiments import bench, bench_report
+from experiments import bench, bench_ingest, bench_probe, bench_report, bench_scale
 from pipeline.cluster import init_ray
 from experiments.runs import run_teacher
 from salt.config import with_overrides
@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows += extract + bench.student_rows(cfg, args.data, made["stores"], made["teacher"], work)
         rows += bench.mask_freshness_rows(cfg, args.data, made["stores"]["fp16"], work)
         rows += bench.loader_rows(work)
+        # data at scale: start-up and store traffic at 500 and 4,000 shards, ingest, the probe's memory
+        scale_overrides = [*bench.OVERRIDES, *args.overrides]
+        rows += bench_scale.startup_rows(cfg, args.config, scale_overrides, str(work / "teacher"), work / "scale")
+        rows += bench_scale.traffic_rows(args.config, scale_overrides, str(work / "teacher"), work / "scale")
+        rows += bench_ingest.ingest_rows(work)
+        rows += bench_probe.probe_memory_rows(work / "probe")
     bench_report.write_report(rows, Path(args.out), time.perf_counter() - t0, args.config, args.overrides)
     for r in rows:
         ratio = "" if r["ratio"] is None else f"ratio {r['ratio']:.3g}"

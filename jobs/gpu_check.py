@@ -117,7 +117,7 @@ def bench_part(data: str, video: bytes, work: Path, device: str = "cuda", overri
     extract_rate = bench.timed_rate(extract, 5) * VITL_BATCH
     rows.append(bench.row("extract_samples_per_s_per_gpu_vitl", extract_rate, "samples/s", None,
                           f"ViT-L teacher forward (bf16) with the resize on the GPU, batch {VITL_BATCH}; decode and "
-                          "writes excluded (CPU tasks and part files)"))
+                          "writes excluded (CPU tasks and shard commits)"))
     consumed = VITL_BATCH / by_name["student_step_s_cached_vitl"]["value"]
     for r in bench.loader_rows(work, video=video):
         rows.append(r)

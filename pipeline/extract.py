@@ -185,7 +185,7 @@ def extract_targets(
     remove_partial_shards(store_path)
     done = set(committed_shards(store_path))
     todo = [s for s in shards if shard_name(s) not in done]
-    committed = {"teacher_forward_samples": 0, "write_s": 0.0, "part_writers": [], "shard_writers": [], "tables": {}}
+    committed = {"teacher_forward_samples": 0, "write_s": 0.0, "forward_workers": [], "shard_writers": [], "tables": {}}
     ray_address = None
     if todo and in_process:
         committed = extract_in_process(cfg, todo, teacher, store_path, store_id)
@@ -243,7 +243,7 @@ def extract_in_process(cfg: Config, shards: list[str], teacher: str, store: str,
     commit_rows. Same commits, same store (for make gpu-check on a node without Ray; no parallelism)."""
     device = default_device()
     frozen = load_any_teacher(teacher, cfg, device)
-    summary = {"teacher_forward_samples": 0, "write_s": 0.0, "part_writers": [os.getpid()], "shard_writers": [os.getpid()],
+    summary = {"teacher_forward_samples": 0, "write_s": 0.0, "forward_workers": [os.getpid()], "shard_writers": [os.getpid()],
                "tables": {}}
     size = cfg.extract.batch_size
     for path in shards:
@@ -296,7 +296,7 @@ def _commit_as_complete(
     summaries: dict = {}  # block_rows task -> block ref
     commits: dict = {}  # commit task -> shard
     done: set[str] = set()
-    summary = {"teacher_forward_samples": 0, "write_s": 0.0, "part_writers": set(), "shard_writers": set(), "tables": {}}
+    summary = {"teacher_forward_samples": 0, "write_s": 0.0, "forward_workers": set(), "shard_writers": set(), "tables": {}}
 
     def finish(ref) -> None:
         shard = commits.pop(ref)
@@ -325,7 +325,7 @@ def _commit_as_complete(
     def take(rows: list[dict], block) -> None:
         for row in rows:
             shard = str(row["shard"])
-            summary["part_writers"].add(int(row["writer_pid"]))
+            summary["forward_workers"].add(int(row["writer_pid"]))
             if shard in done:  # a re-run task's copy of a row already committed
                 continue
             got = pending.setdefault(shard, {})
@@ -367,4 +367,4 @@ def _commit_as_complete(
             ray.wait(list(commits), num_returns=len(commits))
     if pending:
         raise RuntimeError(f"Ray Data finished with incomplete shards {sorted(pending)}: rows were lost")
-    return summary | {key: sorted(summary[key]) for key in ("part_writers", "shard_writers")}
+    return summary | {key: sorted(summary[key]) for key in ("forward_workers", "shard_writers")}

@@ -145,8 +145,8 @@ def test_shard_files_are_written_by_worker_processes(six_shards, teacher_dir, cl
     store = str(tmp_path / "workers")
     cfg = tiny_config(*FP32, "extract.num_actors=2", "extract.actor_num_cpus=0.5", "extract.decode_num_cpus=0.5")
     summary = extract_targets(cfg, data=six_shards, teacher=teacher_dir, store=store, progress=False)
-    assert len(summary["part_writers"]) == 2 and summary["shard_writers"]
-    assert os.getpid() not in summary["part_writers"] + summary["shard_writers"]
+    assert len(summary["forward_workers"]) == 2 and summary["shard_writers"]
+    assert os.getpid() not in summary["forward_workers"] + summary["shard_writers"]
     assert summary["teacher_forward_samples"] == 24 and summary["write_s"] > 0
     assert not Path(parts_dir(store)).exists()
     assert shard_files(store) == shard_files(clean_six) and len(shard_files(store)) >= 6 * 4
