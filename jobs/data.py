@@ -3,6 +3,7 @@ resumes where a killed run stopped), or of the embedded "moving digits" (no SRC)
 
 from __future__ import annotations
 
+import os
 import sys
 
 from jobs.cli import entry, parser
@@ -26,7 +27,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samples-per-shard", type=int, default=None,
                    help=f"default: {INGEST_PER_SHARD} for SRC, {DIGITS_PER_SHARD} for the moving digits")
     p.add_argument("--workers", type=int, default=None,
-                   help="CPUs of the local Ray (default: all; a RAY_ADDRESS cluster uses its own; 0: no Ray, in this process)")
+                   help="CPUs of the local Ray (default: all; a RAY_ADDRESS cluster uses its own; 0: no Ray, in this process); "
+                        "for the moving digits, processes writing shards (default: all CPUs)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per video before it counts as a hang (SRC only)")
     p.add_argument("--short-side", type=int, default=0, help="transcode: short side at most this many pixels (0: keep)")
     p.add_argument("--max-fps", type=float, default=0.0, help="transcode: at most this frame rate (0: keep)")
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         return summary
     summary = write_moving_digits(
         args.data, seed=args.seed, num_train=args.num_train, num_val=args.num_val, samples_per_shard=args.samples_per_shard or DIGITS_PER_SHARD,
-        progress=not args.no_progress,
+        progress=not args.no_progress, workers=(os.cpu_count() or 1) if args.workers is None else args.workers,
     )
     print(f"data: {summary}")
     return summary

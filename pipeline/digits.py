@@ -11,6 +11,8 @@ from __future__ import annotations
 import colorsys
 import io
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import av
@@ -135,34 +137,52 @@ def _clip_spec(i: int, pool: list[np.ndarray]) -> tuple[int, int, int]:
     return digit, motion, int(images[k % len(images)])
 
 
+def _write_digits_shard(root: str, seed: int, split_id: int, first: int, last: int, shard_index: int, size: int,
+                        num_frames: int, fps: int) -> int:
+    """Clips first..last-1 of split `split_id` into its shard number `shard_index`; returns the bytes written."""
+    images = load_digits().images
+    split = _SPLITS[split_id]
+    pool = _split_pools(seed)[split]
+    shard = []
+    for i in range(first, last):
+        digit, motion, digit_index = _clip_spec(i, pool)
+        # Seeded by (seed, split, index) so a clip is the same however many are generated, and by whom.
+        rng = np.random.default_rng([seed, split_id + 1, i])
+        frames = render_clip(images[digit_index], motion=motion, rng=rng, size=size, num_frames=num_frames)
+        meta = {"appearance": digit, "motion": motion, "split": split, "source": "moving_digits",
+                "digit_index": digit_index, "fps": fps, "num_frames": num_frames,
+                "width": size, "height": size}
+        shard.append({"__key__": f"{split}-{i:06d}", "mp4": encode_mp4(frames, fps=fps),
+                      "json": json.dumps(meta, sort_keys=True).encode()})
+    return write_shard(Path(root) / split / f"shard-{shard_index:06d}.tar", shard)
+
+
 def write_moving_digits(out_dir: str, *, seed: int = 0, num_train: int = DIGITS_TRAIN, num_val: int = DIGITS_VAL,
                         samples_per_shard: int = DIGITS_PER_SHARD, size: int = 64, num_frames: int = 64,
-                        fps: int = 30, progress: bool = True) -> dict:
-    """Writes out_dir/{train,val}/shard-NNNNNN.tar and out_dir/labels.json; returns a summary."""
-    images = load_digits().images
-    pools = _split_pools(seed)
+                        fps: int = 30, progress: bool = True, workers: int = 1) -> dict:
+    """Writes out_dir/{train,val}/shard-NNNNNN.tar and out_dir/labels.json; returns a summary.
+    `workers` > 1 writes shards in that many processes: the same bytes, since every clip has its own seed."""
     root = Path(out_dir)
     summary: dict = {"clips": {}, "shards": {}, "bytes": 0}
-    bar = tqdm(total=num_train + num_val, desc="moving digits", unit="clip", disable=not progress)
+    tasks = []
     for split_id, (split, count) in enumerate(zip(_SPLITS, (num_train, num_val))):
         (root / split).mkdir(parents=True, exist_ok=True)
-        shard: list[dict] = []
-        num_shards = 0
-        for i in range(count):
-            digit, motion, digit_index = _clip_spec(i, pools[split])
-            # Seeded by (seed, split, index) so a clip is the same however many are generated.
-            rng = np.random.default_rng([seed, split_id + 1, i])
-            frames = render_clip(images[digit_index], motion=motion, rng=rng, size=size, num_frames=num_frames)
-            meta = {"appearance": digit, "motion": motion, "split": split, "source": "moving_digits",
-                    "digit_index": digit_index, "fps": fps, "num_frames": num_frames,
-                    "width": size, "height": size}
-            shard.append({"__key__": f"{split}-{i:06d}", "mp4": encode_mp4(frames, fps=fps),
-                          "json": json.dumps(meta, sort_keys=True).encode()})
-            bar.update()
-            if len(shard) == samples_per_shard or i == count - 1:
-                summary["bytes"] += write_shard(root / split / f"shard-{num_shards:06d}.tar", shard)
-                num_shards, shard = num_shards + 1, []
-        summary["clips"][split], summary["shards"][split] = count, num_shards
+        starts = range(0, count, samples_per_shard)
+        tasks += [(str(root), seed, split_id, first, min(first + samples_per_shard, count), n, size, num_frames, fps)
+                  for n, first in enumerate(starts)]
+        summary["clips"][split], summary["shards"][split] = count, len(starts)
+    bar = tqdm(total=num_train + num_val, desc="moving digits", unit="clip", disable=not progress)
+    if workers <= 1 or len(tasks) == 1:
+        for task in tasks:
+            summary["bytes"] += _write_digits_shard(*task)
+            bar.update(task[4] - task[3])
+    else:
+        context = multiprocessing.get_context("spawn")  # the caller may hold threads (torch, Ray): never fork it
+        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context) as pool:
+            futures = {pool.submit(_write_digits_shard, *task): task for task in tasks}
+            for future in as_completed(futures):
+                summary["bytes"] += future.result()
+                bar.update(futures[future][4] - futures[future][3])
     bar.close()
     labels = {"appearance": [str(d) for d in range(10)], "motion": list(MOTIONS)}
     (root / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")

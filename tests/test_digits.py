@@ -125,7 +125,7 @@ def _tar_bytes(root: Path) -> dict[str, bytes]:
 def test_write_moving_digits(tmp_path: Path) -> None:
     kwargs = dict(num_train=8, num_val=4, samples_per_shard=4, size=32, num_frames=20, progress=False)
     summary = write_moving_digits(str(tmp_path / "a"), seed=5, **kwargs)
-    write_moving_digits(str(tmp_path / "b"), seed=5, **kwargs)
+    parallel = write_moving_digits(str(tmp_path / "b"), seed=5, workers=2, **kwargs)  # shards written by 2 processes
     write_moving_digits(str(tmp_path / "c"), seed=6, **kwargs)
     a, b, c = (_tar_bytes(tmp_path / name) for name in "abc")
 
@@ -133,7 +133,7 @@ def test_write_moving_digits(tmp_path: Path) -> None:
     assert summary["clips"] == {"train": 8, "val": 4}
     assert summary["shards"] == {"train": 2, "val": 1}
     assert summary["bytes"] == sum(len(v) for v in a.values())
-    assert a == b
+    assert a == b and parallel == summary
     assert all(a[name] != c[name] for name in a)
     assert not list((tmp_path / "a").rglob("*.tmp"))
 
