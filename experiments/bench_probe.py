@@ -10,6 +10,7 @@ on the same output folder reads them back (the encoder is not run) and is measur
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -63,7 +64,7 @@ def write_sizes(work: Path, sizes: dict[str, tuple[int, int]]) -> dict[str, str]
     for name, (train, val) in sizes.items():
         folder = work / f"digits-{name}"
         if not (folder / "labels.json").is_file():
-            write_moving_digits(str(folder), seed=0, num_train=train, num_val=val, progress=False)
+            write_moving_digits(str(folder), seed=0, num_train=train, num_val=val, progress=False, workers=os.cpu_count() or 1)
         folders[name] = str(folder)
     return folders
 

@@ -311,6 +311,9 @@ class SubsetRows:
         return self.rows.take(self.idx[idx.cpu()], epoch)
 
 
+KNN_BLOCK_ELEMENTS = 1 << 22
+
+
 def knn_proba(
     train_f: torch.Tensor, train_y: torch.Tensor, query_f: torch.Tensor, *, num_classes: int, k: int = 20,
     temperature: float = 0.07,
@@ -318,7 +321,11 @@ def knn_proba(
     """Cosine k-NN (DINO's: similarity-weighted votes, exp(sim / T)) over pooled features
     [N, D] -> class scores [M, C] normalised to sum to 1. Deterministic: no training."""
     train_f, query_f = F.normalize(train_f, dim=-1), F.normalize(query_f, dim=-1)
-    sims, idx = (query_f @ train_f.T).topk(min(k, len(train_f)), dim=1)  # [M, k]
+    # the similarities of a block of queries at a time: [M, N] at once grew with the data set (K400's
+    # val x train would be ~15 GB); a block of KNN_BLOCK_ELEMENTS similarities is 16 MB
+    block = max(1, KNN_BLOCK_ELEMENTS // max(1, len(train_f)))
+    top = [(q @ train_f.T).topk(min(k, len(train_f)), dim=1) for q in query_f.split(block)]
+    sims, idx = torch.cat([t.values for t in top]), torch.cat([t.indices for t in top])  # [M, k]
     votes = torch.zeros(len(query_f), num_classes, device=query_f.device)
     votes.scatter_add_(1, train_y[idx], (sims / temperature).exp())
     return votes / votes.sum(1, keepdim=True)

@@ -31,8 +31,18 @@ FAST = [
 ]
 
 
+# The files with the longest tests (over a minute each in a `make test` run alone), started first: with
+# two workers taking whole files, a long file collected last (alphabetically) ran while the other
+# worker sat idle at the end.
+LONG_FILES_FIRST = ("test_transfer.py", "test_replication.py", "test_probe.py", "test_slurm.py", "test_teachers.py",
+                    "test_store_integrity.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked gpu count as skipped, not passed, on a machine without CUDA."""
+    """The long files first (LONG_FILES_FIRST); tests marked gpu count as skipped, not passed, on a
+    machine without CUDA."""
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="gpu test: torch.cuda.is_available() is False on this machine")

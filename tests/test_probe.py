@@ -19,6 +19,7 @@ from experiments.probing import load_encoder, probe_data_config, probe_encoders
 from pipeline.video import spatial_crops
 from salt.config import ConfigError, ProbeConfig, to_dict
 from salt.plots import plot_loss_curves, plot_scatter_fit, r_squared
+from salt import readouts
 from salt.readouts import (
     ReadoutSplits, effective_rank, encode_features, knn_proba, linear_proba, pooled_readouts, selection_split,
     standardizing, top1, train_probe_grid,
@@ -50,7 +51,7 @@ def probe_digits(tmp_path_factory) -> str:
     from pipeline.digits import write_moving_digits
 
     out = str(tmp_path_factory.mktemp("probe-digits"))
-    write_moving_digits(out, seed=5, num_train=640, num_val=80, samples_per_shard=320, progress=False)
+    write_moving_digits(out, seed=5, num_train=640, num_val=80, samples_per_shard=320, progress=False, workers=2)
     return out
 
 
@@ -377,7 +378,7 @@ def test_single_query_cross_attention_equals_projecting_every_token():
     assert torch.allclose(block(x, context=context), expected, atol=1e-5)
 
 
-def test_pooled_readouts_are_deterministic_and_read_a_separable_label():
+def test_pooled_readouts_are_deterministic_and_read_a_separable_label(monkeypatch):
     """k-NN and the logistic regression need no seed: two calls agree exactly. On tokens whose
     mean carries the label both read it; on tokens that carry nothing they sit near chance."""
     g = torch.Generator().manual_seed(0)
@@ -397,5 +398,9 @@ def test_pooled_readouts_are_deterministic_and_read_a_separable_label():
     assert noise["knn_top1"] <= 0.5 and noise["linear_top1"] <= 0.5, noise
     probs = knn_proba(x[fit].mean(1), y[fit], x[val].mean(1), num_classes=3)
     assert torch.allclose(probs.sum(1), torch.ones(100)) and probs.shape == (100, 3)
+    # queries in blocks of 7 (memory bounded by the block, not the val split): the same votes
+    monkeypatch.setattr(readouts, "KNN_BLOCK_ELEMENTS", 7 * 160)
+    blocked = knn_proba(x[fit].mean(1), y[fit], x[val].mean(1), num_classes=3)
+    assert torch.allclose(blocked, probs, atol=1e-6) and torch.equal(blocked.argmax(1), probs.argmax(1))
     assert torch.allclose(linear_proba(x[fit].mean(1), y[fit], x[val].mean(1), num_classes=3, l2=1e-3).sum(1),
                           torch.ones(100))

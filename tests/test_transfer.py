@@ -30,7 +30,7 @@ def transfer_digits(tmp_path_factory) -> str:
     from pipeline.digits import write_moving_digits
 
     out = str(tmp_path_factory.mktemp("transfer-digits"))
-    write_moving_digits(out, num_train=1000, num_val=400, samples_per_shard=500, progress=False)
+    write_moving_digits(out, num_train=1000, num_val=400, samples_per_shard=500, progress=False, workers=2)
     return out
 
 
