@@ -168,21 +168,21 @@ def write_moving_digits(out_dir: str, *, seed: int = 0, num_train: int = DIGITS_
     for split_id, (split, count) in enumerate(zip(_SPLITS, (num_train, num_val))):
         (root / split).mkdir(parents=True, exist_ok=True)
         starts = range(0, count, samples_per_shard)
-        tasks += [(str(root), seed, split_id, first, min(first + samples_per_shard, count), n, size, num_frames, fps)
-                  for n, first in enumerate(starts)]
+        tasks += [dict(root=str(root), seed=seed, split_id=split_id, first=first, last=min(first + samples_per_shard, count),
+                       shard_index=n, size=size, num_frames=num_frames, fps=fps) for n, first in enumerate(starts)]
         summary["clips"][split], summary["shards"][split] = count, len(starts)
     bar = tqdm(total=num_train + num_val, desc="moving digits", unit="clip", disable=not progress)
     if workers <= 1 or len(tasks) == 1:
         for task in tasks:
-            summary["bytes"] += _write_digits_shard(*task)
-            bar.update(task[4] - task[3])
+            summary["bytes"] += _write_digits_shard(**task)
+            bar.update(task["last"] - task["first"])
     else:
         context = multiprocessing.get_context("spawn")  # the caller may hold threads (torch, Ray): never fork it
         with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context) as pool:
-            futures = {pool.submit(_write_digits_shard, *task): task for task in tasks}
+            futures = {pool.submit(_write_digits_shard, **task): task for task in tasks}
             for future in as_completed(futures):
                 summary["bytes"] += future.result()
-                bar.update(futures[future][4] - futures[future][3])
+                bar.update(futures[future]["last"] - futures[future]["first"])
     bar.close()
     labels = {"appearance": [str(d) for d in range(10)], "motion": list(MOTIONS)}
     (root / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
