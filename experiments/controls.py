@@ -36,6 +36,16 @@ def label_teacher_dir(out_root: str | Path, step: int) -> Path:
     return Path(out_root) / f"step-{step:06d}"
 
 
+def save_teacher(cfg: Config, out: str | Path, encoder: torch.nn.Module, *, size: str, step: int, trained_with: str,
+                 **run_info: str) -> str:
+    """`encoder` (a `size` encoder) saved as a teacher run folder: the weights, checkpoint.json with role
+    "teacher", its step and what it was trained with, and the run info (`run_info`: e.g. data=...)."""
+    cfg = _as_teacher(cfg, size)
+    save_snapshot(out, encoder, checkpoint_meta(cfg, "teacher", encoder.width, step=step, trained_with=trained_with))
+    write_run_info(out, cfg, **run_info)
+    return str(out)
+
+
 def train_label_teachers(
     cfg: Config, data: str, out_root: str | Path, *, size: str, steps: list[int], seed: int = 0,
     tasks: list[str] | None = None, lr: float = 2e-3, batch_size: int = 16, progress: bool = True,
@@ -47,7 +57,6 @@ def train_label_teachers(
     teacher and the probe read clips alike. Folders already saved are kept (a rerun trains
     nothing when every one exists)."""
     steps = sorted(set(steps))
-    cfg = _as_teacher(cfg, size)
     folders = {s: str(label_teacher_dir(out_root, s)) for s in steps}
     if all(has_checkpoint(f) for f in folders.values()):
         return folders
@@ -58,8 +67,7 @@ def train_label_teachers(
     trained_with = f"labels ({', '.join(sorted(train.labels))}), seed {seed}"
 
     def save(step: int, trained: torch.nn.Module) -> None:
-        save_snapshot(folders[step], trained, checkpoint_meta(cfg, "teacher", trained.width, step=step, trained_with=trained_with))
-        write_run_info(folders[step], cfg, data=data)
+        save_teacher(cfg, folders[step], trained, size=size, step=step, trained_with=trained_with, data=data)
 
     # Warm-up over a tenth of the run, then cosine decay: at a constant 2e-3 one motion encoder of three
     # (data seed 2) stayed at 0.41 after 750 steps; with this schedule the same run reads 0.97 (docs/yardstick.md)
@@ -74,10 +82,8 @@ def train_label_teachers(
 def save_untrained_teacher(cfg: Config, out: str | Path, *, size: str, seed: int = 0) -> str:
     """A randomly initialised `size` encoder (init seed `seed`) saved as a teacher run folder."""
     if not has_checkpoint(out):
-        cfg = _as_teacher(cfg, size)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             encoder = build_encoder(cfg, size).eval()
-        save_snapshot(out, encoder, checkpoint_meta(cfg, "teacher", encoder.width, step=0, trained_with=f"nothing (random init, seed {seed})"))
-        write_run_info(out, cfg)
+        save_teacher(cfg, out, encoder, size=size, step=0, trained_with=f"nothing (random init, seed {seed})")
     return str(out)

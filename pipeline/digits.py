@@ -20,6 +20,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 from tqdm import tqdm
 
+from pipeline.dataset_index import entry_from_file, write_index
 from pipeline.shards import write_shard
 
 MOTIONS = ("right", "left", "down", "up")
@@ -160,7 +161,7 @@ def _write_digits_shard(root: str, seed: int, split_id: int, first: int, last: i
 def write_moving_digits(out_dir: str, *, seed: int = 0, num_train: int = DIGITS_TRAIN, num_val: int = DIGITS_VAL,
                         samples_per_shard: int = DIGITS_PER_SHARD, size: int = 64, num_frames: int = 64,
                         fps: int = 30, progress: bool = True, workers: int = 1) -> dict:
-    """Writes out_dir/{train,val}/shard-NNNNNN.tar and out_dir/labels.json; returns a summary.
+    """Writes out_dir/{train,val}/shard-NNNNNN.tar, their index.parquet and out_dir/labels.json; returns a summary.
     `workers` > 1 writes shards in that many processes: the same bytes, since every clip has its own seed."""
     root = Path(out_dir)
     summary: dict = {"clips": {}, "shards": {}, "bytes": 0}
@@ -184,6 +185,8 @@ def write_moving_digits(out_dir: str, *, seed: int = 0, num_train: int = DIGITS_
                 summary["bytes"] += future.result()
                 bar.update(futures[future]["last"] - futures[future]["first"])
     bar.close()
+    for split in _SPLITS:  # the dataset index, as ingest writes one: no reader walks these tars
+        write_index(str(root / split), [entry_from_file(str(p)) for p in sorted((root / split).glob("shard-*.tar"))])
     labels = {"appearance": [str(d) for d in range(10)], "motion": list(MOTIONS)}
     (root / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
     return summary

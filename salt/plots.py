@@ -1,20 +1,29 @@
 """PNG plots for run folders: loss curves and loss-vs-accuracy fits.
 
 matplotlib's Agg backend renders to files only, so this works on headless machines
-and never opens a window.
+and never opens a window. pyplot is imported on the first plot, not with this module: every
+training job imports it (its run log plots the loss at the end), and pyplot's import is
+about half a second of each job's start, paid again by every process of a torchrun.
 """
 
 from __future__ import annotations
 
 import json
+from functools import cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-import numpy as np  # noqa: E402
+
+@cache
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -34,7 +43,7 @@ def plot_loss_curves(
     against `x`, from a metrics.jsonl file or its records. Records lacking a field are
     skipped for that line, so mixed logs (train and eval records) plot fine."""
     records = read_jsonl(metrics) if isinstance(metrics, (str, Path)) else list(metrics)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
     groups = sorted({r.get(group_by) for r in records}, key=str) if group_by else [None]
     for group in groups:
         for y in ys:
@@ -75,7 +84,7 @@ def plot_scatter_fit(
     (computed here when not given): the paper's student-loss-vs-accuracy plot."""
     x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
     r2 = r_squared(x, y) if r2 is None else r2
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
     ax.scatter(x, y)
     for xi, yi, label in zip(x, y, labels or ()):
         ax.annotate(str(label), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -98,5 +107,5 @@ def _save(fig, png_path: str | Path) -> Path:
         fig.tight_layout()
         fig.savefig(path, format="png", dpi=100)
     finally:
-        plt.close(fig)  # figures otherwise accumulate in pyplot's registry across calls
+        _pyplot().close(fig)  # figures otherwise accumulate in pyplot's registry across calls
     return path

@@ -5,6 +5,7 @@ data and store layer, never reaches an experiment driver or training code; no mo
 from __future__ import annotations
 
 import ast
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ def module_file(name: str) -> Path | None:
     return None
 
 
-def imports_of(name: str) -> set[str]:
+@cache  # the files do not change during a run; each test walks the graph again
+def imports_of(name: str) -> frozenset[str]:
     """The repository modules `name` imports, at any depth of its code (functions included)."""
     found = set()
     for node in ast.walk(ast.parse(module_file(name).read_text())):
@@ -32,7 +34,7 @@ def imports_of(name: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             found.add(node.module)
             found |= {f"{node.module}.{a.name}" for a in node.names}
-    return {m for m in found if m.split(".")[0] in PACKAGES and module_file(m)}
+    return frozenset(m for m in found if m.split(".")[0] in PACKAGES and module_file(m))
 
 
 def module_name(path: Path) -> str:
