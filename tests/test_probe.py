@@ -162,21 +162,22 @@ def test_make_probe_path_on_a_trained_checkpoint_beats_the_random_floor(probe_di
     assert saved["tasks"]["motion"]["top1"] == trained["top1"] and "step 600" in saved["encoder"]
 
 
-def test_a_label_teacher_goes_through_extraction_to_a_student(probe_digits, motion_encoder, ray_local, tmp_path):
+def test_a_label_teacher_goes_through_extraction_to_a_student(probe_digits, motion_encoder, digits, ray_local, tmp_path):
     """The transfer control's chain (docs/yardstick.md): an encoder trained with the motion labels (the
     control: the test above reads it far above a random init) saved as a teacher run folder, extracted
     like a V-Pixel teacher, and a student trained on its store, which never sees a label. Whether that
-    student keeps the teacher's margin takes thousands of steps on this data: `make demo` measures it."""
-    cfg = tiny_config("student.optim.steps=20", "model.student=vit_cpu_xs", "extract.batch_size=16")
+    student keeps the teacher's margin takes thousands of steps on this data: `make demo` measures it.
+    The chain runs on the suite's small dataset (the same clip geometry): it checks the plumbing."""
+    cfg = tiny_config("student.optim.steps=20", "model.student=vit_cpu_xs")
     teacher = save_teacher(cfg, tmp_path / "teacher", motion_encoder, size="vit_cpu_xs", step=800,
                            trained_with="labels (motion), seed 0", data=probe_digits)
     meta = read_meta(teacher)
     assert meta["role"] == "teacher" and meta["step"] == 800 and meta["encoder"]["size"] == "vit_cpu_xs"
     store = str(tmp_path / "targets")
-    assert extract_targets(cfg, data=probe_digits, teacher=teacher, store=store, progress=False)["samples"] == 640
+    assert extract_targets(cfg, data=digits, teacher=teacher, store=store, progress=False)["samples"] == 16
     recorded = json.loads((tmp_path / "targets" / "store.json").read_text())["teacher"]
     assert (recorded["step"], recorded["size"]) == (800, "vit_cpu_xs")
-    run_student(cfg, probe_digits, store, tmp_path / "student", progress=False)
+    run_student(cfg, digits, store, tmp_path / "student", progress=False)
     student = read_meta(tmp_path / "student")
     assert student["role"] == "student" and student["step"] == 20
 

@@ -11,12 +11,12 @@ import subprocess
 import sys
 import tarfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline.extract import extract_targets
 from pipeline.shards import index_shard, list_shards
 from pipeline.loaders import TargetStream
 from pipeline.store.layout import CorruptStoreError
@@ -135,10 +135,13 @@ def test_a_kill_between_the_writes_of_a_checkpoint_resumes_to_the_exact_batch(st
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_store_json_from_another_store_is_caught(store_fp32, digits, teacher_dir, ray_local, tmp_path):
+def test_store_json_from_another_store_is_caught(store_fp32, digits, tmp_path):
+    # another extraction of the same data and teacher differs from this one in its store.json by the
+    # store id (and the time it was made): a copy of this store given another store's id is that case
     other = tmp_path / "other"
-    extract_targets(tiny_config("extract.dtype=float32"), data=digits, teacher=teacher_dir, store=str(other), progress=False)
-    shutil.copy(Path(store_fp32) / "store.json", other / "store.json")
+    shutil.copytree(store_fp32, other)
+    meta = json.loads((other / "store.json").read_text())
+    (other / "store.json").write_text(json.dumps(meta | {"store_id": uuid.uuid4().hex}))
     problems = verify_store(other)
     assert len(problems) == 2 and all("was written for store" in p for p in problems)
     with pytest.raises(CorruptStoreError, match=r"shard shard-000000 was written for store \w+, but store.json is store \w+"):
