@@ -320,3 +320,25 @@ def test_fp16_targets_travel_as_stored_and_become_fp32_on_the_device(digits, tea
     assert loaded["targets"].dtype == torch.float16  # half the bytes through workers, pinned memory and the copy
     batch = prepare_batch(loaded, "cpu", tiny_config().data)
     assert batch["targets"].dtype == torch.float32 and torch.equal(batch["targets"], loaded["targets"].float())
+
+
+def test_training_stops_its_loader_workers_even_while_the_loader_is_still_referenced(digits, tmp_path):
+    """Loader workers ignore SIGTERM (preemption is the trainer's), and Python's exit SIGTERMs its daemon
+    children, then waits for them: a loader that outlived its training (held by anything) hung its
+    process at exit. Training now stops the workers itself; the loader here stays referenced."""
+    import multiprocessing
+
+    from pipeline.loaders import ClipStream
+    from salt.train.teacher import train_teacher
+
+    cfg = tiny_config("teacher.optim.steps=2")
+    loaders = []
+
+    def make_batches(state):
+        loaders.append(make_loader(ClipStream(cfg, list_shards(digits), batch_size=4).at(state), num_workers=1))
+        return loaders[-1]
+
+    before = set(multiprocessing.active_children())
+    train_teacher(cfg, tmp_path / "teacher", make_batches, progress=False)
+    assert len(loaders) == 1 and loaders[0]._iterator is None  # the loader object itself lives on
+    assert set(multiprocessing.active_children()) <= before  # its worker is gone

@@ -191,24 +191,38 @@ def run_training(
     iterator = iter(batches) if state.step < last else None  # a finished run starts no loader workers
     group = control_group()
     bad = BadClips(data.max_bad_fraction, bad_clips)
-    with PreemptionWatch() as watch, RunLog(run_dir, cfg, start_step=state.step, last=last, device=device,
-                                            checkpoint_meta=checkpoint_meta, progress=progress, bad_clips=bad,
-                                            group=group) as log:
-        while state.step < last:
-            kept, waits = [], []
-            t0 = time.perf_counter()  # the resize of prepare_batch is device work: it counts as compute
-            micro = micro_batches(iterator, plan, state.step, device, data, make_targets, kept, waits)
-            metrics = accumulation_step(state, micro, plan.accumulation, cfg)
-            wait = sum(waits)
-            log.record(state, kept, metrics, wait_s=wait, compute_s=time.perf_counter() - t0 - wait)
-            signal_name = watch.agreed(rank.world_size, group)
-            if signal_name and state.step < last:
-                log.preempted(state, kept[-1], signal_name)
-                if rank.is_main:
-                    print(f"{Path(run_dir).name}: preempted by {signal_name} after step {state.step}; "
-                          f"checkpoint written; exit status {PREEMPTED_EXIT}", flush=True)
-                raise Preempted(state.step, signal_name, run_dir)
-    return log.summary(state.step)
+    try:
+        with PreemptionWatch() as watch, RunLog(run_dir, cfg, start_step=state.step, last=last, device=device,
+                                                checkpoint_meta=checkpoint_meta, progress=progress, bad_clips=bad,
+                                                group=group) as log:
+            while state.step < last:
+                kept, waits = [], []
+                t0 = time.perf_counter()  # the resize of prepare_batch is device work: it counts as compute
+                micro = micro_batches(iterator, plan, state.step, device, data, make_targets, kept, waits)
+                metrics = accumulation_step(state, micro, plan.accumulation, cfg)
+                wait = sum(waits)
+                log.record(state, kept, metrics, wait_s=wait, compute_s=time.perf_counter() - t0 - wait)
+                signal_name = watch.agreed(rank.world_size, group)
+                if signal_name and state.step < last:
+                    log.preempted(state, kept[-1], signal_name)
+                    if rank.is_main:
+                        print(f"{Path(run_dir).name}: preempted by {signal_name} after step {state.step}; "
+                              f"checkpoint written; exit status {PREEMPTED_EXIT}", flush=True)
+                    raise Preempted(state.step, signal_name, run_dir)
+        return log.summary(state.step)
+    finally:
+        stop_loader_workers(batches)
+
+
+def stop_loader_workers(batches: Iterable[dict]) -> None:
+    """Stop a DataLoader's persistent workers now rather than when it is collected. They ignore SIGTERM
+    (a preemption signal is the trainer's to handle), and Python's exit sends daemon children SIGTERM,
+    then waits for them: a loader still referenced at exit (by a reference cycle, say) would hang its
+    process there for ever. `make demo` did, after printing its summary."""
+    iterator = getattr(batches, "_iterator", None)  # where a DataLoader keeps its persistent workers
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        batches._iterator = None
 
 
 def fit(
