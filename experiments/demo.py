@@ -35,8 +35,9 @@ CONTROL_SIZE, CONTROL_STEPS, CONTROL_BATCH, CONTROL_TASKS = "vit_cpu_xs", 1000, 
 # The students read the crops their teacher saw from the store's pixel cache instead of decoding the
 # videos again: the same pixels (the loss is equal to the last bit), and a quarter less time for the
 # two students side by side, whose loader workers no longer decode (docs/usage.md, "Stage-2 inputs").
-# 200 student steps, not tiny.yaml's 400: on this data no student leaves its plateau before ~500
-# steps (docs/yardstick.md), so 400 read as 200 do, and the demo must fit in ten minutes with its setup.
+# 200 student steps, not tiny.yaml's 400: on this data no student leaves its plateau before ~500 steps
+# (docs/yardstick.md); both students read motion below random init at 400 steps and at 200 alike, and the
+# demo has to fit in ten minutes with its setup.
 DEMO_OVERRIDES = ("extract.pixel_cache=true", "data.stage2_input=pixels", "student.optim.steps=200")
 
 
