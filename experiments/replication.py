@@ -104,54 +104,54 @@ def run_study(study: Study, *, out: str | Path, progress: bool = True) -> dict:
     seeds = {s: out / f"seed-{s}" for s in study.seeds}
     cfgs = {s: to_dict(study.seed_config(s)) for s in study.seeds}
     data = {s: str(root / "data") for s, root in seeds.items()}
-    phases = Phases("replicate", study.workers, progress)
-    phase = phases.run
-    phase("data", {str(s): (write_data, data[s], s, study.num_train, study.num_val)
-                   for s in study.seeds if not Path(data[s], "labels.json").is_file()})
-    teacher_dirs = {(s, arm): str(root / arm / "teacher") for s, root in seeds.items() for arm in study.arms()}
-    jobs: dict[str, tuple] = {}
-    for s, root in seeds.items():
-        for name, size in study.vpixel.items():
-            jobs[f"{s}/vpixel-{name}"] = (vpixel_teacher, cfgs[s], size, data[s], teacher_dirs[(s, f"vpixel-{name}")])
-        jobs[f"{s}/labels"] = (_label_teachers, cfgs[s], data[s], str(root / "labels"), study.ladder_teacher, study.ladder_steps,
-                                study.ladder_batch, s)
-    teachers = phase("teachers", jobs)
-    for s, root in seeds.items():
-        save_untrained_teacher(study.seed_config(s), teacher_dirs[(s, "untrained")], size=study.ladder_teacher, seed=s)
-        for step, folder in teachers[f"{s}/labels"].items():
-            teacher_dirs[(s, f"labels-{step}")] = folder
+    with Phases("replicate", study.workers, progress) as phases:
+        phase = phases.run
+        phase("data", {str(s): (write_data, data[s], s, study.num_train, study.num_val)
+                       for s in study.seeds if not Path(data[s], "labels.json").is_file()})
+        teacher_dirs = {(s, arm): str(root / arm / "teacher") for s, root in seeds.items() for arm in study.arms()}
+        jobs: dict[str, tuple] = {}
+        for s, root in seeds.items():
+            for name, size in study.vpixel.items():
+                jobs[f"{s}/vpixel-{name}"] = (vpixel_teacher, cfgs[s], size, data[s], teacher_dirs[(s, f"vpixel-{name}")])
+            jobs[f"{s}/labels"] = (_label_teachers, cfgs[s], data[s], str(root / "labels"), study.ladder_teacher, study.ladder_steps,
+                                    study.ladder_batch, s)
+        teachers = phase("teachers", jobs)
+        for s, root in seeds.items():
+            save_untrained_teacher(study.seed_config(s), teacher_dirs[(s, "untrained")], size=study.ladder_teacher, seed=s)
+            for step, folder in teachers[f"{s}/labels"].items():
+                teacher_dirs[(s, f"labels-{step}")] = folder
 
-    import ray
+        import ray
 
-    t0 = time.perf_counter()
-    ours = not ray.is_initialized()
-    init_ray()
-    for (s, arm), teacher in teacher_dirs.items():
-        extract_targets(study.seed_config(s), data=data[s], teacher=teacher, store=str(seeds[s] / arm / "targets"),
-                        progress=progress)
-    if ours:
-        ray.shutdown()  # its idle workers would hold memory and a little CPU through the students
-    phases.walls["extract"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ours = not ray.is_initialized()
+        init_ray()
+        for (s, arm), teacher in teacher_dirs.items():
+            extract_targets(study.seed_config(s), data=data[s], teacher=teacher, store=str(seeds[s] / arm / "targets"),
+                            progress=progress)
+        if ours:
+            ray.shutdown()  # its idle workers would hold memory and a little CPU through the students
+        phases.walls["extract"] = time.perf_counter() - t0
 
-    tracked = [a for a in study.arms() if a in ("vpixel-same", study.top_rung)]  # arms whose snapshots are probed
-    students = phase("students", {
-        f"{s}/{arm}": (_student, cfgs[s], data[s], str(seeds[s] / arm / "targets"), str(seeds[s] / arm / "student"),
-                       study.snapshot_every if arm in tracked else 0)
-        for s in study.seeds for arm in study.arms()
-    })
+        tracked = [a for a in study.arms() if a in ("vpixel-same", study.top_rung)]  # arms whose snapshots are probed
+        students = phase("students", {
+            f"{s}/{arm}": (_student, cfgs[s], data[s], str(seeds[s] / arm / "targets"), str(seeds[s] / arm / "student"),
+                           study.snapshot_every if arm in tracked else 0)
+            for s in study.seeds for arm in study.arms()
+        })
 
-    points = {s: [p for arm in tracked for p in checkpoint_points(seeds[s] / arm / "student", arm)] for s in study.seeds}
-    specs: dict[int, dict[str, str]] = {}
-    for s, root in seeds.items():
-        specs[s] = {FLOOR: f"random:{study.student}"}
-        for arm in study.arms():
-            specs[s][f"teacher/{arm}"] = teacher_dirs[(s, arm)]
-            specs[s][f"student/{arm}"] = str(root / arm / "student")
-        specs[s] |= {p["name"]: p["spec"] for p in points[s] if not p["final"]}
-    parts = max(1, study.workers // len(study.seeds))  # split a seed's encoders only when workers outnumber seeds
-    probe_jobs = {f"{s}/{i}": (_probe, cfgs[s], part, data[s], str(seeds[s] / "probe"), study.tasks)
-                  for s in study.seeds for i, part in enumerate(_halves(specs[s], parts))}
-    probed = phase("probes", probe_jobs)
+        points = {s: [p for arm in tracked for p in checkpoint_points(seeds[s] / arm / "student", arm)] for s in study.seeds}
+        specs: dict[int, dict[str, str]] = {}
+        for s, root in seeds.items():
+            specs[s] = {FLOOR: f"random:{study.student}"}
+            for arm in study.arms():
+                specs[s][f"teacher/{arm}"] = teacher_dirs[(s, arm)]
+                specs[s][f"student/{arm}"] = str(root / arm / "student")
+            specs[s] |= {p["name"]: p["spec"] for p in points[s] if not p["final"]}
+        parts = max(1, study.workers // len(study.seeds))  # split a seed's encoders only when workers outnumber seeds
+        probe_jobs = {f"{s}/{i}": (_probe, cfgs[s], part, data[s], str(seeds[s] / "probe"), study.tasks)
+                      for s in study.seeds for i, part in enumerate(_halves(specs[s], parts))}
+        probed = phase("probes", probe_jobs)
     probes: dict[int, dict[str, dict]] = {s: {} for s in study.seeds}
     for name, result in probed.items():
         probes[int(name.split("/")[0])] |= result

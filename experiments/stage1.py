@@ -99,19 +99,19 @@ def _folder(name: str) -> str:
 
 def run_stage1_study(study: Stage1Study, *, out: str | Path, progress: bool = True) -> dict:
     out = Path(out)
-    phases = Phases("stage1-variants", study.workers, progress)
-    phase = phases.run
-    roots = {s: out / f"seed-{s}" for s in study.seeds}
-    data = {s: str(root / "data") for s, root in roots.items()}
+    with Phases("stage1-variants", study.workers, progress) as phases:
+        phase = phases.run
+        roots = {s: out / f"seed-{s}" for s in study.seeds}
+        data = {s: str(root / "data") for s, root in roots.items()}
 
-    phase("data", {str(s): (write_data, data[s], s, study.num_train, study.num_val)
-                   for s in study.seeds if not Path(data[s], "labels.json").is_file()})
-    teachers = phase("teachers", {
-        f"{s}/{name}": (vpixel_teacher, to_dict(study.seed_config(s, extra)), study.size, data[s], str(roots[s] / _folder(name)))
-        for name, extra in _runs(study).items() for s in study.seeds
-    })
-    readings = phase("readouts", {str(s): (_read_seed, dataclasses.asdict(study), s, data[s], str(roots[s]))
-                                  for s in study.seeds})
+        phase("data", {str(s): (write_data, data[s], s, study.num_train, study.num_val)
+                       for s in study.seeds if not Path(data[s], "labels.json").is_file()})
+        teachers = phase("teachers", {
+            f"{s}/{name}": (vpixel_teacher, to_dict(study.seed_config(s, extra)), study.size, data[s], str(roots[s] / _folder(name)))
+            for name, extra in _runs(study).items() for s in study.seeds
+        })
+        readings = phase("readouts", {str(s): (_read_seed, dataclasses.asdict(study), s, data[s], str(roots[s]))
+                                      for s in study.seeds})
     result = {"study": dataclasses.asdict(study), "commit": git_commit(), "teachers": teachers, "readings": readings,
               "walls": phases.rounded()}
     write_run_info(out, study.seed_config(study.seeds[0]), study=json.dumps(dataclasses.asdict(study)))

@@ -71,26 +71,26 @@ def _read_seed(label_size: str, cfg_dict: dict, data: str, out: str, label_encod
 
 def run_yardstick(study: Yardstick, *, out: str | Path, progress: bool = True) -> dict:
     out = Path(out)
-    phases = Phases("yardstick", study.workers, progress)
-    first = study.data_seeds[0]
-    cfgs = {s: study.seed_config(s, probe_seeds=study.probe_seeds if s == first else study.later_probe_seeds)
-            for s in study.data_seeds}
-    data = {s: str(out / f"seed-{s}" / "data") for s in study.data_seeds}
+    with Phases("yardstick", study.workers, progress) as phases:
+        first = study.data_seeds[0]
+        cfgs = {s: study.seed_config(s, probe_seeds=study.probe_seeds if s == first else study.later_probe_seeds)
+                for s in study.data_seeds}
+        data = {s: str(out / f"seed-{s}" / "data") for s in study.data_seeds}
 
-    phases.run("data", {str(s): (write_data, data[s], s, study.num_train, study.num_val)
-                        for s in study.data_seeds if not Path(data[s], "labels.json").is_file()})
-    jobs = {f"{s}/labels-{task}": (_label_encoder, to_dict(cfgs[s]), data[s], str(out / f"seed-{s}" / f"labels-{task}"),
-                                   study.label_size, task, steps, study.label_batch, s)
-            for s in study.data_seeds for task, steps in study.label_steps.items()}
-    jobs[f"{first}/vpixel"] = (vpixel_teacher, to_dict(cfgs[first]), study.vpixel_size, data[first],
-                               str(out / f"seed-{first}" / "vpixel"))
-    trained = phases.run("encoders", jobs)
-    readings = phases.run("probes", {
-        str(s): (_read_seed, study.label_size, to_dict(cfgs[s]), data[s], str(out / f"seed-{s}"),
-                 {f"labels-{task}": trained[f"{s}/labels-{task}"] for task in study.label_steps},
-                 study.vpixel_size if s == first else None)
-        for s in study.data_seeds
-    })
+        phases.run("data", {str(s): (write_data, data[s], s, study.num_train, study.num_val)
+                            for s in study.data_seeds if not Path(data[s], "labels.json").is_file()})
+        jobs = {f"{s}/labels-{task}": (_label_encoder, to_dict(cfgs[s]), data[s], str(out / f"seed-{s}" / f"labels-{task}"),
+                                       study.label_size, task, steps, study.label_batch, s)
+                for s in study.data_seeds for task, steps in study.label_steps.items()}
+        jobs[f"{first}/vpixel"] = (vpixel_teacher, to_dict(cfgs[first]), study.vpixel_size, data[first],
+                                   str(out / f"seed-{first}" / "vpixel"))
+        trained = phases.run("encoders", jobs)
+        readings = phases.run("probes", {
+            str(s): (_read_seed, study.label_size, to_dict(cfgs[s]), data[s], str(out / f"seed-{s}"),
+                     {f"labels-{task}": trained[f"{s}/labels-{task}"] for task in study.label_steps},
+                     study.vpixel_size if s == first else None)
+            for s in study.data_seeds
+        })
     result = {"study": dataclasses.asdict(study), "config": to_dict(dataclasses.replace(cfgs[first], probe=cfgs[first].probe.resolved())), "readings": readings,
               "walls": phases.rounded()}
     (out / "yardstick.json").write_text(json.dumps(result, indent=1))

@@ -408,12 +408,25 @@ def collate(samples: list[dict], *, epoch: int, index: int) -> dict:
     return out
 
 
-def make_loader(dataset: ShardedSamples, num_workers: int, *, pin_memory: bool = False) -> DataLoader:
+class WorkerLoader(DataLoader):
+    """A DataLoader whose persistent workers can be stopped now (`close`) rather than when it is
+    collected. They ignore SIGTERM (below), and Python's exit sends daemon children SIGTERM, then waits
+    for them: a loader still referenced at exit (by a reference cycle, say) would hang its process
+    there for ever. `make demo` did, after printing its summary."""
+
+    def close(self) -> None:
+        iterator = self._iterator  # where DataLoader keeps its persistent workers between passes
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._iterator = None
+
+
+def make_loader(dataset: ShardedSamples, num_workers: int, *, pin_memory: bool = False) -> WorkerLoader:
     """pin_memory: page-locked batches (crops, masks, targets), for training on CUDA: the step's
     copies to the GPU then run asynchronously (salt/devices.py: to_device). Workers ignore the
     preemption signals: a signal sent to the whole process group is the training process's to
     handle (salt/train/preemption.py), and a worker killed by it would fail the step it must finish."""
-    return DataLoader(
+    return WorkerLoader(
         dataset,
         batch_size=None,
         num_workers=num_workers,

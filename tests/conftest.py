@@ -31,11 +31,11 @@ FAST = [
 ]
 
 
-# The files with the longest tests (over a minute each in a `make test` run alone), started first: with
+# The files that take longest (about a minute or more each in a `make test` run alone), started first: with
 # two workers taking whole files, a long file collected last (alphabetically) ran while the other
 # worker sat idle at the end.
-LONG_FILES_FIRST = ("test_transfer.py", "test_replication.py", "test_probe.py", "test_slurm.py", "test_teachers.py",
-                    "test_store_integrity.py")
+LONG_FILES_FIRST = ("test_probe.py", "test_store_integrity.py", "test_reliability.py", "test_replication.py", "test_slurm.py",
+                    "test_training_scale.py", "test_pipeline.py", "test_teachers.py")
 
 
 def pytest_collection_modifyitems(config, items):

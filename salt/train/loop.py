@@ -211,18 +211,15 @@ def run_training(
                     raise Preempted(state.step, signal_name, run_dir)
         return log.summary(state.step)
     finally:
-        stop_loader_workers(batches)
+        close_batches(batches)
 
 
-def stop_loader_workers(batches: Iterable[dict]) -> None:
-    """Stop a DataLoader's persistent workers now rather than when it is collected. They ignore SIGTERM
-    (a preemption signal is the trainer's to handle), and Python's exit sends daemon children SIGTERM,
-    then waits for them: a loader still referenced at exit (by a reference cycle, say) would hang its
-    process there for ever. `make demo` did, after printing its summary."""
-    iterator = getattr(batches, "_iterator", None)  # where a DataLoader keeps its persistent workers
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
-        batches._iterator = None
+def close_batches(batches: Iterable[dict]) -> None:
+    """Release what the batches hold now: a loader's worker processes (pipeline/loaders.py:
+    WorkerLoader.close), a generator's frames; an iterable without `close` holds nothing to release."""
+    close = getattr(batches, "close", None)
+    if callable(close):
+        close()
 
 
 def fit(
