@@ -18,35 +18,44 @@ from pathlib import Path
 import ray
 import torch
 
-from experiments.controls import train_label_teachers
+from experiments.controls import label_teacher_dir, train_label_teachers
 from experiments.probing import probe_encoders, read_probe_features
 from experiments.runs import run_student, run_teacher
 from experiments.sweep import train_variant
 from pipeline.digits import write_moving_digits
 from pipeline.extract import extract_targets
-from salt.config import Config, from_dict, to_dict
+from salt.config import Config, from_dict, to_dict, with_overrides
 from salt.devices import set_torch_threads
 
 # The transfer control's teacher: the yardstick's motion encoder, a vit_cpu_xs trained 1,000 steps of 32
 # clips with the motion labels (97-99% on 3 data seeds, docs/YARDSTICK.md; 800 steps of 16 with the
 # warm-up and cosine schedule read 60%). Motion only: the digit takes a label encoder thousands of steps.
 CONTROL_SIZE, CONTROL_STEPS, CONTROL_BATCH, CONTROL_TASKS = "vit_cpu_xs", 1000, 32, ["motion"]
+# Its student: the teacher's size, 800 steps of tiny.yaml's stage-2 recipe, which is what a student on this
+# data takes to leave its plateau and read the teacher's motion (docs/yardstick.md, "A stage-2 recipe for the
+# tiny grid"); a vit_cpu_xs step costs about half of a vit_cpu_s one.
+CONTROL_STUDENT = ("model.student=vit_cpu_xs", "student.optim.steps=800")
 
 # The students read the crops their teacher saw from the store's pixel cache instead of decoding the
 # videos again: the same pixels (the loss is equal to the last bit), and a quarter less time for the
 # two students side by side, whose loader workers no longer decode (docs/usage.md, "Stage-2 inputs").
-# 200 student steps, not tiny.yaml's 400: on this data no student leaves its plateau before ~500 steps
-# (docs/yardstick.md); both students read motion below random init at 400 steps and at 200 alike, and the
-# demo has to fit in ten minutes with its setup.
+# The V-Pixel student trains 200 steps, not tiny.yaml's 400: a V-Pixel teacher carries nothing the
+# readouts see here (docs/STAGE1.md), so its student has nothing to show for more, and the demo has to
+# fit in ten minutes with its setup.
 DEMO_OVERRIDES = ("extract.pixel_cache=true", "data.stage2_input=pixels", "student.optim.steps=200")
 
 
-def _control_teacher(cfg_dict: dict, data: str, out: str) -> dict[int, str]:
+def _control_teacher(cfg_dict: dict, data: str, out: str, steps: int) -> dict[int, str]:
     """The control's label teacher (in the demo's second process, beside the V-Pixel teacher)."""
     cfg = from_dict(Config, cfg_dict)
     set_torch_threads(cfg.teacher)
-    return train_label_teachers(cfg, data, out, size=CONTROL_SIZE, steps=[CONTROL_STEPS], tasks=CONTROL_TASKS,
+    return train_label_teachers(cfg, data, out, size=CONTROL_SIZE, steps=[steps], tasks=CONTROL_TASKS,
                                 batch_size=CONTROL_BATCH, progress=False)
+
+
+def margin_kept(student: float, teacher: float, floor: float) -> float:
+    """The share of its teacher's lead over a random init that a student keeps (nan where there is no lead)."""
+    return (student - floor) / (teacher - floor) if teacher > floor else float("nan")
 
 
 def run_demo(cfg: Config, *, data: str, run: str | Path, progress: bool = True) -> dict:
@@ -64,33 +73,42 @@ def run_demo(cfg: Config, *, data: str, run: str | Path, progress: bool = True) 
         timed("data", lambda: write_moving_digits(data, progress=progress, workers=os.cpu_count() or 1))
     run = Path(run)
     control = run / "control"
+    control_cfg = with_overrides(cfg, *CONTROL_STUDENT)
+    specs = {"teacher": str(run / "teacher"), "student": str(run / "student"), "random": f"random:{cfg.model.student}"}
+    control_specs = {"control-teacher": str(label_teacher_dir(control / "labels", CONTROL_STEPS)),
+                     "control-student": str(control / "student"), "random-xs": f"random:{control_cfg.model.student}"}
     set_torch_threads(cfg.teacher)
-    # The two teachers train side by side, then the two students, one core each (every stage here runs
-    # at one torch thread); a second process does the control's half of each pair.
+    # Two chains side by side, one core each (every stage here runs at one torch thread): the V-Pixel one
+    # in this process, the control's teacher and student in a second; the extractions run here, on Ray.
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         t0 = time.perf_counter()
-        labels_run = pool.submit(_control_teacher, to_dict(cfg), data, str(control / "labels"))
+        labels_run = pool.submit(_control_teacher, to_dict(cfg), data, str(control / "labels"), CONTROL_STEPS)
         t = run_teacher(cfg, data, run / "teacher", progress=progress)
         walls["teacher"] = round(time.perf_counter() - t0, 1)
         # the control's teacher trains longer: the V-Pixel targets are extracted meanwhile
-        x = timed("extract-targets", lambda: extract_targets(cfg, data=data, teacher=str(run / "teacher"),
+        x = timed("extract-targets", lambda: extract_targets(cfg, data=data, teacher=specs["teacher"],
                                                              store=str(run / "targets"), progress=progress))
-        control_teacher = labels_run.result()[CONTROL_STEPS]
+        labels_run.result()
         walls["teachers"] = round(time.perf_counter() - t0, 1)
-        timed("control targets", lambda: extract_targets(cfg, data=data, teacher=control_teacher,
+        timed("control targets", lambda: extract_targets(cfg, data=data, teacher=control_specs["control-teacher"],
                                                          store=str(control / "targets"), progress=progress))
         ray.shutdown()  # the local cluster's idle workers and actors would hold memory and a little CPU through the rest
         t0 = time.perf_counter()
-        control_run = pool.submit(train_variant, to_dict(cfg), data, str(control / "targets"), str(control / "student"), False)
+        control_run = pool.submit(train_variant, to_dict(control_cfg), data, str(control / "targets"),
+                                  str(control / "student"), False)
         set_torch_threads(cfg.student)
-        s = run_student(cfg, data, str(run / "targets"), run / "student", progress=progress)
+        s = timed("student", lambda: run_student(cfg, data, str(run / "targets"), run / "student", progress=progress))
+        # the V-Pixel chain's encoders are read on this core while the control's student trains on the other
+        probes = timed("probe", lambda: probe_encoders(specs, cfg, data, run / "probe", progress=progress))
         cs = control_run.result()
-        walls["students"] = round(time.perf_counter() - t0, 1)
-    torch.set_num_threads(os.cpu_count() or 1)  # the stages ran at one thread; the probe runs alone
-    specs = {"teacher": str(run / "teacher"), "student": str(run / "student"), "control-teacher": control_teacher,
-             "control-student": str(control / "student"), "random": f"random:{cfg.model.student}"}
-    probes = timed("probe", lambda: probe_encoders(specs, cfg, data, run / "probe", progress=progress))
+        walls["control student"] = round(time.perf_counter() - t0, 1)
+    torch.set_num_threads(os.cpu_count() or 1)  # the control's readouts run alone
+    probes |= timed("control probe", lambda: probe_encoders(control_specs, cfg, data, run / "probe", progress=progress))
+    specs |= control_specs
     ranks = {name: read_probe_features(run / "probe" / name)["effective_rank"] for name in specs}
+    tasks = list(probes["student"])
+    kept = {task: {readout: margin_kept(*(probes[n][task][readout] for n in ("control-student", "control-teacher", "random-xs")))
+                   for readout in ("top1", "knn_top1")} for task in tasks if task in CONTROL_TASKS}
     walls["total"] = round(time.perf_counter() - started, 1)
     summary = {
         "teacher_final_loss": round(t["final_loss"], 4),
@@ -102,29 +120,31 @@ def run_demo(cfg: Config, *, data: str, run: str | Path, progress: bool = True) 
         "probe_top1": {name: {task: round(r["top1"], 4) for task, r in res.items()} for name, res in probes.items()},
         "knn_top1": {name: {task: round(r["knn_top1"], 4) for task, r in res.items()} for name, res in probes.items()},
         "probe_effective_rank": ranks,
+        "control_margin_kept": {task: {k: round(v, 3) for k, v in r.items()} for task, r in kept.items()},
         "wall_s": walls,
     }
     print("\n=== demo summary ===")
     print(f"teacher   final loss {summary['teacher_final_loss']:.4f}   ({walls['teacher']} s, beside the control's teacher)")
     print(f"targets   {x['samples']} samples, {x['errors']} errors, {x['bytes'] / 1e6:.1f} MB{' with the pixel cache' * cfg.extract.pixel_cache}   "
           f"({walls['extract-targets']} s)")
+    print(f"student   final loss {summary['student_final_loss']:.4f}   ({walls['student']} s)")
     print(f"control   label-trained {CONTROL_SIZE} teacher (done at {walls['teachers']} s), its targets "
-          f"({walls['control targets']} s)")
-    print(f"students  final loss {summary['student_final_loss']:.4f}, control's {summary['control_student_final_loss']:.4f}"
-          f"   ({walls['students']} s, side by side)")
-    tasks = list(probes["student"])
-    print(f"probe     ({walls['probe']} s): top-1 % on val ({probes['student'][tasks[0]]['num_val']} clips), frozen tokens: "
-          "linear readout / k-NN (docs/yardstick.md)")
-    print(" " * 18 + "".join(f"{t:>16s}" for t in tasks) + f"{'RankMe':>9s}")
+          f"({walls['control targets']} s), its {control_cfg.model.student} student: final loss "
+          f"{summary['control_student_final_loss']:.4f}   ({walls['control student']} s, beside the student and its readouts)")
+    print(f"probe     ({walls['probe']} + {walls['control probe']} s): top-1 % on val ({probes['student'][tasks[0]]['num_val']} clips), "
+          "frozen tokens: linear readout / k-NN (docs/yardstick.md)")
+    print(" " * 26 + "".join(f"{t:>16s}" for t in tasks) + f"{'RankMe':>9s}")
+    names = {"random": f"random init ({cfg.model.student})", "random-xs": f"random init ({control_cfg.model.student})"}
     for name in specs:
         cells = "".join(f"{100 * r['top1']:>9.1f} / {100 * r['knn_top1']:4.1f}" for r in (probes[name][t] for t in tasks))
-        print(f"  {name if name != 'random' else 'random init':16s}{cells}{ranks[name]:9.1f}")
-    print(f"  {'chance':16s}" + "".join(f"{100 * probes['student'][t]['chance']:>9.1f}" + " " * 7 for t in tasks))
-    print("  control: a teacher trained with the motion labels, and its student, which never saw one (stage 2 on its own)")
+        print(f"  {names.get(name, name):24s}{cells}{ranks[name]:9.1f}")
+    print(f"  {'chance':24s}" + "".join(f"{100 * probes['student'][t]['chance']:>9.1f}" + " " * 7 for t in tasks))
+    print("  control: a teacher trained with the motion labels, and its student, which never saw one (stage 2 on its own).")
+    print("  The share of the control teacher's lead over a random init that its student keeps, linear / k-NN: " +
+          ", ".join(f"{t} {r['top1']:.2f} / {r['knn_top1']:.2f}" for t, r in kept.items()))
     print("  RankMe: effective rank of the frozen tokens (1: all alike), a collapse check, not a quality score")
     if "data" in walls:
         print(f"data      ({walls['data']} s)")
     print(f"total     {walls['total']} s")
     (run / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
-
