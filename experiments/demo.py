@@ -31,7 +31,7 @@ from salt.devices import set_torch_threads
 # warm-up and cosine schedule read 60%). Motion only: the digit takes a label encoder thousands of steps.
 CONTROL_SIZE, CONTROL_STEPS, CONTROL_BATCH, CONTROL_TASKS = "vit_cpu_xs", 1000, 32, ["motion"]
 # Its student: the teacher's size (a vit_cpu_xs step costs about half of a vit_cpu_s one), tiny.yaml's 400
-# steps, on both cores once the V-Pixel chain is done. With tiny.yaml's stage-2 recipe such a student
+# steps, beside the V-Pixel student. With tiny.yaml's stage-2 recipe such a student
 # leaves its plateau between steps 500 and 600 and keeps 0.72 / 0.62 / 0.25 of the teacher's motion
 # margin at step 800 on data seeds 0 / 1 / 2 (docs/yardstick.md, "A stage-2 recipe for the tiny grid");
 # 800 steps would take the demo past ten minutes with its setup, so at 400 it is still on the plateau.
@@ -41,19 +41,26 @@ CONTROL_STUDENT = ("model.student=vit_cpu_xs", "student.optim.steps=400")
 # videos again: the same pixels (the loss is equal to the last bit), and less time for the students,
 # whose loader workers no longer decode (docs/usage.md, "Stage-2 inputs"). The V-Pixel teacher trains
 # 200 steps and its student 200, not tiny.yaml's 400: a V-Pixel teacher carries nothing the readouts see
-# here at any length (docs/STAGE1.md), and its chain has to fit beside the control's teacher.
+# here at any length (docs/STAGE1.md), and its teacher and targets have to fit beside the control's teacher.
 DEMO_OVERRIDES = ("extract.pixel_cache=true", "data.stage2_input=pixels", "teacher.optim.steps=200",
                   "student.optim.steps=200")
 
 
 def _control_teacher(cfg_dict: dict, data: str, out: str, steps: int) -> float:
-    """The control's label teacher (in the demo's second process, beside the V-Pixel chain); its seconds."""
+    """The control's label teacher (in the demo's second process, beside the V-Pixel teacher); its seconds."""
     t0 = time.perf_counter()
     cfg = from_dict(Config, cfg_dict)
     set_torch_threads(cfg.teacher)
     train_label_teachers(cfg, data, out, size=CONTROL_SIZE, steps=[steps], tasks=CONTROL_TASKS, batch_size=CONTROL_BATCH,
                          progress=False)
     return round(time.perf_counter() - t0, 1)
+
+
+def _control_student(cfg_dict: dict, data: str, store: str, out: str) -> dict:
+    """The control's student (in the demo's second process, beside the V-Pixel student and its readouts)."""
+    cfg = from_dict(Config, cfg_dict)
+    set_torch_threads(cfg.student)
+    return run_student(cfg, data, store, out, progress=False)
 
 
 def margin_kept(student: float, teacher: float, floor: float) -> float:
@@ -81,24 +88,26 @@ def run_demo(cfg: Config, *, data: str, run: str | Path, progress: bool = True) 
     control_specs = {"control-teacher": str(label_teacher_dir(control / "labels", CONTROL_STEPS)),
                      "control-student": str(control / "student"), "random-xs": f"random:{control_cfg.model.student}"}
     set_torch_threads(cfg.teacher)
-    # The control's teacher trains in a second process, on one core, while this one runs the V-Pixel chain
-    # at one torch thread: its teacher, targets (on Ray), student and readouts. The control's chain is the
-    # longer one: its targets, then its student and readouts on both cores.
+    # Two chains side by side, one core each (every stage runs at one torch thread): the V-Pixel chain in
+    # this process, the control's teacher and then its student in a second; the extractions run here, on
+    # Ray, and the readouts of the V-Pixel chain run here while the control's student trains.
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         labels_run = pool.submit(_control_teacher, to_dict(cfg), data, str(control / "labels"), CONTROL_STEPS)
         t = timed("teacher", lambda: run_teacher(cfg, data, run / "teacher", progress=progress))
         x = timed("extract-targets", lambda: extract_targets(cfg, data=data, teacher=specs["teacher"],
                                                              store=str(run / "targets"), progress=progress))
+        walls["control teacher"] = labels_run.result()
+        timed("control targets", lambda: extract_targets(cfg, data=data, teacher=control_specs["control-teacher"],
+                                                         store=str(control / "targets"), progress=progress))
+        ray.shutdown()  # the local cluster's idle workers and actors would hold memory and a little CPU through the rest
+        t0 = time.perf_counter()
+        control_run = pool.submit(_control_student, to_dict(control_cfg), data, str(control / "targets"), str(control / "student"))
         set_torch_threads(cfg.student)
         s = timed("student", lambda: run_student(cfg, data, str(run / "targets"), run / "student", progress=progress))
         probes = timed("probe", lambda: probe_encoders(specs, cfg, data, run / "probe", progress=progress))
-        walls["control teacher"] = labels_run.result()
-    timed("control targets", lambda: extract_targets(cfg, data=data, teacher=control_specs["control-teacher"],
-                                                     store=str(control / "targets"), progress=progress))
-    ray.shutdown()  # the local cluster's idle workers and actors would hold memory and a little CPU through the rest
-    torch.set_num_threads(os.cpu_count() or 1)  # the control's student and readouts run alone
-    cs = timed("control student", lambda: run_student(control_cfg, data, str(control / "targets"), control / "student",
-                                                      progress=progress))
+        cs = control_run.result()
+        walls["control student"] = round(time.perf_counter() - t0, 1)
+    torch.set_num_threads(os.cpu_count() or 1)  # the control's readouts run alone
     probes |= timed("control probe", lambda: probe_encoders(control_specs, cfg, data, run / "probe", progress=progress))
     specs |= control_specs
     ranks = {name: read_probe_features(run / "probe" / name)["effective_rank"] for name in specs}
@@ -124,9 +133,9 @@ def run_demo(cfg: Config, *, data: str, run: str | Path, progress: bool = True) 
     print(f"targets   {x['samples']} samples, {x['errors']} errors, {x['bytes'] / 1e6:.1f} MB{' with the pixel cache' * cfg.extract.pixel_cache}   "
           f"({walls['extract-targets']} s)")
     print(f"student   final loss {summary['student_final_loss']:.4f}   ({walls['student']} s)")
-    print(f"control   label-trained {CONTROL_SIZE} teacher ({walls['control teacher']} s, beside the chain above), its targets "
+    print(f"control   label-trained {CONTROL_SIZE} teacher ({walls['control teacher']} s, beside the teacher above), its targets "
           f"({walls['control targets']} s), its {control_cfg.model.student} student: final loss "
-          f"{summary['control_student_final_loss']:.4f}   ({walls['control student']} s)")
+          f"{summary['control_student_final_loss']:.4f}   ({walls['control student']} s, beside the student and its readouts)")
     print(f"probe     ({walls['probe']} + {walls['control probe']} s): top-1 % on val ({probes['student'][tasks[0]]['num_val']} clips), "
           "frozen tokens: linear readout / k-NN (docs/yardstick.md)")
     print(" " * 26 + "".join(f"{t:>16s}" for t in tasks) + f"{'RankMe':>9s}")
