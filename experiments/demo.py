@@ -2,8 +2,9 @@
 
 Beside the V-Pixel chain runs the transfer control (experiments/controls.py): a small encoder
 trained with the labels, extracted and distilled into a student the same way, which never
-sees a label. The readout table puts all four encoders next to a random-init encoder of the
-student's size (the floor) on both tasks of the embedded dataset (linear readout and k-NN: docs/yardstick.md).
+sees a label. The readout table puts all four encoders next to random-init encoders of each student's
+size (the floors) on both tasks of the embedded dataset (linear readout and k-NN: docs/yardstick.md), and
+the summary gives the share of the control teacher's margin over its floor that its student keeps.
 """
 
 from __future__ import annotations
