@@ -22,6 +22,7 @@ import torch
 from experiments.controls import label_teacher_dir, train_label_teachers
 from experiments.probing import probe_encoders, read_probe_features
 from experiments.runs import run_student, run_teacher
+from experiments.stats import margin_kept
 from pipeline.digits import write_moving_digits
 from pipeline.extract import extract_targets
 from salt.config import Config, from_dict, to_dict, with_overrides
@@ -62,11 +63,6 @@ def _control_student(cfg_dict: dict, data: str, store: str, out: str) -> dict:
     cfg = from_dict(Config, cfg_dict)
     set_torch_threads(cfg.student)
     return run_student(cfg, data, store, out, progress=False)
-
-
-def margin_kept(student: float, teacher: float, floor: float) -> float:
-    """The share of its teacher's lead over a random init that a student keeps (nan where there is no lead)."""
-    return (student - floor) / (teacher - floor) if teacher > floor else float("nan")
 
 
 def run_demo(cfg: Config, *, data: str, run: str | Path, progress: bool = True) -> dict:

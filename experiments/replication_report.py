@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.replication import FLOOR, Study
-from experiments.stats import mean_sd, percent_mean_sd
+from experiments.stats import margin_kept, mean_sd, percent_mean_sd
 from salt.plots import r_squared
 
 
@@ -25,12 +25,8 @@ def _cells(result: dict, name: str, task: str) -> str:
 
 def _margin_kept(result: dict, arm: str, task: str) -> list[float]:
     """Per seed: (student - floor) / (teacher - floor), the share of the teacher's margin its student keeps."""
-    out = []
-    for r in result["probes"].values():
-        floor = r[FLOOR][task]["top1"]
-        gap = r[f"teacher/{arm}"][task]["top1"] - floor
-        out.append((r[f"student/{arm}"][task]["top1"] - floor) / gap if gap > 0 else float("nan"))
-    return out
+    return [margin_kept(r[f"student/{arm}"][task]["top1"], r[f"teacher/{arm}"][task]["top1"], r[FLOOR][task]["top1"])
+            for r in result["probes"].values()]
 
 
 def write_report(result: dict, path: str | Path, *, command: str, out: str | Path) -> str:
