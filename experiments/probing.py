@@ -44,6 +44,8 @@ from salt.readouts import (
 from salt.runinfo import write_run_info
 
 RANDOM = "random:"
+# "<spec>#blocks=K": the encoder's first K blocks, then its final norm (a readout of block K's tokens)
+BLOCKS = "#blocks="
 # Fields that decide the token grid: a checkpoint can only be probed on clips of its own geometry.
 GEOMETRY = (("data", "frames"), ("data", "crop_size"), ("model", "patch_size"), ("model", "tubelet"))
 SPLITS = ("train", "val")
@@ -70,11 +72,23 @@ def view_plans(cfg: Config) -> dict[str, ViewPlan]:
     }
 
 
+def split_blocks(spec: str) -> tuple[str, int | None]:
+    """"<spec>#blocks=K" -> (spec, K); a spec without the suffix -> (spec, None): every block."""
+    base, sep, blocks = spec.partition(BLOCKS)
+    if not sep:
+        return spec, None
+    if not blocks.isdigit() or int(blocks) < 1:
+        raise ValueError(f"{spec}: '{BLOCKS}' takes a block count >= 1, e.g. {base}{BLOCKS}2")
+    return base, int(blocks)
+
+
 def check_spec(spec: str, cfg: Config) -> dict | None:
-    """Fails before any decoding on a missing checkpoint, unknown size or foreign geometry;
-    returns the checkpoint's metadata (None for random:<size>)."""
+    """Fails before any decoding on a missing checkpoint, unknown size, foreign geometry or a block
+    count past the encoder's depth; returns the checkpoint's metadata (None for random:<size>)."""
+    spec, blocks = split_blocks(spec)
     if spec.startswith(RANDOM):
-        vit_size(spec.removeprefix(RANDOM))
+        size = spec.removeprefix(RANDOM)
+        _check_depth(spec, size, blocks)
         return None
     if not has_checkpoint(spec):
         raise FileNotFoundError(
@@ -86,13 +100,22 @@ def check_spec(spec: str, cfg: Config) -> dict | None:
         mine, theirs = getattr(getattr(cfg, section), name), getattr(getattr(ckpt_cfg, section), name)
         if mine != theirs:
             raise ValueError(f"{section}.{name}={mine} but checkpoint {spec} was trained with {theirs}")
+    _check_depth(spec, meta["encoder"]["size"], blocks)
     return meta
+
+
+def _check_depth(spec: str, size: str, blocks: int | None) -> None:
+    depth = vit_size(size).depth
+    if blocks is not None and blocks > depth:
+        raise ValueError(f"{spec}{BLOCKS}{blocks}: a {size} encoder has {depth} blocks")
 
 
 def load_encoder(spec: str, cfg: Config, *, device: str = "cpu") -> tuple[VideoViT, str]:
     """A frozen encoder from a teacher/student run folder, or `random:<size>` (seeded by
     cfg.probe.seed): the floor a trained encoder has to beat. Returns (encoder, description)."""
     meta = check_spec(spec, cfg)
+    description = describe(spec, cfg, meta)
+    spec, blocks = split_blocks(spec)
     if meta is None:
         size = spec.removeprefix(RANDOM)
         with torch.random.fork_rng(devices=[]):
@@ -104,13 +127,17 @@ def load_encoder(spec: str, cfg: Config, *, device: str = "cpu") -> tuple[VideoV
         ckpt_cfg = dataclasses.replace(ckpt_cfg, model=dataclasses.replace(ckpt_cfg.model, attention=cfg.model.attention))
         encoder = build_encoder(ckpt_cfg, meta["encoder"]["size"])
         encoder.load_state_dict(load_module_weights(spec, "encoder"))
-    return encoder.to(device).eval().requires_grad_(False), describe(spec, cfg, meta)
+    if blocks is not None:  # the later blocks are dropped; the final norm stays (the readouts standardise anyway)
+        encoder.blocks = encoder.blocks[:blocks]
+    return encoder.to(device).eval().requires_grad_(False), description
 
 
 def describe(spec: str, cfg: Config, meta: dict | None) -> str:
+    spec, blocks = split_blocks(spec)
+    part = f", its first {blocks} block(s)" if blocks is not None else ""
     if meta is None:
-        return f"random {spec.removeprefix(RANDOM)} (seed {cfg.probe.seed})"
-    return f"{meta['role']} {meta['encoder']['size']} from {spec} (step {meta.get('step')})"
+        return f"random {spec.removeprefix(RANDOM)} (seed {cfg.probe.seed}{part})"
+    return f"{meta['role']} {meta['encoder']['size']} from {spec} (step {meta.get('step')}{part})"
 
 
 @dataclasses.dataclass(kw_only=True, eq=False)
@@ -133,15 +160,18 @@ def identify(name: str, spec: str, out: Path, tasks: list[str], cfg: Config, dev
     """What the features of `spec` depend on: the checkpoint file's sha256 (a random init: its
     weights'), its size and width, and where and how it runs (attention backend, device type)."""
     meta = check_spec(spec, cfg)
+    base, blocks = split_blocks(spec)
     common = {"attention": cfg.model.attention, "device": torch.device(device).type}
+    if blocks is not None:  # only then: the features of a whole encoder keep the identity they had
+        common["blocks"] = blocks
     if meta is None:
-        size = spec.removeprefix(RANDOM)
+        size = base.removeprefix(RANDOM)
         module, _ = load_encoder(spec, cfg, device="cpu")
         identity = {"kind": "random", "size": size, "seed": cfg.probe.seed, "sha256": tensor_sha256(module),
                     "width": module.width, **common}
         return Probed(name=name, spec=spec, out=out, tasks=tasks, meta=None, size=size, identity=identity, module=module)
     size = meta["encoder"]["size"]
-    weights = Path(spec) / WEIGHTS
+    weights = Path(base) / WEIGHTS
     identity = {"kind": "checkpoint", "checkpoint": str(weights.resolve()), "sha256": fs.sha256(str(weights)),
                 "role": meta["role"], "size": size, "step": meta.get("step"), "width": meta["encoder"]["width"],
                 "model": meta["config"]["model"], **common}

@@ -10,6 +10,7 @@ accumulation steps.
 
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
 
 from pipeline.shards import list_shards
@@ -20,6 +21,7 @@ from salt.config import Config, OptimConfig
 from salt.runinfo import write_run_info
 from salt.batching import plan_for
 from salt.train.distributed import current
+from salt.train.loop import prepare_batch
 from salt.train.student import train_student
 from salt.train.teacher import train_teacher
 
@@ -42,12 +44,24 @@ def _batch(optim: OptimConfig, cfg: Config) -> dict:
     return plan_for(optim, current().world_size, cfg.data.views_per_decode).as_dict()
 
 
+def teacher_batches(cfg: Config, data: str):
+    """make_batches(loader_state) of stage 1 on data's train split: the batches a teacher trains on."""
+    return _loader(cfg, list_shards(data, "train"), cfg.teacher.optim)
+
+
+def first_teacher_batches(cfg: Config, data: str, count: int) -> list[dict]:
+    """The first `count` batches a stage-1 run takes, as its training step sees them (on the CPU)."""
+    loader = teacher_batches(cfg, data)(None)
+    try:
+        return [prepare_batch(b, "cpu", cfg.data) for b in islice(loader, count)]
+    finally:
+        loader.close()
+
+
 def run_teacher(cfg: Config, data: str, out: str | Path, *, stop_after: int | None = None, progress: bool = True) -> dict:
-    shards = list_shards(data, "train")
     if current().is_main:
         write_run_info(out, cfg, data=data, batch=_batch(cfg.teacher.optim, cfg))
-    make_batches = _loader(cfg, shards, cfg.teacher.optim)
-    return train_teacher(cfg, out, make_batches, stop_after=stop_after, progress=progress)
+    return train_teacher(cfg, out, teacher_batches(cfg, data), stop_after=stop_after, progress=progress)
 
 
 def run_student(

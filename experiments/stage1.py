@@ -5,8 +5,11 @@ Per data seed (the embedded dataset generated anew with that seed; the seed also
 initialisation and sample): one V-Pixel teacher per variant (a list of config overrides on the tiny
 config's stage 1), a learning curve (the baseline trained longer, read at its snapshots), and a
 random-init encoder per token geometry (the floor). Every encoder is read by the linear readout and
-k-NN on both tasks (docs/yardstick.md). The report gives, per variant and task, mean +- sd over seeds
-and the per-seed difference from the floor with its standard error.
+k-NN on both tasks (docs/yardstick.md), the variants and floors also after each of their blocks. The
+report gives, per variant and task, mean +- sd over seeds and the per-seed difference from the floor
+with its standard error, and a go / no-go per variant: a teacher whose final loss stays near the
+loss of one constant prediction for every masked tubelet learned nothing of the clips, and is
+reported as not trained rather than read as a result.
 """
 
 from __future__ import annotations
@@ -18,26 +21,33 @@ import statistics
 from pathlib import Path
 
 from experiments.pool import Phases, vpixel_teacher, write_data
-from experiments.probing import load_probe_data, probe_encoder
+from experiments.probing import BLOCKS, probe_encoders
+from experiments.runs import first_teacher_batches
 from experiments.selection import checkpoint_points
 from experiments.stats import percent_mean_sd
 from salt.config import Config, from_dict, load_config, to_dict
+from salt.models.vit import vit_size
 from salt.runinfo import git_commit, write_run_info
+from salt.train.teacher import constant_prediction_loss
 
 # name -> overrides of the config's stage 1. The reference points: the tiny config's recipe (raw pixels,
-# L1, V-JEPA multi-block masks, 8 px patches) and VideoMAE's (per-tubelet normalised pixels, random tubes
-# over ~90% of the positions: 36 draws of one of the 4x4 positions cover 1 - (15/16)^36 = 90% of them)
+# L1, V-JEPA multi-block masks over half the clip's time, 8 px patches), docs/method.md's masks (over all
+# of it), and VideoMAE's (MSE on per-tubelet normalised pixels, random tubes over ~90% of the positions:
+# 36 draws of one of the 4x4 positions cover 1 - (15/16)^36 = 90% of them). The variants of earlier
+# runs (raw-pixel MSE, 4 px patches, one half-clip block) are in docs/STAGE1.md's earlier tables.
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],
-    "normalised pixels": ["model.pixel_norm=true"],
-    "MSE": ["model.pixel_loss=mse"],
-    "temporal masks (half the clip, 3-4 of 4 rows and columns)": [
-        "masking.generators=[{num_blocks: 1, spatial_scale: 1.0, temporal_scale: 0.5}]"],
-    "VideoMAE (normalised pixels, 90% tubes)": [
-        "model.pixel_norm=true", "masking.generators=[{num_blocks: 36, spatial_scale: 0.0625}]"],
-    "4 px patches": ["model.patch_size=4"],
+    "whole-time masks (docs/method.md)": [
+        "masking.generators=[{num_blocks: 8, spatial_scale: 0.15}, {num_blocks: 2, spatial_scale: 0.7}]"],
+    "normalised pixels, L1": ["model.pixel_norm=true"],
+    "VideoMAE's loss (MSE on normalised pixels)": ["model.pixel_norm=true", "model.pixel_loss=mse"],
+    "VideoMAE (its loss, 90% tubes)": [
+        "model.pixel_norm=true", "model.pixel_loss=mse", "masking.generators=[{num_blocks: 36, spatial_scale: 0.0625}]"],
 }
 GEOMETRY = ("model.patch_size", "model.tubelet")  # overrides that change the tokens, so the floor too
+# go / no-go: a teacher trained when its final loss is below this share of the constant prediction's
+TRAINED_BELOW = 0.9
+CONSTANT_BATCHES = 8  # batches of the train split the constant prediction is fitted and scored on
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -48,6 +58,7 @@ class Stage1Study:
     variants: dict[str, list[str]] = dataclasses.field(default_factory=lambda: dict(VARIANTS))
     # the baseline trained for curve_steps[-1] steps and read at each of curve_steps (its lr schedule
     # spans the longest run, so its first point is not the baseline variant)
+    # 1,600 steps of a vit_cpu_xs teacher: ~10 CPU-minutes here, within the 20 the question allows
     curve_steps: list[int] = dataclasses.field(default_factory=lambda: [400, 800, 1600])
     num_train: int = 2000
     num_val: int = 1200
@@ -73,23 +84,40 @@ def _runs(study: Stage1Study) -> dict[str, list[str]]:
     return runs
 
 
-def _read_seed(study_dict: dict, seed: int, data: str, out: str) -> dict[str, dict]:
-    """Reads every teacher of one seed and its floors: name -> task -> readings."""
-    study = Stage1Study(**study_dict)
-    out = Path(out)
-    loaded = load_probe_data(study.seed_config(seed), data, progress=False)
-    specs: dict[str, tuple[str, Config]] = {}
+def _teacher(cfg_dict: dict, size: str, data: str, out: str) -> dict:
+    """A V-Pixel teacher's run summary, with the loss of a constant prediction on its own batches."""
+    summary = vpixel_teacher(cfg_dict, size, data, out)
+    cfg = from_dict(Config, cfg_dict)
+    return summary | {"constant_loss": constant_prediction_loss(cfg, first_teacher_batches(cfg, data, CONSTANT_BATCHES))}
+
+
+def block_name(name: str, block: int) -> str:
+    return f"{name} @ block {block}"
+
+
+def _specs(study: Stage1Study, seed: int, out: Path) -> dict[str, dict[str, str]]:
+    """A seed's encoders to read, grouped by token geometry (floor key): name -> spec. The variants and
+    floors are also read after each block but the last (their whole encoder is the last)."""
+    groups: dict[str, dict[str, str]] = {}
+    depth = vit_size(study.size).depth
     for name, extra in _runs(study).items():
-        cfg = study.seed_config(seed, extra)
+        group = groups.setdefault(study.floor_key(extra), {})
         if name == "curve":
-            for p in checkpoint_points(out / "curve", "curve"):
-                if p["step"] in study.curve_steps:
-                    specs[f"curve-{p['step']}"] = (p["spec"], cfg)
-        else:
-            specs[name] = (str(out / _folder(name)), cfg)
-        specs.setdefault(f"floor:{study.floor_key(extra)}", (f"random:{study.size}", cfg))
-    return {name: probe_encoder(spec, cfg, loaded, out / "probe" / _folder(name), data=data, progress=False)
-            for name, (spec, cfg) in specs.items()}
+            group |= {f"curve-{p['step']}": p["spec"] for p in checkpoint_points(out / "curve", "curve")
+                      if p["step"] in study.curve_steps}
+            continue
+        for key, spec in ((name, str(out / _folder(name))), (f"floor:{study.floor_key(extra)}", f"random:{study.size}")):
+            group[key] = spec
+            group |= {block_name(key, b): f"{spec}{BLOCKS}{b}" for b in range(1, depth)}
+    return groups
+
+
+def _read(study_dict: dict, seed: int, geometry: str, specs: dict[str, str], data: str, out: str) -> dict[str, dict]:
+    """Reads encoders of one seed and geometry (one pass over the clips for all): name -> task -> readings."""
+    study = Stage1Study(**study_dict)
+    cfg = study.seed_config(seed, [] if geometry == "default" else geometry.split(","))
+    read = probe_encoders({_folder(n): spec for n, spec in specs.items()}, cfg, data, Path(out) / "probe", progress=False)
+    return {n: read[_folder(n)] for n in specs}
 
 
 def _folder(name: str) -> str:
@@ -107,11 +135,21 @@ def run_stage1_study(study: Stage1Study, *, out: str | Path, progress: bool = Tr
         phase("data", {str(s): (write_data, data[s], s, study.num_train, study.num_val)
                        for s in study.seeds if not Path(data[s], "labels.json").is_file()})
         teachers = phase("teachers", {
-            f"{s}/{name}": (vpixel_teacher, to_dict(study.seed_config(s, extra)), study.size, data[s], str(roots[s] / _folder(name)))
+            f"{s}/{name}": (_teacher, to_dict(study.seed_config(s, extra)), study.size, data[s], str(roots[s] / _folder(name)))
             for name, extra in _runs(study).items() for s in study.seeds
         })
-        readings = phase("readouts", {str(s): (_read_seed, dataclasses.asdict(study), s, data[s], str(roots[s]))
-                                      for s in study.seeds})
+        groups = {(s, geometry): specs for s in study.seeds for geometry, specs in _specs(study, s, roots[s]).items()}
+        parts = 1 if len(groups) % study.workers == 0 else 2  # halves keep the workers busy over e.g. 3 seeds on 2
+        jobs = {}
+        for (s, geometry), specs in groups.items():  # one pass over a seed's clips serves every encoder of a job
+            items = list(specs.items())
+            for i in range(min(parts, len(items))):
+                jobs[f"{s}/{geometry}/{i}"] = (_read, dataclasses.asdict(study), s, geometry, dict(items[i::parts]),
+                                               data[s], str(roots[s]))
+        read = phase("readouts", jobs)
+        readings = {str(s): {} for s in study.seeds}
+        for job, result in read.items():
+            readings[job.split("/")[0]] |= result
     result = {"study": dataclasses.asdict(study), "commit": git_commit(), "teachers": teachers, "readings": readings,
               "walls": phases.rounded()}
     write_run_info(out, study.seed_config(study.seeds[0]), study=json.dumps(dataclasses.asdict(study)))
@@ -133,13 +171,35 @@ def _versus_floor(diffs: list[float], reading_ses: list[float]) -> str:
     return f"{100 * mean:+.1f} ± {100 * se:.1f} ({verdict})"
 
 
+EARLIER = "## Earlier runs"  # a report keeps this section of the file it replaces: negative results stay
+
+
+def _versus(readings: dict, seeds: list[str], key: str, floor: str, task: str) -> str:
+    lin = [readings[s][key][task]["top1"] for s in seeds]
+    return _versus_floor([x - readings[s][floor][task]["top1"] for x, s in zip(lin, seeds)],
+                         [math.hypot(readings[s][key][task]["binomial_se"], readings[s][floor][task]["binomial_se"])
+                          for s in seeds])
+
+
+def _go(result: dict, seeds: list[str], run: str) -> tuple[str, str, int]:
+    """(final / constant loss, 'trained' cell, seeds trained) of a teacher run over the seeds."""
+    ratios = [result["teachers"][f"{s}/{run}"]["final_loss"] / result["teachers"][f"{s}/{run}"]["constant_loss"]
+              for s in seeds]
+    trained = sum(r < TRAINED_BELOW for r in ratios)
+    cell = "yes" if trained == len(seeds) else ("**no: not trained**" if trained == 0 else f"{trained} of {len(seeds)} seeds")
+    return f"{statistics.fmean(ratios):.2f}", cell, trained
+
+
 def write_report(result: dict, path: str | Path, *, command: str) -> str:
     study = Stage1Study(**result["study"])
     readings = result["readings"]
     seeds = list(readings)
     tasks = sorted(next(iter(readings[seeds[0]].values())))
-    rows = [(name, name, extra) for name, extra in study.variants.items()]
-    rows += [(f"learning curve, {n} steps", f"curve-{n}", _runs(study)["curve"]) for n in sorted(study.curve_steps)]
+    depth = vit_size(study.size).depth
+    # (label, readings key, overrides, teacher run)
+    rows = [(name, name, extra, name) for name, extra in study.variants.items()]
+    rows += [(f"learning curve, {n} steps", f"curve-{n}", _runs(study)["curve"], "curve") for n in sorted(study.curve_steps)]
+    floors = sorted({study.floor_key(e) for e in study.variants.values()})
     lines = [
         "# Stage-1 variants: V-Pixel teachers against random init",
         "",
@@ -154,31 +214,68 @@ def write_report(result: dict, path: str | Path, *, command: str) -> str:
         "Readouts (docs/yardstick.md): linear (reported) and k-NN, top-1 % on val, mean ± sd over the seeds. "
         "'vs floor': the mean of the per-seed differences ± its standard error (the larger of the seeds' and "
         "the readings' binomial one); 'above' / 'below' when it is more than two standard errors from 0.",
+        f"Go / no-go: 'final / constant' is the teacher's final loss (mean of its last 10 logged) over the loss of "
+        f"one constant prediction for every masked tubelet (per output dim the median for L1, the mean for MSE, "
+        f"fitted on {CONSTANT_BATCHES} of its train batches; with normalised pixels that is the predict-zero loss), "
+        f"mean over seeds. A run is trained when it is below {TRAINED_BELOW}; a variant trained on no seed is not a "
+        "result about V-Pixel, and its readings are not compared with the floor. The learning curve's rows take its "
+        "run's end.",
         "",
-        "| variant | overrides | " + " | ".join(f"{t} linear | {t} k-NN | {t} linear vs floor" for t in tasks)
-        + " | final pixel loss |",
-        "|---|---|" + "---|" * (3 * len(tasks) + 1),
+        "| variant | overrides | final / constant | trained | "
+        + " | ".join(f"{t} linear | {t} k-NN | {t} linear vs floor" for t in tasks) + " |",
+        "|---|---|---|---|" + "---|" * (3 * len(tasks)),
     ]
-    for label, key, extra in rows:
+    beats = []
+    for label, key, extra, run in rows:
         floor = f"floor:{study.floor_key(extra)}"
+        ratio, trained_cell, trained = _go(result, seeds, run)
         cells = []
         for t in tasks:
-            lin = [readings[s][key][t]["top1"] for s in seeds]
-            cells += [percent_mean_sd(lin), percent_mean_sd([readings[s][key][t]["knn_top1"] for s in seeds]),
-                      _versus_floor([x - readings[s][floor][t]["top1"] for x, s in zip(lin, seeds)],
-                                    [math.hypot(readings[s][key][t]["binomial_se"], readings[s][floor][t]["binomial_se"])
-                                     for s in seeds])]
-        losses = [result["teachers"][f"{s}/{key}"]["final_loss"] for s in seeds] if key in study.variants else []
-        loss = f"{statistics.fmean(losses):.4f}" if losses else ""
-        lines.append(f"| {label} | {' '.join(f'`{o}`' for o in extra) or '(none)'} | " + " | ".join(cells) + f" | {loss} |")
-    for key in sorted({f"floor:{study.floor_key(e)}" for e in study.variants.values()}):
-        cells = []
-        for t in tasks:
+            versus = _versus(readings, seeds, key, floor, t) if trained else "(not trained)"
             cells += [percent_mean_sd([readings[s][key][t]["top1"] for s in seeds]),
-                      percent_mean_sd([readings[s][key][t]["knn_top1"] for s in seeds]), ""]
-        lines.append(f"| random init ({key.removeprefix('floor:')}) | | " + " | ".join(cells) + " | |")
+                      percent_mean_sd([readings[s][key][t]["knn_top1"] for s in seeds]), versus]
+            if trained and versus.endswith("(above)"):
+                beats.append(f"{label}, {t}, last block: {versus}")
+        lines.append(f"| {label} | {' '.join(f'`{o}`' for o in extra) or '(none)'} | {ratio} | {trained_cell} | "
+                     + " | ".join(cells) + " |")
+    for key in floors:
+        cells = []
+        for t in tasks:
+            cells += [percent_mean_sd([readings[s][f"floor:{key}"][t]["top1"] for s in seeds]),
+                      percent_mean_sd([readings[s][f"floor:{key}"][t]["knn_top1"] for s in seeds]), ""]
+        lines.append(f"| random init ({key}) | | | | " + " | ".join(cells) + " |")
+    lines += [
+        "", "## Every block", "",
+        f"Linear top-1 (%) of the tokens after each block (then the encoder's final norm), mean ± sd over the seeds, "
+        f"and vs the floor's same block. Block {depth} is the whole encoder (the table above).", "",
+        "| encoder | " + " | ".join(f"{t} block {b}" for t in tasks for b in range(1, depth + 1)) + " |",
+        "|---|" + "---|" * (len(tasks) * depth),
+    ]
+    for label, key, extra, run in rows[:len(study.variants)] + [(f"random init ({f})", f"floor:{f}", None, None) for f in floors]:
+        floor = f"floor:{study.floor_key(extra)}" if extra is not None else None
+        trained = _go(result, seeds, run)[2] if run is not None else 0
+        cells = []
+        for t in tasks:
+            for b in range(1, depth + 1):
+                k, f = (key, floor) if b == depth else (block_name(key, b), floor and block_name(floor, b))
+                cell = percent_mean_sd([readings[s][k][t]["top1"] for s in seeds])
+                if floor is not None and trained:
+                    versus = _versus(readings, seeds, k, f, t)
+                    cell += f", {versus}"
+                    if b < depth and versus.endswith("(above)"):
+                        beats.append(f"{label}, {t}, block {b}: {versus}")
+                cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     chance = {t: next(iter(readings[seeds[0]].values()))[t]["chance"] for t in tasks}
-    lines += ["", "Chance: " + ", ".join(f"{t} {100 * c:.1f}" for t, c in chance.items()) + "."]
+    untrained = [label for label, _, _, run in rows[:len(study.variants)] if _go(result, seeds, run)[2] == 0]
+    lines += ["", "Chance: " + ", ".join(f"{t} {100 * c:.1f}" for t, c in chance.items()) + ".", "", "## What it says", ""]
+    lines.append("- Not trained (final loss at the constant prediction's on every seed): "
+                 + (", ".join(untrained) if untrained else "none") + ".")
+    lines.append("- Above the floor by more than two standard errors: " + ("; ".join(beats) if beats else
+                 "**no trained V-Pixel teacher, at any block, on either task**") + ".")
     text = "\n".join(lines) + "\n"
+    old = Path(path).read_text() if Path(path).is_file() else ""
+    if EARLIER in old:
+        text += "\n" + old[old.index(EARLIER):]
     Path(path).write_text(text)
     return text

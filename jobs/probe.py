@@ -1,5 +1,6 @@
 """make probe: the readouts (attentive probe over probe seeds, k-NN, linear) of a frozen checkpoint (teacher or student run folder, or
-random:<size> for the untrained floor) on a labelled dataset's train/ and val/ splits.
+random:<size> for the untrained floor; `<either>#blocks=K` reads the tokens after its first K blocks) on a
+labelled dataset's train/ and val/ splits.
 
 The encoder's features are cached (docs/evaluation.md): a second run on the same encoder, data and
 views reads them and does not run the encoder. `probe.protocol=vjepa2`: V-JEPA 2's frozen evaluation.
@@ -11,14 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from jobs.cli import config_from, entry, parser
-from experiments.probing import RANDOM, probe_checkpoint, read_probe_features
+from experiments.probing import RANDOM, probe_checkpoint, read_probe_features, split_blocks
 from salt.train.distributed import finish, init_distributed
 
 
 def default_out(ckpt: str) -> Path:
+    ckpt, blocks = split_blocks(ckpt)
+    part = f"-blocks{blocks}" if blocks is not None else ""
     if ckpt.startswith(RANDOM):
-        return Path("runs") / f"probe-random-{ckpt.removeprefix(RANDOM)}"
-    return Path(ckpt) / "probe"
+        return Path("runs") / f"probe-random-{ckpt.removeprefix(RANDOM)}{part}"
+    return Path(ckpt) / f"probe{part}"
 
 
 def format_table(results: dict[str, dict]) -> str:
@@ -34,9 +37,10 @@ def format_table(results: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     p = parser(__doc__)
-    p.add_argument("--ckpt", required=True, help="run folder with checkpoint.safetensors, or random:<size>")
+    p.add_argument("--ckpt", required=True, help="run folder with checkpoint.safetensors, or random:<size>; "
+                   "either with #blocks=K: the tokens after its first K blocks")
     p.add_argument("--task", action="append", default=None, help="task of labels.json (repeatable; default: all)")
-    p.add_argument("--out", default=None, help="output folder (default: <ckpt>/probe, runs/probe-random-<size>)")
+    p.add_argument("--out", default=None, help="output folder (default: <ckpt>/probe, runs/probe-random-<size>; -blocksK appended)")
     args = p.parse_args(argv)  # --run is not used: --ckpt and --out say where
     cfg = config_from(args)
     out = Path(args.out) if args.out else default_out(args.ckpt)

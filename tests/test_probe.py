@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -285,6 +286,30 @@ def tiny_checkpoint(tmp_path) -> tuple[str, nn.Module]:
     run.mkdir()
     save_checkpoint(run, {"encoder": encoder}, torch.optim.AdamW(encoder.parameters()), meta)
     return str(run), encoder
+
+
+def test_a_block_suffix_reads_the_encoders_first_blocks_and_names_bad_counts(tiny_checkpoint):
+    run, saved = tiny_checkpoint
+    cfg = tiny_config()
+    clips = torch.randn(1, 3, 16, 32, 32)
+    first, description = load_encoder(f"{run}#blocks=1", cfg)
+    saved.eval()
+    with torch.no_grad():
+        x = saved.patch_embed(clips).flatten(2).transpose(1, 2)
+        idx = torch.arange(x.shape[1]).expand(1, -1)
+        by_hand = saved.norm(saved.blocks[0](x, saved.rope.cos_sin(idx), None))
+    assert len(first.blocks) == 1 and torch.equal(first(clips), by_hand) and "its first 1 block(s)" in description
+    whole = load_encoder(run, cfg)[0]
+    assert not torch.equal(first(clips), whole(clips)) and len(whole.blocks) == 3
+    random_first = load_encoder("random:vit_cpu_xs#blocks=2", cfg)[0]  # the floor's own first blocks: same init
+    assert torch.equal(random_first.blocks[1].qkv.weight, load_encoder("random:vit_cpu_xs", cfg)[0].blocks[1].qkv.weight)
+    with pytest.raises(ValueError, match=r"#blocks=4: a vit_cpu_xs encoder has 3 blocks"):
+        load_encoder(f"{run}#blocks=4", cfg)
+    with pytest.raises(ValueError, match="takes a block count >= 1"):
+        load_encoder("random:vit_cpu_xs#blocks=0", cfg)
+    # make probe writes beside the whole encoder's probe folder, not into a folder named after the suffix
+    assert probe_job.default_out(f"{run}#blocks=2") == Path(run) / "probe-blocks2"
+    assert probe_job.default_out("random:vit_cpu_xs#blocks=1") == Path("runs/probe-random-vit_cpu_xs-blocks1")
 
 
 def test_load_encoder_from_checkpoint_and_geometry_check(tiny_checkpoint):
