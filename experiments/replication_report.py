@@ -23,10 +23,15 @@ def _cells(result: dict, name: str, task: str) -> str:
     return f"{percent_mean_sd(_top1(result, name, task))} | {percent_mean_sd(_top1(result, name, task, 'knn_top1'))}"
 
 
-def _margin_kept(result: dict, arm: str, task: str) -> list[float]:
+def _margin_kept(result: dict, arm: str, task: str, readout: str = "top1") -> list[float]:
     """Per seed: (student - floor) / (teacher - floor), the share of the teacher's margin its student keeps."""
-    return [margin_kept(r[f"student/{arm}"][task]["top1"], r[f"teacher/{arm}"][task]["top1"], r[FLOOR][task]["top1"])
+    return [margin_kept(r[f"student/{arm}"][task][readout], r[f"teacher/{arm}"][task][readout], r[FLOOR][task][readout])
             for r in result["probes"].values()]
+
+
+def _kept_cell(kept: list[float]) -> str:
+    valid = [k for k in kept if not math.isnan(k)]
+    return f"{mean_sd(valid)[0]:.2f} ± {mean_sd(valid)[1]:.2f}" if valid else "n/a"
 
 
 def write_report(result: dict, path: str | Path, *, command: str, out: str | Path) -> str:
@@ -94,19 +99,19 @@ def write_report(result: dict, path: str | Path, *, command: str, out: str | Pat
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "## Transfer control: how much of the top rung's margin over the floor its student keeps",
+        "## Transfer: how much of each label teacher's margin over the floor its student keeps",
         "",
-        "(student - floor) / (teacher - floor), per seed; undefined where the teacher is not above the floor.",
+        "(student - floor) / (teacher - floor) per seed, linear / k-NN; n/a where the teacher is not above the floor. "
+        f"The top rung ({Study(**study).top_rung}) is the transfer control.",
         "",
-        "| task | " + " | ".join(f"seed {s}" for s in study["seeds"]) + " | mean |",
-        "|---|" + "---|" * (n + 1),
+        "| rung | task | " + " | ".join(f"seed {s}" for s in study["seeds"]) + " | linear, mean ± sd | k-NN, mean ± sd |",
+        "|---|---|" + "---|" * (n + 2),
     ]
-    top = f"labels-{max(study['ladder_steps'])}"
-    for t in tasks:
-        kept = _margin_kept(result, top, t)
-        valid = [k for k in kept if not math.isnan(k)]
-        mean = f"{statistics.fmean(valid):.2f}" if valid else "n/a"
-        lines.append(f"| {t} | " + " | ".join("n/a" if math.isnan(k) else f"{k:.2f}" for k in kept) + f" | {mean} |")
+    for arm in [a for a in ladder if a.startswith("labels-")]:
+        for t in tasks:
+            lin, knn = _margin_kept(result, arm, t), _margin_kept(result, arm, t, "knn_top1")
+            per_seed = " | ".join(f"{a:.2f} / {b:.2f}".replace("nan", "n/a") for a, b in zip(lin, knn))
+            lines.append(f"| {arm} | {t} | {per_seed} | {_kept_cell(lin)} | {_kept_cell(knn)} |")
     sel = result["selection"]
     lines += [
         "",
@@ -167,6 +172,13 @@ def _findings(result: dict, tasks: list[str], arms: list[str]) -> list[str]:
             for t in tasks:
                 m, se = diff(f"student/{arm}", FLOOR, t)
                 out.append(f"{t}: the student of {arm} vs the floor: {100 * m:+.1f} ± {100 * se:.1f} points.")
+    for arm in [a for a in arms if a.startswith("labels-")]:
+        for t in tasks:
+            kept = _margin_kept(result, arm, t) + _margin_kept(result, arm, t, "knn_top1")
+            half = all(k >= 0.5 for k in kept)  # nan (no teacher margin) counts as not kept
+            out.append(f"{t}: the student of {arm} keeps {'at least' if half else 'less than'} half of its teacher's "
+                       f"margin over the floor {'on every seed by both readouts' if half else 'on some seed or readout'} "
+                       f"(lowest {min(kept):.2f}).")
     ladder = [a for a in arms if a == "untrained" or a.startswith("labels-")]
     for t in tasks:
         teach = " -> ".join(f"{100 * statistics.fmean(_top1(result, f'teacher/{a}', t)):.1f}" for a in ladder)

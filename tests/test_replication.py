@@ -33,6 +33,9 @@ def test_study_runs_every_arm_per_seed_and_reports(ray_local, tmp_path) -> None:
     assert names == sorted(f"s{s}-{arm}-step{k}" for s in (0, 1) for arm in ("vpixel-same", "labels-4") for k in (2, 4))
     text = write_report(result, tmp_path / "REPLICATION.md", command="pytest", out=out)
     assert "## Teacher-quality ladder" in text and "| labels-4 |" in text and "| untrained |" in text
+    kept = [f"{a:.2f} / {b:.2f}".replace("nan", "n/a") for a, b in
+            zip(_margin_kept(result, "labels-4", "motion"), _margin_kept(result, "labels-4", "motion", "knn_top1"))]
+    assert f"| labels-4 | motion | {kept[0]} | {kept[1]} |" in text  # each seed's share, by both readouts
     knn = [result["probes"][s]["student/labels-4"]["motion"]["knn_top1"] for s in ("0", "1")]
     assert f"{100 * sum(knn) / 2:.1f} ± " in text  # the k-NN readout beside the linear one
     student = [result["probes"][s]["student/labels-4"]["motion"]["top1"] for s in ("0", "1")]
@@ -42,9 +45,10 @@ def test_study_runs_every_arm_per_seed_and_reports(ray_local, tmp_path) -> None:
 
 def test_margin_kept_is_the_students_share_of_the_teachers_lead_over_the_floor():
     def seed(floor, teacher, student):
-        top1 = lambda x: {"motion": {"top1": x}}  # noqa: E731
+        top1 = lambda x: {"motion": {"top1": x, "knn_top1": x / 2}}  # noqa: E731
         return {FLOOR: top1(floor), "teacher/labels-9": top1(teacher), "student/labels-9": top1(student)}
 
     result = {"probes": {"0": seed(0.4, 0.8, 0.7), "1": seed(0.3, 0.5, 0.2), "2": seed(0.5, 0.5, 0.6)}}
-    kept = _margin_kept(result, "labels-9", "motion")
-    assert math.isclose(kept[0], 0.75) and math.isclose(kept[1], -0.5) and math.isnan(kept[2])
+    for readout in ("top1", "knn_top1"):  # a share is a ratio: halving every reading leaves it
+        kept = _margin_kept(result, "labels-9", "motion", readout)
+        assert math.isclose(kept[0], 0.75) and math.isclose(kept[1], -0.5) and math.isnan(kept[2])
