@@ -52,6 +52,7 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data._utils import signal_handling
 
 from pipeline.shards import index_shard, read_member, shard_name, video_member
 from pipeline.store.read import TargetStore, check_row
@@ -417,6 +418,11 @@ class WorkerLoader(DataLoader):
     def close(self) -> None:
         iterator = self._iterator  # where DataLoader keeps its persistent workers between passes
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            if getattr(iterator, "_worker_pids_set", False):
+                # The workers are being stopped: one that dies on its way out (a decoder's threads can abort
+                # the process at exit) is no failure, but DataLoader's SIGCHLD watch would raise it here.
+                signal_handling._remove_worker_pids(id(iterator))
+                iterator._worker_pids_set = False
             iterator._shutdown_workers()
         self._iterator = None
 

@@ -342,3 +342,28 @@ def test_training_stops_its_loader_workers_even_while_the_loader_is_still_refere
     train_teacher(cfg, tmp_path / "teacher", make_batches, progress=False)
     assert len(loaders) == 1 and loaders[0]._iterator is None  # the loader object itself lives on
     assert set(multiprocessing.active_children()) <= before  # its worker is gone
+
+
+class _Counting(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(range(1000))
+
+
+def _abort_at_exit(worker_id: int) -> None:
+    """The worker aborts when it exits, as one whose decoder threads are still alive then can."""
+    import multiprocessing.util
+    import os
+
+    multiprocessing.util.Finalize(None, os.abort, exitpriority=100)
+
+
+def test_closing_a_loader_is_no_failure_when_a_worker_aborts_on_its_way_out():
+    import multiprocessing
+
+    from pipeline.loaders import WorkerLoader
+
+    before = set(multiprocessing.active_children())
+    loader = WorkerLoader(_Counting(), batch_size=None, num_workers=1, persistent_workers=True, worker_init_fn=_abort_at_exit)
+    assert next(iter(loader)) == 0
+    loader.close()  # DataLoader's SIGCHLD watch used to raise "DataLoader worker ... is killed by signal: Aborted" here
+    assert loader._iterator is None and set(multiprocessing.active_children()) <= before
