@@ -351,9 +351,11 @@ class _Counting(torch.utils.data.IterableDataset):
 
 def _abort_at_exit(worker_id: int) -> None:
     """The worker aborts when it exits, as one whose decoder threads are still alive then can."""
+    import faulthandler
     import multiprocessing.util
     import os
 
+    faulthandler.disable()  # pytest's fault handler would print the abort's stacks into the test log
     multiprocessing.util.Finalize(None, os.abort, exitpriority=100)
 
 
