@@ -31,7 +31,10 @@ def _margin_kept(result: dict, arm: str, task: str, readout: str = "top1") -> li
 
 def _kept_cell(kept: list[float]) -> str:
     valid = [k for k in kept if not math.isnan(k)]
-    return f"{mean_sd(valid)[0]:.2f} ± {mean_sd(valid)[1]:.2f}" if valid else "n/a"
+    if not valid:
+        return "n/a"
+    m, sd = mean_sd(valid)
+    return f"{m:.2f} ± {sd:.2f}"
 
 
 def write_report(result: dict, path: str | Path, *, command: str, out: str | Path) -> str:
@@ -176,9 +179,11 @@ def _findings(result: dict, tasks: list[str], arms: list[str]) -> list[str]:
         for t in tasks:
             kept = _margin_kept(result, arm, t) + _margin_kept(result, arm, t, "knn_top1")
             half = all(k >= 0.5 for k in kept)  # nan (no teacher margin) counts as not kept
+            valid = [k for k in kept if not math.isnan(k)]  # min() over a list with nan depends on its order
+            lowest = f"lowest {min(valid):.2f}" if valid else "the teacher has no margin"
             out.append(f"{t}: the student of {arm} keeps {'at least' if half else 'less than'} half of its teacher's "
                        f"margin over the floor {'on every seed by both readouts' if half else 'on some seed or readout'} "
-                       f"(lowest {min(kept):.2f}).")
+                       f"({lowest}).")
     ladder = [a for a in arms if a == "untrained" or a.startswith("labels-")]
     for t in tasks:
         teach = " -> ".join(f"{100 * statistics.fmean(_top1(result, f'teacher/{a}', t)):.1f}" for a in ladder)
