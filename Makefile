@@ -20,7 +20,7 @@ NPROC   ?= 1
 TRAIN    = $(if $(filter 1,$(NPROC)),$(PY) -m,$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) -m)
 TRAIN_SEP = $(if $(filter 1,$(NPROC)),,--)
 
-.PHONY: setup lock data teacher extract-targets index student sweep slurm-teacher slurm-extract-targets slurm-student slurm-sweep probe select export replicate yardstick stage1-variants inspect plan bench demo test clean gpu-wheels gpu-check
+.PHONY: setup lock data teacher extract-targets index student sweep slurm-teacher slurm-extract-targets slurm-student slurm-sweep probe select export replicate yardstick stage1-variants inspect plan bench demo demo-check test clean gpu-wheels gpu-check
 .DEFAULT_GOAL := demo
 
 setup: .venv/.installed
@@ -136,6 +136,10 @@ bench: setup $(DEFAULT_DATA)/labels.json
 
 demo: setup
 	$(PY) -m jobs.demo --config $(CONFIG) --data $(DATA) --run $(RUN) $(ARGS)
+
+# the whole demo as a test: its control student keeps >= half of its teacher's motion margin (CI runs it after make test)
+demo-check: setup
+	$(PY) -m pytest -q --run-demo -m demo tests
 
 # make gpu-wheels PY=3.12 (on a machine with a package index): the light wheels a GPU node's Python
 # (that version) may miss, the embedded dataset, the tests' dataset and the bench's 360p video, in

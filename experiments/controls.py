@@ -48,15 +48,20 @@ def save_teacher(cfg: Config, out: str | Path, encoder: torch.nn.Module, *, size
 
 def train_label_teachers(
     cfg: Config, data: str, out_root: str | Path, *, size: str, steps: list[int], seed: int = 0,
-    tasks: list[str] | None = None, lr: float = 2e-3, batch_size: int = 16, progress: bool = True,
+    tasks: list[str] | None = None, lr: float = 2e-3, batch_size: int = 16, schedule_steps: int | None = None,
+    progress: bool = True,
 ) -> dict[int, str]:
     """Trains one `size` encoder (init seed `seed`) on the train split's labels of `tasks` (None:
     every task of labels.json) and saves it at each step count of `steps` as a teacher run folder; {step: folder}.
+    The lr schedule spans `schedule_steps` (default: the last of `steps`); the run stops at the last of
+    `steps`, so a rung at step 500 of a 2,000-step schedule costs 500 steps and equals the same run's
+    step 500 when it goes on to 2,000.
 
     The clips are the probe's (1 temporal window, the whole frame, no flip), so the label
     teacher and the probe read clips alike. Folders already saved are kept (a rerun trains
     nothing when every one exists)."""
     steps = sorted(set(steps))
+    schedule_steps = steps[-1] if schedule_steps is None else schedule_steps
     folders = {s: str(label_teacher_dir(out_root, s)) for s in steps}
     if all(has_checkpoint(f) for f in folders.values()):
         return folders
@@ -64,17 +69,17 @@ def train_label_teachers(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = build_encoder(cfg, size)
-    trained_with = f"labels ({', '.join(sorted(train.labels))}), seed {seed}"
+    trained_with = f"labels ({', '.join(sorted(train.labels))}), seed {seed}, a {schedule_steps}-step lr schedule"
 
     def save(step: int, trained: torch.nn.Module) -> None:
         save_teacher(cfg, folders[step], trained, size=size, step=step, trained_with=trained_with, data=data)
 
-    # Warm-up over a tenth of the run, then cosine decay: at a constant 2e-3 one motion encoder of three
+    # Warm-up over a tenth of the schedule, then cosine decay: at a constant 2e-3 one motion encoder of three
     # (data seed 2) stayed at 0.41 after 750 steps; with this schedule the same run reads 0.97 (docs/yardstick.md)
     train_with_labels(
         encoder, train.clips, train.labels, {t: len(n) for t, n in train.class_names.items()},
-        steps=steps[-1], batch_size=batch_size, lr=lr, seed=seed, warmup_steps=steps[-1] // 10, cosine=True,
-        save_at=steps, on_save=save, progress=progress,
+        steps=steps[-1], batch_size=batch_size, lr=lr, seed=seed, warmup_steps=schedule_steps // 10, cosine=True,
+        schedule_steps=schedule_steps, save_at=steps, on_save=save, progress=progress,
     )
     return folders
 

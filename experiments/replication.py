@@ -30,7 +30,7 @@ from pathlib import Path
 from experiments.controls import save_untrained_teacher, train_label_teachers
 from experiments.pool import Phases, vpixel_teacher, write_data
 from experiments.probing import probe_encoders
-from experiments.runs import run_student
+from experiments.runs import READ_PIXEL_CACHE, run_student
 from pipeline.cluster import init_ray
 from pipeline.extract import extract_targets
 from experiments.selection import checkpoint_points, loss_vs_accuracy
@@ -73,6 +73,7 @@ class Study:
 
     def seed_config(self, seed: int) -> Config:
         return load_config(self.config, [
+            *READ_PIXEL_CACHE,  # 12 students, two at a time on two cores: loader workers that decode would take CPU from them
             *self.overrides,
             f"model.student={self.student}",
             f"teacher.optim.steps={self.teacher_steps}",

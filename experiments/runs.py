@@ -25,6 +25,11 @@ from salt.train.loop import prepare_batch
 from salt.train.student import train_student
 from salt.train.teacher import train_teacher
 
+# Students that read the crops their teacher saw from the store's pixel cache instead of decoding the videos
+# again: the same pixels (the loss is equal to the last bit), and loader workers that no longer take a core
+# from the training beside them (docs/usage.md, "Stage-2 inputs"). The demo and make replicate run so.
+READ_PIXEL_CACHE = ("extract.pixel_cache=true", "data.stage2_input=pixels")
+
 
 def _loader(cfg: Config, shards: list[str], optim: OptimConfig, store: str | None = None):
     """Stage 1 streams clips (store None); stage 2 streams a store's samples with their targets."""

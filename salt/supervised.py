@@ -31,6 +31,7 @@ def train_with_labels(
     seed: int = 0,
     warmup_steps: int = 0,
     cosine: bool = False,
+    schedule_steps: int | None = None,
     save_at: Iterable[int] = (),
     on_save: Callable[[int, nn.Module], None] | None = None,
     progress: bool = False,
@@ -38,11 +39,15 @@ def train_with_labels(
     """Trains `encoder` in place on clips [N, 3, T, H, W] with labels {task: [N]} for `steps`
     steps of AdamW; the loss is the mean over tasks of each head's cross-entropy.
 
-    The lr rises linearly over `warmup_steps`, then stays (or, with `cosine`, decays to 0 at `steps`).
+    The lr rises linearly over `warmup_steps`, then stays (or, with `cosine`, decays to 0 at
+    `schedule_steps`, by default `steps`: a run may stop early in a longer schedule).
     Batches are drawn with replacement from a generator seeded by `seed`, and the heads are
     initialised from it, so a run is a function of (encoder init, clips, labels, seed).
     `on_save(step, encoder)` is called at each step in `save_at`, with the encoder in eval mode.
     """
+    schedule_steps = steps if schedule_steps is None else schedule_steps
+    if schedule_steps < steps:
+        raise ValueError(f"schedule_steps={schedule_steps} is shorter than the run's {steps} steps")
     tasks = sorted(labels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -54,7 +59,7 @@ def train_with_labels(
             return lr * step / warmup_steps
         if not cosine:
             return lr
-        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, schedule_steps - warmup_steps)))
 
     order = torch.Generator().manual_seed(seed)
     save_at = set(save_at)

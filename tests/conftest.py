@@ -38,17 +38,24 @@ LONG_FILES_FIRST = ("test_probe.py", "test_store_integrity.py", "test_reliabilit
                     "test_training_scale.py", "test_pipeline.py", "test_teachers.py")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-demo", action="store_true",
+                     help="run the tests marked demo: the whole make demo, ~8 minutes on 2 cores (make demo-check)")
+
+
 def pytest_collection_modifyitems(config, items):
     """The long files first (LONG_FILES_FIRST); tests marked gpu count as skipped, not passed, on a
-    machine without CUDA."""
+    machine without CUDA, and tests marked demo without --run-demo."""
     rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="gpu test: torch.cuda.is_available() is False on this machine")
+    skips = {"demo": None if config.getoption("--run-demo") else
+             pytest.mark.skip(reason="demo test: runs the whole make demo (~8 min), with --run-demo (make demo-check; CI runs it)"),
+             "gpu": None if torch.cuda.is_available() else
+             pytest.mark.skip(reason="gpu test: torch.cuda.is_available() is False on this machine")}
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if skip is not None and marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True, scope="session")
