@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.demo import CONTROL_SCHEDULE, CONTROL_STEPS
 from experiments.replication import FLOOR, Study
 from experiments.stats import margin_kept, mean_sd, percent_mean_sd
 from salt.plots import r_squared
@@ -105,7 +106,7 @@ def write_report(result: dict, path: str | Path, *, command: str, out: str | Pat
         "## Transfer: how much of each label teacher's margin over the floor its student keeps",
         "",
         "(student - floor) / (teacher - floor) per seed, linear / k-NN; n/a where the teacher is not above the floor. "
-        f"The top rung ({Study(**study).top_rung}) is the transfer control.",
+        f"`make demo`'s transfer control is labels-{CONTROL_STEPS} of a {CONTROL_SCHEDULE:,}-step run on data seed 0.",
         "",
         "| rung | task | " + " | ".join(f"seed {s}" for s in study["seeds"]) + " | linear, mean ± sd | k-NN, mean ± sd |",
         "|---|---|" + "---|" * (n + 2),
@@ -120,7 +121,7 @@ def write_report(result: dict, path: str | Path, *, command: str, out: str | Pat
         "",
         "## Does the student's training loss predict its probe accuracy?",
         "",
-        f"Points: snapshots every {study['snapshot_every']} steps and final checkpoints of the vpixel-same and top-rung "
+        f"Points: snapshots every {study['snapshot_every']} steps and final checkpoints of the vpixel-same and label-rung "
         "students, all seeds pooled. Paper: R^2 = 0.951 (ViT-L teacher, many checkpoints of its students).",
         "",
         "| task | R^2 | slope (top-1 per unit loss) | points | lowest-loss checkpoint | best-probed checkpoint |",

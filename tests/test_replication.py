@@ -28,7 +28,7 @@ def test_study_runs_every_arm_per_seed_and_reports(ray_local, tmp_path) -> None:
     probes = result["probes"]["0"]
     expected = {FLOOR} | {f"{role}/{arm}" for role in ("teacher", "student") for arm in study.arms()}
     assert expected <= set(probes)
-    # snapshots of the V-Pixel and top-rung students are the R^2 points, over both seeds
+    # snapshots of the V-Pixel and label-rung students are the R^2 points, over both seeds
     names = sorted(p["name"] for p in result["selection"]["points"])
     assert names == sorted(f"s{s}-{arm}-step{k}" for s in (0, 1) for arm in ("vpixel-same", "labels-4") for k in (2, 4))
     text = write_report(result, tmp_path / "REPLICATION.md", command="pytest", out=out)
