@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import time
+from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable
 
@@ -53,12 +54,19 @@ class Phases:
         self.walls[name] = self.walls.get(name, 0.0) + time.perf_counter() - t0
         return result
 
+    def write_data(self, data: dict[int, str], num_train: int, num_val: int) -> None:
+        """The "data" phase: each seed's dataset ({seed: folder}) not yet written, one after another over
+        all the workers' cores (a pool job writes with one core, and the last seed of an odd count wrote alone)."""
+        todo = {s: out for s, out in data.items() if not Path(out, "labels.json").is_file()}
+        t0 = time.perf_counter()
+        if self.progress and todo:
+            print(f"[{self.study}] data: {len(todo)} datasets", flush=True)
+        for seed, out in todo.items():
+            write_moving_digits(out, seed=seed, num_train=num_train, num_val=num_val, progress=False, workers=self.workers)
+        self.walls["data"] = self.walls.get("data", 0.0) + time.perf_counter() - t0
+
     def rounded(self) -> dict[str, float]:
         return {k: round(v, 1) for k, v in self.walls.items()}
-
-
-def write_data(out: str, seed: int, num_train: int, num_val: int) -> dict:
-    return write_moving_digits(out, seed=seed, num_train=num_train, num_val=num_val, progress=False)
 
 
 def vpixel_teacher(cfg_dict: dict, size: str, data: str, out: str) -> dict:

@@ -86,6 +86,8 @@ def write_report(result: dict, path: str | Path, *, command: str, out: str | Pat
         lines.append(f"| student of {arm} | " + " | ".join(_cells(result, f"student/{arm}", t) for t in tasks)
                      + f" | {s_loss[0]:.4f} ± {s_loss[1]:.4f} (latents) |")
     ladder = ["untrained"] + [f"labels-{s}" for s in sorted(study["ladder_steps"])]
+    # the demo's control is this study's rung when the rung sits at the same step of the same lr schedule
+    demo_rung = CONTROL_STEPS in study["ladder_steps"] and Study(**study).ladder_schedule == CONTROL_SCHEDULE
     lines += [
         "",
         "## Teacher-quality ladder: does the student follow its teacher, and surpass a weak one?",
@@ -105,8 +107,8 @@ def write_report(result: dict, path: str | Path, *, command: str, out: str | Pat
         "",
         "## Transfer: how much of each label teacher's margin over the floor its student keeps",
         "",
-        "(student - floor) / (teacher - floor) per seed, linear / k-NN; n/a where the teacher is not above the floor. "
-        f"`make demo`'s transfer control is labels-{CONTROL_STEPS} of a {CONTROL_SCHEDULE:,}-step run on data seed 0.",
+        "(student - floor) / (teacher - floor) per seed, linear / k-NN; n/a where the teacher is not above the floor."
+        + (f" `make demo`'s transfer control is labels-{CONTROL_STEPS} on data seed 0." if demo_rung else ""),
         "",
         "| rung | task | " + " | ".join(f"seed {s}" for s in study["seeds"]) + " | linear, mean ± sd | k-NN, mean ± sd |",
         "|---|---|" + "---|" * (n + 2),

@@ -20,7 +20,7 @@ import math
 import statistics
 from pathlib import Path
 
-from experiments.pool import Phases, vpixel_teacher, write_data
+from experiments.pool import Phases, vpixel_teacher
 from experiments.probing import BLOCKS, probe_encoders
 from experiments.runs import first_teacher_batches
 from experiments.selection import checkpoint_points
@@ -132,8 +132,7 @@ def run_stage1_study(study: Stage1Study, *, out: str | Path, progress: bool = Tr
         roots = {s: out / f"seed-{s}" for s in study.seeds}
         data = {s: str(root / "data") for s, root in roots.items()}
 
-        phase("data", {str(s): (write_data, data[s], s, study.num_train, study.num_val)
-                       for s in study.seeds if not Path(data[s], "labels.json").is_file()})
+        phases.write_data(data, study.num_train, study.num_val)
         teachers = phase("teachers", {
             f"{s}/{name}": (_teacher, to_dict(study.seed_config(s, extra)), study.size, data[s], str(roots[s] / _folder(name)))
             for name, extra in _runs(study).items() for s in study.seeds

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from experiments.controls import train_label_teachers
 from experiments.probing import probe_encoders
-from experiments.pool import Phases, vpixel_teacher, write_data
+from experiments.pool import Phases, vpixel_teacher
 from experiments.stats import percent_mean_sd
 from salt.config import Config, from_dict, load_config, to_dict
 from salt.runinfo import git_commit
@@ -77,8 +77,7 @@ def run_yardstick(study: Yardstick, *, out: str | Path, progress: bool = True) -
                 for s in study.data_seeds}
         data = {s: str(out / f"seed-{s}" / "data") for s in study.data_seeds}
 
-        phases.run("data", {str(s): (write_data, data[s], s, study.num_train, study.num_val)
-                            for s in study.data_seeds if not Path(data[s], "labels.json").is_file()})
+        phases.write_data(data, study.num_train, study.num_val)
         jobs = {f"{s}/labels-{task}": (_label_encoder, to_dict(cfgs[s]), data[s], str(out / f"seed-{s}" / f"labels-{task}"),
                                        study.label_size, task, steps, study.label_batch, s)
                 for s in study.data_seeds for task, steps in study.label_steps.items()}
