@@ -2,9 +2,10 @@
 
 Beside the V-Pixel chain runs the transfer control (experiments/controls.py): a small encoder
 trained with the labels, extracted and distilled into a student the same way, which never
-sees a label (tests/test_transfer.py holds it to keeping half of its teacher's motion margin). The readout table puts all four encoders next to random-init encoders of each student's
-size (the floors) on both tasks of the embedded dataset (linear readout and k-NN: docs/yardstick.md), and
-the summary gives the share of the control teacher's margin over its floor that its student keeps.
+sees a label (`make demo-check` holds it to keeping half of its teacher's motion margin). The readout
+table puts all four encoders next to random-init encoders of each student's size (the floors) on both
+tasks of the embedded dataset (linear readout and k-NN: docs/yardstick.md), and the summary gives the
+share of the control teacher's margin over its floor that its student keeps.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from salt.devices import set_torch_threads
 # vit_cpu_xs trained with both tasks' labels, batches of 32, stopped at step 500 of a 2,000-step lr
 # schedule (half the steps of the yardstick's 1,000-step motion encoder). Its student is the teacher's size (a
 # vit_cpu_xs step costs about half of a vit_cpu_s one) and trains 800 steps: with the tiny recipe such a
-# student left its loss plateau by step 400 and kept 0.92 / 0.84 / 0.87 of this teacher's motion margin
-# (linear; k-NN 0.64 / 0.81 / 0.71) on data seeds 0 / 1 / 2 at step 800 (REPLICATION.md), whereas a
-# 2,000-step teacher's student was still on its plateau there (docs/yardstick.md, "A stage-2 recipe for the tiny grid").
+# student keeps 0.92 / 0.84 / 0.87 of this teacher's motion margin (linear; k-NN 0.64 / 0.81 / 0.71) on data
+# seeds 0 / 1 / 2 at step 800 (REPLICATION.md); at step 600 seed 0 kept 0.54 by k-NN, and a 2,000-step
+# teacher's student was still on its plateau at 800 (docs/yardstick.md, "A stage-2 recipe for the tiny grid").
 CONTROL_SIZE, CONTROL_STEPS, CONTROL_SCHEDULE, CONTROL_BATCH = "vit_cpu_xs", 500, 2000, 32
 CONTROL_STUDENT = ("model.student=vit_cpu_xs", "student.optim.steps=800")
 CONTROL_TASK = "motion"  # the task whose kept share the demo is judged by; the digit is far from learnt at step 500

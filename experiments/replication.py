@@ -52,7 +52,7 @@ class Study:
     ladder_teacher: str = "vit_cpu_xs"
     # one encoder trained with both tasks' labels, saved at these steps: 500 is make demo's transfer control.
     # A 2,000-step rung (--ladder-steps 500,2000) reads motion better and its students keep nothing of it at
-    # step 800 (docs/yardstick.md); its label run and its students took ~15 of the study's ~53 minutes
+    # step 800 (docs/yardstick.md); its label run and its students took ~15 of the study's ~52 minutes
     ladder_steps: list[int] = dataclasses.field(default_factory=lambda: [500])
     # the label run's lr schedule (warm-up over a tenth, then a cosine to 0); the run stops at its last rung
     ladder_schedule: int = 2000

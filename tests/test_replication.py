@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from experiments.replication import FLOOR, Study, run_study
 from experiments.replication_report import _margin_kept, write_report
 from tests.conftest import FAST, tree_digest
@@ -52,3 +54,8 @@ def test_margin_kept_is_the_students_share_of_the_teachers_lead_over_the_floor()
     for readout in ("top1", "knn_top1"):  # a share is a ratio: halving every reading leaves it
         kept = _margin_kept(result, "labels-9", "motion", readout)
         assert math.isclose(kept[0], 0.75) and math.isclose(kept[1], -0.5) and math.isnan(kept[2])
+
+
+def test_a_ladder_past_its_lr_schedule_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"ladder_schedule=400 is shorter than the ladder's top rung \(500 steps\)"):
+        Study(ladder_steps=[250, 500], ladder_schedule=400)
