@@ -45,7 +45,8 @@ def write_report(result: dict, path: str | Path, *, command: str, out: str | Pat
     info = Path(out) / "run_info.yaml"  # the code that ran the study, even if the report is rewritten later
     commit = yaml.safe_load(info.read_text())["git_commit"] if info.is_file() else "unknown"
     study = result["study"]
-    arms = Study(**study).arms()
+    spec = Study(**study)  # the study as run; fields a study.json from before them lacks take their defaults
+    arms = spec.arms()
     first = next(iter(result["probes"].values()))
     tasks = sorted(first[FLOOR])
     seeds = ", ".join(str(s) for s in study["seeds"])
@@ -87,7 +88,7 @@ def write_report(result: dict, path: str | Path, *, command: str, out: str | Pat
                      + f" | {s_loss[0]:.4f} ± {s_loss[1]:.4f} (latents) |")
     ladder = ["untrained"] + [f"labels-{s}" for s in sorted(study["ladder_steps"])]
     # the demo's control is this study's rung when the rung sits at the same step of the same lr schedule
-    demo_rung = CONTROL_STEPS in study["ladder_steps"] and Study(**study).ladder_schedule == CONTROL_SCHEDULE
+    demo_rung = CONTROL_STEPS in spec.ladder_steps and spec.ladder_schedule == CONTROL_SCHEDULE
     lines += [
         "",
         "## Teacher-quality ladder: does the student follow its teacher, and surpass a weak one?",

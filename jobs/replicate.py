@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, default=defaults.workers)
     p.add_argument("--command", default=None, help=argparse.SUPPRESS)  # what the report says produced it
     args = p.parse_args(argv)
-    study = Study(config=args.config, seeds=args.seeds, teacher_steps=args.teacher_steps, ladder_steps=args.ladder_steps, ladder_schedule=args.ladder_schedule,
+    study = Study(config=args.config, seeds=args.seeds, teacher_steps=args.teacher_steps, ladder_steps=args.ladder_steps,
+                  ladder_schedule=args.ladder_schedule,
                   student_steps=args.student_steps, snapshot_every=args.snapshot_every, workers=args.workers,
                   overrides=args.overrides)
     result = run_study(study, out=args.run, progress=not args.no_progress)
